@@ -1,0 +1,170 @@
+"""One OpenAI error body everywhere, and one mapping from exceptions to statuses.
+
+Body: {"error": {"message": str, "type": str, "param": str | null, "code": str | null}},
+as the OpenAI API sends it, for every status (400, 401, 403, 404, 409, 503, 500) and
+for errors inside an SSE stream. vLLM's own errors (whose `code` is the HTTP status)
+are reshaped into it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+# The OpenAI API's error types by status.
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    501: "not_implemented_error",
+    503: "service_unavailable_error",
+}
+
+
+def error_type_for(status: int) -> str:
+    return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+class APIError(Exception):
+    """An error the API answers with its status and OpenAI body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = int(status)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
+    return {
+        "error": {
+            "message": message,
+            "type": error_type_for(status),
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(
+        404,
+        f"The model `{name}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def clean_param(param: str | None) -> str | None:
+    """vLLM and FastAPI name fields as 'body.max_tokens'; clients know 'max_tokens'."""
+    if param and param.startswith("body."):
+        return param[len("body."):]
+    if param == "body":
+        return None
+    return param
+
+
+def from_vllm_error(error: Any) -> APIError:
+    """Reshape vLLM's ErrorResponse (code = HTTP status) into an APIError."""
+    info = error.error
+    status = int(info.code) if isinstance(info.code, int) else 500
+    code = None
+    message = info.message
+    if status == 400 and "maximum context length" in message:
+        code = "context_length_exceeded"
+    return APIError(status, message, param=clean_param(info.param), code=code)
+
+
+def from_validation_error(exc: ValidationError | RequestValidationError) -> APIError:
+    """A 400 naming the first offending field, worded as vLLM's own server does."""
+    from vllm.entrypoints.serve.exception_handling.handlers.validation import (
+        _format_error,
+        clean_loc_for_param,
+    )
+    from vllm.exceptions import VLLMValidationError
+
+    errors = exc.errors()
+    param = None
+    for err in errors:
+        ctx_error = (err.get("ctx") or {}).get("error") if isinstance(err, dict) else None
+        if isinstance(ctx_error, VLLMValidationError):
+            param = ctx_error.parameter
+            break
+    if param is None and errors and isinstance(errors[0], dict) and errors[0].get("loc"):
+        param = clean_loc_for_param(tuple(errors[0]["loc"]))
+    lines = [_format_error(err) for err in errors[:10]]
+    message = f"{len(errors)} validation error(s): " + "; ".join(lines) if lines else "Validation error"
+    return APIError(400, message, param=clean_param(param))
+
+
+def streaming_error_line(status: int, message: str) -> str:
+    return f"data: {json.dumps(error_body(status, message))}\n\n"
+
+
+def reshape_stream_chunk(chunk: str) -> str:
+    """vLLM reports an error inside an SSE stream as 'data: {"error": {... "code": 400}}';
+    rewrite such a chunk into the OpenAI body, pass every other chunk through."""
+    if not chunk.startswith('data: {"error"'):
+        return chunk
+    try:
+        payload = json.loads(chunk[len("data: "):])
+        info = payload["error"]
+        status = int(info.get("code") or 500)
+        return f"data: {json.dumps(error_body(status, info.get('message', 'error'), param=clean_param(info.get('param'))))}\n\n"
+    except (ValueError, KeyError, TypeError):
+        return chunk
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves the server as an OpenAI error body; nothing escapes as HTML."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError):
+        return from_validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return APIError(exc.status_code, message).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        return APIError(500, f"Internal server error: {type(exc).__name__}").response()

@@ -1,0 +1,86 @@
+"""The FastAPI app: `create_app(settings)` builds it; its lifespan owns the host and engines.
+
+Nothing is created at import time. The host (and with it every vLLM engine) is started
+when the app starts and shut down when it stops, so SIGTERM to the server leaves no
+engine process behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI
+
+from .api import admin, chat, classify, completions, health, models
+from .api.auth import require_api_key
+from .api.errors import install_error_handlers
+from .config import Settings
+from .hosting.base import Host
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+HostFactory = Callable[[Settings], Host]
+
+
+def build_host(settings: Settings) -> Host:
+    """The real host for these settings: prepares the base, builds and validates adapters."""
+    from .hosting.shared import SharedBaseHost
+    from .models import resolve_base_model
+    from .registry.records import BaseModelInfo
+    from .registry.store import Registry
+    from .registry.validation import Limits
+
+    base_path = resolve_base_model(settings.base_model, settings.models_dir)
+    base_name = settings.served_model_name or Path(base_path).name
+    stores = [Path(p).expanduser().resolve() for p in settings.adapter_dirs]
+    if settings.demo_adapters:
+        from .training.demo import ensure_demo_adapters
+
+        stores.append(ensure_demo_adapters(settings, base_path).resolve())
+    registry = Registry(
+        base=BaseModelInfo.read(base_name, base_path),
+        stores=stores,
+        limits=Limits(
+            max_lora_rank=settings.max_lora_rank,
+            max_cls_labels=settings.max_cls_labels,
+            refuse_other_base=settings.base_mismatch.value == "refuse",
+        ),
+    )
+    registry.scan()
+    if settings.mode.value == "dedicated":
+        raise NotImplementedError("dedicated mode is not available yet")
+    return SharedBaseHost(settings, base_path, base_name, registry)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    factory: HostFactory = app.state.host_factory
+    host = factory(app.state.settings)
+    try:
+        await host.start()
+        app.state.host = host
+        app.state.metrics.bind_host(host)
+        log.info("serving %s in %s mode", host.base_name, host.mode)
+        yield
+    finally:
+        app.state.host = None
+        await host.stop()
+
+
+def create_app(settings: Settings, host_factory: HostFactory | None = None) -> FastAPI:
+    app = FastAPI(title="adapterserve", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.host_factory = host_factory or build_host
+    app.state.host = None
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+    for module in (chat, completions, classify, models):
+        app.include_router(module.router, dependencies=[Depends(require_api_key)])
+    app.include_router(admin.router)
+    app.include_router(health.router)
+    app.state.metrics.attach(app)
+    return app

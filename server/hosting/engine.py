@@ -1,0 +1,192 @@
+"""One vLLM engine (AsyncLLM in its own processes) and vLLM's OpenAI serving objects over it.
+
+The serving objects (chat, completions, classification, models) are vLLM's own, built by
+vLLM's `init_app_state` from an argument namespace made by vLLM's own CLI parser, so
+every request field, default and validation behaves as in `vllm serve`. adapterserve
+only decides which engine and which adapter a request goes to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+from starlette.datastructures import State
+
+log = logging.getLogger(__name__)
+
+Runner = Literal["generate", "pooling"]
+
+
+@dataclass
+class EngineSpec:
+    """What one engine loads and how big it may grow."""
+
+    name: str  # the engine's id in logs and metrics: "generate", "classify", or a model name
+    model_path: Path
+    served_model_name: str
+    runner: Runner = "generate"
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    kv_cache_memory_bytes: int = 256 * 1024 * 1024
+    enforce_eager: bool = True
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 16
+    # pooling engines: label count of the widest head (vLLM sizes the score layer by it)
+    num_labels: int | None = None
+    max_lora_cls_labels: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    def cli_args(self) -> list[str]:
+        """The same flags `vllm serve` would take for this engine."""
+        args = [
+            "--model", str(self.model_path),
+            "--served-model-name", self.served_model_name,
+            "--dtype", self.dtype,
+            "--max-model-len", str(self.max_model_len),
+            "--max-num-seqs", str(self.max_num_seqs),
+            "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes),
+            "--disable-uvicorn-access-log",
+            "--generation-config", "vllm",  # sampling defaults come from the request only
+        ]
+        if self.enforce_eager:
+            args.append("--enforce-eager")
+        if self.enable_lora:
+            args += [
+                "--enable-lora",
+                "--max-loras", str(self.max_loras),
+                "--max-lora-rank", str(self.max_lora_rank),
+                "--max-cpu-loras", str(max(self.max_cpu_loras, self.max_loras)),
+            ]
+        if self.runner == "pooling":
+            args += ["--runner", "pooling", "--convert", "classify"]
+            if self.num_labels is not None:
+                args += ["--hf-overrides", f'{{"num_labels": {self.num_labels}}}']
+            if self.max_lora_cls_labels is not None:
+                args += ["--max-lora-cls-labels", str(self.max_lora_cls_labels)]
+        return args + self.extra_args
+
+
+def parse_vllm_args(cli_args: list[str]):
+    """vLLM's own server argument namespace for these flags (all defaults filled in)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="adapterserve-engine"))
+    return parser.parse_args(cli_args)
+
+
+class Engine:
+    """A started vLLM engine with its serving objects; `start()` then `stop()`."""
+
+    def __init__(self, spec: EngineSpec):
+        self.spec = spec
+        self.client = None  # vllm.v1.engine.async_llm.AsyncLLM once started
+        self.state = State()  # vLLM's serving objects, as vLLM's server keeps them
+        self.supported_tasks: tuple[str, ...] = ()
+        self.started_at: float | None = None
+        self.startup_seconds: float | None = None
+        self.vllm_config = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    async def start(self) -> None:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        began = time.monotonic()
+        args = parse_vllm_args(self.spec.cli_args())
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        self.vllm_config = engine_args.create_engine_config(
+            usage_context=UsageContext.OPENAI_API_SERVER
+        )
+        log.info("starting engine %s (%s) from %s", self.name, self.spec.runner, self.spec.model_path)
+        self.client = AsyncLLM.from_vllm_config(
+            vllm_config=self.vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            enable_log_requests=False,
+            disable_log_stats=False,
+        )
+        try:
+            self.supported_tasks = tuple(await self.client.get_supported_tasks())
+            await init_app_state(self.client, self.state, args, self.supported_tasks)
+        except BaseException:
+            self.stop()
+            raise
+        self.started_at = time.time()
+        self.startup_seconds = time.monotonic() - began
+        log.info("engine %s ready in %.1f s", self.name, self.startup_seconds)
+
+    def stop(self) -> None:
+        """Shut the engine and its processes down (idempotent)."""
+        client, self.client = self.client, None
+        if client is not None:
+            log.info("stopping engine %s", self.name)
+            client.shutdown(timeout=self.vllm_config.shutdown_timeout if self.vllm_config else None)
+
+    # --- state -------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.client is not None and not self.client.errored
+
+    async def check_health(self) -> str | None:
+        """None when healthy, else the reason."""
+        if self.client is None:
+            return "not started"
+        if self.client.errored:
+            return f"engine dead: {self.client.dead_error}"
+        try:
+            await asyncio.wait_for(self.client.check_health(), timeout=5)
+        except Exception as exc:  # any failure means: not ready to serve
+            return f"health check failed: {exc}"
+        return None
+
+    def process_ids(self) -> list[int]:
+        """The engine's own processes (engine core and its workers), for memory accounting.
+
+        The engine core is a child of this (API) process; its workers are its children.
+        """
+        if self.client is None:
+            return []
+        pids: list[int] = []
+        for pid in self._engine_core_pids():
+            pids.append(pid)
+            try:
+                pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        return pids
+
+    def _engine_core_pids(self) -> list[int]:
+        resources = getattr(getattr(self.client, "engine_core", None), "resources", None)
+        manager = getattr(resources, "engine_manager", None)
+        procs = getattr(manager, "processes", None) or []
+        return [proc.pid for proc in procs if getattr(proc, "pid", None)]
+
+    # --- serving objects ---------------------------------------------------------
+    def serving(self, kind: str) -> Any:
+        """vLLM's serving object: 'chat', 'completion', 'classify' or 'models'."""
+        attribute = {
+            "chat": "openai_serving_chat",
+            "completion": "openai_serving_completion",
+            "classify": "serving_classification",
+            "models": "openai_serving_models",
+        }[kind]
+        return getattr(self.state, attribute, None)
+
+
+def own_pid() -> int:
+    return os.getpid()

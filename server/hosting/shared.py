@@ -1,0 +1,209 @@
+"""Shared mode: one base loaded by vLLM, many adapters swapped per request.
+
+LoRA adapters go to the generate engine; head adapters (a trained classification layer
+over the frozen base) go to a pooling engine over the same base, started only when heads
+are registered. vLLM runs one runner per engine, so with heads the base is held twice;
+the memory metrics count it twice.
+
+Adapters live in three tiers: an engine slot (`max_loras`, per batch), the engine's CPU
+LRU (`max_cpu_loras`), and the store on disk, loaded on first use. vLLM manages the first
+two; this host keeps the name -> LoRARequest table that makes every registered adapter
+servable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+from server.api.errors import APIError, model_not_found
+from server.config import Settings
+from server.registry.records import AdapterInvalid, AdapterRecord
+from server.registry.store import Registry
+
+from .base import Endpoint, ModelCard, Target, missing_model, wrong_endpoint
+from .engine import Engine, EngineSpec
+
+log = logging.getLogger(__name__)
+
+
+class SharedBaseHost:
+    mode = "shared"
+
+    def __init__(self, settings: Settings, base_path, base_name: str, registry: Registry):
+        self.settings = settings
+        self.base_path = base_path
+        self.base_name = base_name
+        self.registry = registry
+        self.generate: Engine | None = None
+        self.classify: Engine | None = None
+        self._lora_ids = itertools.count(1)
+        self.created = int(time.time())
+        self.load_seconds: dict[str, float] = {}  # adapter -> last in-engine load time
+
+    # --- life cycle --------------------------------------------------------------
+    def _spec(self, name: str, runner: str, **extra) -> EngineSpec:
+        s = self.settings
+        return EngineSpec(
+            name=name,
+            model_path=self.base_path,
+            served_model_name=self.base_name,
+            runner=runner,
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            kv_cache_memory_bytes=s.kv_cache_memory_bytes,
+            enforce_eager=s.enforce_eager,
+            enable_lora=True,
+            max_loras=s.max_loras,
+            max_lora_rank=s.max_lora_rank,
+            max_cpu_loras=s.max_cpu_loras,
+            **extra,
+        )
+
+    async def start(self) -> None:
+        self.generate = Engine(self._spec("generate", "generate"))
+        await self.generate.start()
+        heads = [r for r in self.registry.adapters.values() if r.kind == "head"]
+        if heads:
+            widest = max(len(r.labels) for r in heads)
+            self.classify = Engine(
+                self._spec(
+                    "classify",
+                    "pooling",
+                    num_labels=widest,
+                    max_lora_cls_labels=self.settings.max_cls_labels,
+                )
+            )
+            await self.classify.start()
+        for record in list(self.registry.adapters.values()):
+            try:
+                await self._register(record)
+            except AdapterInvalid as exc:
+                self.registry.remove(record.name)
+                self.registry.problems.append(_problem(record, exc.reason))
+                log.warning("adapter '%s' refused by the engine: %s", record.name, exc.reason)
+
+    async def stop(self) -> None:
+        for engine in (self.classify, self.generate):
+            if engine is not None:
+                engine.stop()
+
+    def engines(self) -> list[Engine]:
+        return [e for e in (self.generate, self.classify) if e is not None]
+
+    async def health(self) -> dict[str, str | None]:
+        return {engine.name: await engine.check_health() for engine in self.engines()}
+
+    # --- adapters in the engines ------------------------------------------------
+    def _engine_for(self, record: AdapterRecord) -> Engine | None:
+        return self.classify if record.kind == "head" else self.generate
+
+    async def _register(self, record: AdapterRecord) -> None:
+        """Make the adapter servable: load it once in its engine (which checks it for real
+        and leaves it in the CPU LRU), then publish it under its name."""
+        from vllm.lora.request import LoRARequest
+
+        engine = self._engine_for(record)
+        if engine is None:
+            raise AdapterInvalid(record.name, "heads are served by the pooling engine, which is not running; restart the server to start it")
+        request = LoRARequest(
+            lora_name=record.name,
+            lora_int_id=next(self._lora_ids),  # a fresh id per load: reloads never reuse cached weights
+            lora_path=str(record.path),
+            base_model_name=self.base_name,
+        )
+        began = time.perf_counter()
+        try:
+            await engine.client.add_lora(request)
+        except Exception as exc:  # the engine's own loader refused it
+            raise AdapterInvalid(record.name, f"the engine could not load it: {exc}") from None
+        self.load_seconds[record.name] = time.perf_counter() - began
+        # Replacing the table entry is atomic for new requests; requests already running
+        # keep the old id. vLLM's CPU LRU evicts the old weights in time, as vLLM's own
+        # unload does (it never removes adapters from the engine under running requests).
+        engine.serving("models").lora_requests[record.name] = request
+
+    def _unpublish(self, name: str) -> None:
+        for engine in self.engines():
+            engine.serving("models").lora_requests.pop(name, None)
+
+    async def load_adapter(self, name: str) -> AdapterRecord:
+        if name in self.registry.adapters and self._published(name):
+            raise APIError(409, f"The adapter `{name}` is already loaded; use reload to pick up new weights.", param="lora_name", code="adapter_already_loaded")
+        return await self.reload_adapter(name)
+
+    async def reload_adapter(self, name: str) -> AdapterRecord:
+        try:
+            record = self.registry.refresh(name)
+            await self._register(record)
+        except AdapterInvalid as exc:
+            self.registry.remove(name)
+            self._unpublish(name)
+            status = 404 if "no such folder" in exc.reason else 400
+            raise APIError(status, str(exc), param="lora_name", code="adapter_not_found" if status == 404 else "adapter_invalid") from None
+        return record
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.registry.remove(name) is None:
+            raise APIError(404, f"The adapter `{name}` is not loaded.", param="lora_name", code="adapter_not_found")
+        self._unpublish(name)
+
+    def _published(self, name: str) -> bool:
+        return any(name in e.serving("models").lora_requests for e in self.engines())
+
+    # --- routing -----------------------------------------------------------------
+    def resolve(self, model: str | None, endpoint: Endpoint) -> Target:
+        if not model:
+            raise missing_model()
+        name = model
+        prefix = f"{self.base_name}:"
+        if model.startswith(prefix) and len(model) > len(prefix):
+            name = model[len(prefix):]
+        if name == self.base_name:
+            if endpoint == "classify":
+                raise wrong_endpoint(model, "base", endpoint)
+            return Target(engine=self.generate, vllm_model=self.base_name, model=self.base_name)
+        record = self.registry.adapters.get(name)
+        if record is None or not self._published(name):
+            raise model_not_found(model)
+        wants_head = endpoint == "classify"
+        if (record.kind == "head") != wants_head:
+            raise wrong_endpoint(model, record.kind, endpoint)
+        return Target(engine=self._engine_for(record), vllm_model=name, model=name, record=record)
+
+    def model_cards(self) -> list[ModelCard]:
+        cards = [
+            ModelCard(
+                id=self.base_name,
+                root=str(self.base_path),
+                parent=None,
+                kind="base",
+                created=self.created,
+                max_model_len=self.settings.max_model_len,
+            )
+        ]
+        for record in sorted(self.registry.adapters.values(), key=lambda r: r.name):
+            if not self._published(record.name):
+                continue
+            cards.append(
+                ModelCard(
+                    id=record.name,
+                    root=record.name,  # never leak server paths to clients
+                    parent=self.base_name,
+                    kind=record.kind,
+                    created=self.created,
+                    max_model_len=self.settings.max_model_len,
+                    rank=record.rank,
+                    size_bytes=record.size_bytes,
+                    labels=record.labels or None,
+                )
+            )
+        return cards
+
+
+def _problem(record: AdapterRecord, reason: str):
+    from server.registry.store import Problem
+
+    return Problem(record.name, record.path, reason)
