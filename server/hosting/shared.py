@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 class SharedBaseHost:
     mode = "shared"
 
-    def __init__(self, settings: Settings, base_path, base_name: str, registry: Registry):
+    def __init__(self, settings: Settings, base_path, base_name: str, registry: Registry, engine_factory=Engine):
         self.settings = settings
         self.base_path = base_path
         self.base_name = base_name
         self.registry = registry
+        self.engine_factory = engine_factory  # tests pass a fake with Engine's interface
         self.generate: Engine | None = None
         self.classify: Engine | None = None
         self._lora_ids = itertools.count(1)
@@ -63,12 +64,12 @@ class SharedBaseHost:
         )
 
     async def start(self) -> None:
-        self.generate = Engine(self._spec("generate", "generate"))
+        self.generate = self.engine_factory(self._spec("generate", "generate"))
         await self.generate.start()
         heads = [r for r in self.registry.adapters.values() if r.kind == "head"]
         if heads:
             widest = max(len(r.labels) for r in heads)
-            self.classify = Engine(
+            self.classify = self.engine_factory(
                 self._spec(
                     "classify",
                     "pooling",

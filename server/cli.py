@@ -1,0 +1,226 @@
+"""The `adapterserve` command: serve | models prepare | adapters list/validate/build.
+
+`serve` takes one flag per Settings field, made from the field's type and description,
+so the flags, the YAML keys and the ADAPTERSERVE_* variables always agree.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from pydantic import SecretStr
+from rich.console import Console
+from rich.table import Table
+
+from .config import Settings, load_settings
+
+app = typer.Typer(help="Serve one base LLM with many adapters, or each fine-tuned model on its own.", no_args_is_help=True)
+models_app = typer.Typer(help="Base model preparation.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Adapter stores: list, validate, build.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(adapters_app, name="adapters")
+console = Console(stderr=True)
+
+CONFIG_HELP = "YAML file of settings (lowest precedence: env ADAPTERSERVE_* and flags override it)."
+
+
+# --- serve: flags from Settings -----------------------------------------------------
+def _flag_type(annotation: Any) -> tuple[Any, bool]:
+    """A typer-friendly type for a Settings annotation, and whether it is a bool switch."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if annotation is SecretStr:
+        return str, False
+    if origin is list:
+        return List[typing.get_args(annotation)[0]], False
+    return annotation, annotation is bool
+
+
+def with_settings_flags(command):
+    """Give `command` one optional keyword flag per Settings field plus --config."""
+    params = [
+        inspect.Parameter(
+            "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+            default=typer.Option(None, "--config", help=CONFIG_HELP),
+        )
+    ]
+    for name, field in Settings.model_fields.items():
+        flag_type, is_switch = _flag_type(field.annotation)
+        flag = "--" + name.replace("_", "-")
+        decl = f"{flag}/--no-{flag[2:]}" if is_switch else flag
+        params.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[flag_type],
+                default=typer.Option(None, decl, help=field.description, show_default=False),
+            )
+        )
+    command.__signature__ = inspect.Signature(params)
+    return command
+
+
+def settings_from_flags(flags: dict[str, Any]) -> Settings:
+    config = flags.pop("config", None)
+    values = {k: (v.value if isinstance(v, Enum) else v) for k, v in flags.items() if v is not None}
+    if "adapter_dirs" in values and not values["adapter_dirs"]:
+        values.pop("adapter_dirs")
+    return load_settings(config, **values)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command(context_settings={"max_content_width": 120})
+@with_settings_flags
+def serve(**flags: Any) -> None:
+    """Start the OpenAI-compatible server (prepares the base and demo adapters when missing)."""
+    import uvicorn
+
+    from .app import create_app
+
+    settings = settings_from_flags(flags)
+    setup_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,  # in-flight requests get this long after SIGTERM
+    )
+
+
+# --- models ---------------------------------------------------------------------------
+@models_app.command("prepare")
+def models_prepare(
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache directory (default: ADAPTERSERVE_CACHE_DIR or ~/.cache/adapterserve)."),
+    force: bool = typer.Option(False, help="Convert again even if prepared."),
+) -> None:
+    """Convert the embedded SmolLM2-135M-Instruct GGUF into a bf16 HF folder in the cache."""
+    from .models import prepare_default_model
+
+    settings = load_settings(cache_dir=cache_dir)
+    typer.echo(prepare_default_model(settings.models_dir, force=force))
+
+
+# --- adapters -------------------------------------------------------------------------
+def _base(settings: Settings):
+    from .models import resolve_base_model
+    from .registry.records import BaseModelInfo
+
+    path = resolve_base_model(settings.base_model, settings.models_dir)
+    return BaseModelInfo.read(settings.served_model_name or path.name, path)
+
+
+def _registry(settings: Settings, stores: list[Path]):
+    from .registry.store import Registry
+    from .registry.validation import Limits
+
+    registry = Registry(
+        base=_base(settings),
+        stores=[Path(s).resolve() for s in stores],
+        limits=Limits(settings.max_lora_rank, settings.max_cls_labels, settings.base_mismatch.value == "refuse"),
+    )
+    registry.scan()
+    return registry
+
+
+def _table(registry) -> Table:
+    table = Table(title=f"adapters over {registry.base.name}")
+    for column in ("name", "kind", "rank", "target modules", "trainable % of base", "size", "base it was trained for"):
+        table.add_column(column)
+    for record in sorted(registry.adapters.values(), key=lambda r: r.name):
+        table.add_row(
+            record.name, record.kind, str(record.rank), ",".join(record.target_modules),
+            f"{100 * record.share_of_base(registry.base.parameter_count):.3f}",
+            f"{record.size_bytes / 1e6:.2f} MB", str(record.base_model or "?"),
+        )
+    return table
+
+
+def _print_problems(registry) -> None:
+    for problem in registry.problems:
+        console.print(f"[red]refused[/red] {problem.name} ({problem.path}): {problem.reason}")
+
+
+@adapters_app.command("list")
+def adapters_list(
+    adapter_dir: List[Path] = typer.Option([], "--adapter-dir", help="Store directory (repeatable). Default: the demo store."),
+    base_model: Optional[Path] = typer.Option(None, help="Base model folder (default: the embedded model)."),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """The table of adapters in the stores, with refused folders and their reasons."""
+    from .training.demo import demo_store
+
+    settings = load_settings(config, base_model=base_model)
+    stores = list(adapter_dir) or list(settings.adapter_dirs)
+    if not stores:
+        base = _base(settings)
+        stores = [demo_store(settings.cache_dir, base.path)]
+    registry = _registry(settings, stores)
+    Console().print(_table(registry))
+    _print_problems(registry)
+
+
+@adapters_app.command("validate")
+def adapters_validate(
+    path: Path = typer.Argument(..., help="An adapter folder, or a store directory of them."),
+    base_model: Optional[Path] = typer.Option(None, help="Base model folder (default: the embedded model)."),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Validate adapters against the base; exit 1 when any is refused."""
+    from .registry.validation import CONFIG_FILE
+
+    settings = load_settings(config, base_model=base_model)
+    path = path.resolve()
+    is_single = (path / CONFIG_FILE).exists() or not any(p.is_dir() for p in path.iterdir())
+    registry = _registry(settings, [path.parent] if is_single else [path])
+    if is_single:
+        registry.adapters = {k: v for k, v in registry.adapters.items() if k == path.name}
+        registry.problems = [p for p in registry.problems if p.name == path.name]
+    Console().print(_table(registry))
+    for record in registry.adapters.values():
+        for warning in record.warnings:
+            console.print(f"[yellow]warning[/yellow] {record.name}: {warning}")
+    _print_problems(registry)
+    if registry.problems:
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/green]: {len(registry.adapters)} adapter(s) valid")
+
+
+@adapters_app.command("build")
+def adapters_build(
+    names: List[str] = typer.Argument(None, help="Demo adapters to build (default: all)."),
+    force: bool = typer.Option(False, help="Build again even if up to date."),
+    base_model: Optional[Path] = typer.Option(None, help="Base model folder (default: the embedded model)."),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Train the demo adapters from adapters/ with peft into the cache (seeded)."""
+    from .models import resolve_base_model
+    from .training.demo import build_demo_adapters, demo_store
+
+    settings = load_settings(config, base_model=base_model)
+    base_path = resolve_base_model(settings.base_model, settings.models_dir)
+    built = build_demo_adapters(settings.demo_recipes_dir, settings.cache_dir, base_path, names or None, force)
+    for name, stats in built.items():
+        console.print(
+            f"built {name}: {stats['trainable_params']:,} trainable parameters "
+            f"({100 * stats['trainable_share']:.2f}% of the model), final loss {stats['final_loss']:.3f}"
+        )
+    typer.echo(demo_store(settings.cache_dir, base_path))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

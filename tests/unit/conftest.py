@@ -1,0 +1,72 @@
+"""Unit-test fixtures: a tiny base written as safetensors, adapter stores, and an app whose
+host is the real SharedBaseHost over fake engines (no vLLM processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+
+from server.app import create_app
+from server.config import Settings
+from server.hosting.shared import SharedBaseHost
+from server.registry.records import BaseModelInfo
+from server.registry.store import Registry
+from server.registry.validation import Limits
+from tests.adapter_factory import write_lora
+from tests.fakes import FakeEngine
+
+HIDDEN, INTER, LAYERS = 16, 32, 2
+ADMIN_KEY = "admin-secret"
+
+
+@pytest.fixture
+def tiny_base(tmp_path) -> BaseModelInfo:
+    folder = tmp_path / "tiny-base"
+    folder.mkdir()
+    tensors = {"model.embed_tokens.weight": torch.zeros(50, HIDDEN)}
+    shapes = {
+        "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (8, HIDDEN), "self_attn.v_proj": (8, HIDDEN),
+        "self_attn.o_proj": (HIDDEN, HIDDEN), "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN),
+        "mlp.down_proj": (HIDDEN, INTER),
+    }
+    for layer in range(LAYERS):
+        for module, shape in shapes.items():
+            tensors[f"model.layers.{layer}.{module}.weight"] = torch.zeros(*shape)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"hidden_size": HIDDEN, "model_type": "llama"}))
+    (folder / "tokenizer_config.json").write_text("{}")
+    return BaseModelInfo.read("tiny-base", folder)
+
+
+@pytest.fixture
+def store(tmp_path, tiny_base) -> Path:
+    store = tmp_path / "store"
+    for i, name in enumerate(["alpha", "beta", "engine-refuses"]):
+        write_lora(store / name, tiny_base, rank=4, seed=i)
+    return store
+
+
+@pytest.fixture
+def registry(tiny_base, store) -> Registry:
+    registry = Registry(base=tiny_base, stores=[store], limits=Limits(max_lora_rank=16))
+    registry.scan()
+    return registry
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(cache_dir=tmp_path / "cache", admin_api_key=ADMIN_KEY, demo_adapters=False)
+
+
+@pytest.fixture
+def client(settings, registry, tiny_base):
+    def factory(s):
+        return SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine)
+
+    with TestClient(create_app(settings, host_factory=factory)) as test_client:
+        yield test_client

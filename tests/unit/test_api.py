@@ -1,0 +1,167 @@
+"""The API over fake engines: routing, the OpenAI error body, auth, admin."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.unit.conftest import ADMIN_KEY
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def assert_error(response, status, param=None, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def test_chat_routes_to_the_named_adapter(client):
+    for model, expected in [("alpha", "alpha"), ("tiny-base:beta", "beta"), ("tiny-base", "tiny-base")]:
+        response = client.post(CHAT, json={"model": model, "messages": MESSAGES})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == f"answer from {expected}"
+
+
+def test_body_is_json_whatever_the_content_type(client):
+    # `curl -d` sends application/x-www-form-urlencoded
+    body = json.dumps({"model": "alpha", "messages": MESSAGES})
+    response = client.post(CHAT, content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200, response.text
+
+
+def test_unknown_model_is_404_model_not_found(client):
+    error = assert_error(client.post(CHAT, json={"model": "nope", "messages": MESSAGES}), 404, "model", "model_not_found")
+    assert "nope" in error["message"]
+    assert_error(client.post(CHAT, json={"model": "tiny-base:nope", "messages": MESSAGES}), 404, "model", "model_not_found")
+
+
+def test_engine_refused_adapter_is_not_served_and_others_are(client):
+    assert_error(client.post(CHAT, json={"model": "engine-refuses", "messages": MESSAGES}), 404, "model")
+    assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}).status_code == 200
+    refused = client.get("/admin/adapters", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()["refused"]
+    assert [r["name"] for r in refused] == ["engine-refuses"]
+    assert "could not load" in refused[0]["reason"]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": MESSAGES}, "model"),
+        ({"model": "alpha"}, "messages"),
+        ({"model": "alpha", "messages": MESSAGES, "n": "many"}, "n"),
+        ({"model": "alpha", "messages": "hi"}, "messages"),
+    ],
+)
+def test_invalid_requests_are_400_with_param(client, body, param):
+    assert_error(client.post(CHAT, json=body), 400, param)
+
+
+def test_malformed_json_is_400(client):
+    error = assert_error(client.post(CHAT, content=b'{"model": "alpha", ', headers={"content-type": "application/json"}), 400)
+    assert "not valid JSON" in error["message"]
+    assert_error(client.post(CHAT, content=b"[1, 2]", headers={"content-type": "application/json"}), 400)
+
+
+def test_stream_errors_use_the_openai_body(client):
+    response = client.post(CHAT, json={"model": "alpha", "messages": MESSAGES, "stream": True})
+    lines = [line for line in response.text.split("\n\n") if line]
+    error = json.loads(lines[-2][len("data: "):])["error"]
+    assert error == {"message": "boom", "type": "invalid_request_error", "param": None, "code": None}
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_models_lists_base_and_adapters_with_extra_fields(client):
+    data = client.get("/v1/models").json()["data"]
+    by_id = {card["id"]: card for card in data}
+    assert set(by_id) == {"tiny-base", "alpha", "beta"}
+    assert by_id["tiny-base"]["kind"] == "base" and by_id["tiny-base"]["parent"] is None
+    assert by_id["alpha"]["parent"] == "tiny-base"
+    assert by_id["alpha"]["kind"] == "lora" and by_id["alpha"]["rank"] == 4 and by_id["alpha"]["size_bytes"] > 0
+    assert "/" not in by_id["alpha"]["root"]  # no server paths leak
+    assert client.get("/v1/models/alpha").json()["id"] == "alpha"
+    assert_error(client.get("/v1/models/nope"), 404, code="model_not_found")
+
+
+def test_health_reports_each_engine(client):
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json()["engines"] == {"generate": "ok"}
+
+
+def test_unknown_route_is_openai_shaped(client):
+    assert_error(client.get("/v1/nothing-here"), 404)
+
+
+def test_api_key_is_enforced_when_set(settings, registry, tiny_base):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.hosting.shared import SharedBaseHost
+    from tests.fakes import FakeEngine
+
+    settings = settings.model_copy(update={"api_key": __import__("pydantic").SecretStr("user-key")})
+    app = create_app(settings, host_factory=lambda s: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine))
+    with TestClient(app) as client:
+        assert_error(client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}), 401, code="invalid_api_key")
+        ok = client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}, headers={"authorization": "Bearer user-key"})
+        assert ok.status_code == 200
+        assert client.get("/health").status_code == 200  # probes need no key
+
+
+class TestAdmin:
+    auth = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+    def test_without_the_key_is_401(self, client):
+        assert_error(client.post("/admin/adapters/alpha/unload"), 401, code="invalid_api_key")
+        assert_error(client.post("/v1/unload_lora_adapter", json={"lora_name": "alpha"}, headers={"authorization": "Bearer wrong"}), 401)
+
+    def test_unload_then_404_then_load_again(self, client):
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "alpha"}, headers=self.auth).status_code == 200
+        assert_error(client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}), 404, code="model_not_found")
+        assert "alpha" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
+        assert_error(client.post("/admin/adapters/alpha/unload", headers=self.auth), 404)
+        assert client.post("/admin/adapters/alpha/load", headers=self.auth).status_code == 200
+        assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}).status_code == 200
+        assert_error(client.post("/admin/adapters/alpha/load", headers=self.auth), 409)
+
+    def test_load_of_a_folder_added_later(self, client, store, tiny_base):
+        from tests.adapter_factory import write_lora
+
+        write_lora(store / "gamma", tiny_base, rank=4)
+        assert_error(client.post(CHAT, json={"model": "gamma", "messages": MESSAGES}), 404)
+        response = client.post("/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(store / "gamma")}, headers=self.auth)
+        assert response.status_code == 200, response.text
+        assert client.post(CHAT, json={"model": "gamma", "messages": MESSAGES}).json()["choices"][0]["message"]["content"] == "answer from gamma"
+
+    def test_a_path_outside_the_stores_is_refused(self, client, tmp_path, tiny_base):
+        from tests.adapter_factory import write_lora
+
+        write_lora(tmp_path / "elsewhere" / "alpha2", tiny_base, rank=4)
+        response = client.post(
+            "/v1/load_lora_adapter",
+            json={"lora_name": "alpha2", "lora_path": str(tmp_path / "elsewhere" / "alpha2")},
+            headers=self.auth,
+        )
+        assert_error(response, 403, param="lora_path", code="path_not_allowed")
+        assert_error(client.post("/admin/adapters/bad%20name!/load", headers=self.auth), 400)
+        assert_error(client.post("/admin/adapters/missing/load", headers=self.auth), 404)
+
+    def test_admin_disabled_without_a_configured_key(self, settings, registry, tiny_base):
+        from fastapi.testclient import TestClient
+
+        from server.app import create_app
+        from server.hosting.shared import SharedBaseHost
+        from tests.fakes import FakeEngine
+
+        app = create_app(settings.model_copy(update={"admin_api_key": None}), host_factory=lambda s: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine))
+        with TestClient(app) as client:
+            assert_error(client.post("/admin/adapters/alpha/unload", headers=self.auth), 403)

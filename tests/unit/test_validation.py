@@ -1,0 +1,51 @@
+"""Validation refuses each kind of broken adapter with its reason and keeps the good ones."""
+
+from __future__ import annotations
+
+from server.registry.store import Registry
+from server.registry.validation import Limits
+from tests.adapter_factory import build_broken_corpus, write_lora
+
+
+def test_each_broken_adapter_is_refused_with_its_reason(tmp_path, tiny_base):
+    store, outside = tmp_path / "store", tmp_path / "outside"
+    expected = build_broken_corpus(store, tiny_base, outside, max_rank=16)
+    write_lora(store / "good", tiny_base, rank=4)
+    registry = Registry(base=tiny_base, stores=[store], limits=Limits(max_lora_rank=16, refuse_other_base=True))
+    registry.scan()
+    assert set(registry.adapters) == {"good"}
+    reasons = {p.name: p.reason for p in registry.problems}
+    assert set(reasons) == set(expected)
+    for name, fragment in expected.items():
+        assert fragment in reasons[name], (name, reasons[name])
+
+
+def test_other_base_is_a_warning_unless_refused(tmp_path, tiny_base):
+    store = tmp_path / "store"
+    write_lora(store / "foreign", tiny_base, rank=4, config_overrides={"base_model_name_or_path": "org/other-model"})
+    registry = Registry(base=tiny_base, stores=[store], limits=Limits(max_lora_rank=16))
+    registry.scan()
+    assert registry.adapters["foreign"].warnings == ["trained for base 'org/other-model', served base is 'tiny-base'"]
+
+
+def test_record_fields(tmp_path, tiny_base):
+    store = tmp_path / "store"
+    write_lora(store / "small", tiny_base, rank=4, targets=("q_proj", "down_proj"))
+    registry = Registry(base=tiny_base, stores=[store], limits=Limits())
+    registry.scan()
+    record = registry.adapters["small"]
+    assert record.kind == "lora" and record.rank == 4
+    assert record.target_modules == ["q_proj", "down_proj"]
+    # q_proj: A 4x16 + B 16x4; down_proj: A 4x32 + B 16x4; two layers
+    assert record.trainable_params == 2 * (4 * 16 + 16 * 4 + 4 * 32 + 16 * 4)
+    assert record.size_bytes == sum(p.stat().st_size for p in (store / "small").iterdir())
+
+
+def test_duplicate_names_across_stores_keep_the_first(tmp_path, tiny_base):
+    first, second = tmp_path / "a", tmp_path / "b"
+    write_lora(first / "same", tiny_base, rank=4)
+    write_lora(second / "same", tiny_base, rank=4)
+    registry = Registry(base=tiny_base, stores=[first, second], limits=Limits())
+    registry.scan()
+    assert registry.adapters["same"].path == (first / "same").resolve()
+    assert "duplicate name" in registry.problems[0].reason
