@@ -22,6 +22,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last: a folder holding it is complete, so an interrupted conversion is redone.
 DONE_MARKER = ".adapterserve-prepared"
+# Bumped when the conversion changes, so prepared folders from older versions are redone.
+PREPARE_VERSION = 2
 
 
 class ModelError(RuntimeError):
@@ -48,7 +50,10 @@ def default_model_dir(models_dir: Path) -> Path:
 
 
 def is_prepared(folder: Path) -> bool:
-    return (folder / DONE_MARKER).is_file()
+    try:
+        return json.loads((folder / DONE_MARKER).read_text()).get("version") == PREPARE_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def prepare_default_model(models_dir: Path, force: bool = False) -> Path:
@@ -83,18 +88,22 @@ def prepare_default_model(models_dir: Path, force: bool = False) -> Path:
         _ensure_generation_config(target, tokenizer)
         progress.update(step, advance=1, description="Checking the folder")
         check_base_model(target)
-        (target / DONE_MARKER).write_text(json.dumps({"source": str(gguf_path)}))
+        (target / DONE_MARKER).write_text(json.dumps({"source": str(gguf_path), "version": PREPARE_VERSION}))
         progress.update(step, advance=1, description=f"Prepared {target}")
     return target
 
 
 def _ensure_generation_config(folder: Path, tokenizer) -> None:
-    """Greedy and sampling defaults come from the request, not from a generation config
-    that the GGUF does not carry; keep only the token ids."""
+    """The sampling defaults the model's card recommends (the GGUF does not carry them).
+    vLLM applies them to requests that set no temperature/top_p, as `vllm serve` does; at
+    the OpenAI default temperature of 1.0 a 135M model rambles."""
     config = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
+        "do_sample": True,
+        "temperature": 0.2,
+        "top_p": 0.9,
     }
     (folder / "generation_config.json").write_text(json.dumps(config, indent=2))
 

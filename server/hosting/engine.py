@@ -56,7 +56,6 @@ class EngineSpec:
             "--max-num-seqs", str(self.max_num_seqs),
             "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes),
             "--disable-uvicorn-access-log",
-            "--generation-config", "vllm",  # sampling defaults come from the request only
         ]
         if self.enforce_eager:
             args.append("--enforce-eager")

@@ -178,7 +178,7 @@ class SharedBaseHost:
         cards = [
             ModelCard(
                 id=self.base_name,
-                root=str(self.base_path),
+                root=self.base_name,
                 parent=None,
                 kind="base",
                 created=self.created,

@@ -1,0 +1,104 @@
+"""One real server (real vLLM engine) for the whole integration session, with the demo
+adapters, extra random LoRA adapters, and a store of broken adapters."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from server.config import load_settings
+from server.models import resolve_base_model
+from server.registry.records import BaseModelInfo
+from server.training.demo import demo_store
+from tests.adapter_factory import build_broken_corpus, write_lora
+from tests.server_process import ServerProcess
+
+ADMIN_KEY = "integration-admin"
+MAX_LORAS = 4
+MAX_LORA_RANK = 16
+DEMO = ["french", "json", "pirate"]
+RANDOM_ADAPTERS = [f"random-{i}" for i in range(5)]  # with the demos: 8 > MAX_LORAS
+
+
+@pytest.fixture(scope="session")
+def base_path() -> Path:
+    return resolve_base_model(None, load_settings().models_dir)
+
+
+@pytest.fixture(scope="session")
+def base_info(base_path) -> BaseModelInfo:
+    return BaseModelInfo.read(base_path.name, base_path)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(base_path) -> Path:
+    store = demo_store(load_settings().cache_dir, base_path)
+    missing = [name for name in DEMO if not (store / name).is_dir()]
+    if missing:
+        pytest.fail(f"demo adapters not built: {missing}; run `make adapters`")
+    return store
+
+
+@pytest.fixture(scope="session")
+def extra_store(tmp_path_factory, base_info, demo_dir) -> Path:
+    store = tmp_path_factory.mktemp("store")
+    for i, name in enumerate(RANDOM_ADAPTERS):
+        # large random weights: each one's greedy text differs from the base from the start
+        write_lora(store / name, base_info, rank=8, targets=("q_proj", "v_proj", "down_proj"), seed=100 + i, config_overrides={"lora_alpha": 64})
+    shutil.copytree(demo_dir / "pirate", store / "mutable")  # reloaded with other weights by a test
+    return store
+
+
+@pytest.fixture(scope="session")
+def broken_expected(tmp_path_factory, base_info) -> tuple[Path, dict[str, str]]:
+    store = tmp_path_factory.mktemp("broken")
+    outside = tmp_path_factory.mktemp("outside")
+    return store, build_broken_corpus(store, base_info, outside, MAX_LORA_RANK)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, extra_store, broken_expected):
+    broken_store, _ = broken_expected
+    logs = tmp_path_factory.mktemp("logs")
+    process = ServerProcess(
+        [
+            "--adapter-dirs", str(extra_store),
+            "--adapter-dirs", str(broken_store),
+            "--max-loras", str(MAX_LORAS),
+            "--max-lora-rank", str(MAX_LORA_RANK),
+            "--max-cpu-loras", "6",
+            "--base-mismatch", "refuse",
+            "--admin-api-key", ADMIN_KEY,
+        ],
+        logs / "server.log",
+    ).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def async_client(server):
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def base_name(base_path) -> str:
+    return base_path.name
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_path)

@@ -1,0 +1,45 @@
+"""SIGTERM: in-flight requests finish or get an error, and no engine process is left."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.server_process import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def test_sigterm_finishes_in_flight_requests_and_leaves_no_process(tmp_path, base_name):
+    server = ServerProcess(["--no-demo-adapters"], tmp_path / "server.log").start()
+    engine_processes = server.descendants()
+    assert engine_processes, "the engine runs in child processes"
+    outcome = {}
+
+    def stream():
+        body = {"model": base_name, "prompt": "Count slowly:", "max_tokens": 200, "temperature": 0, "stream": True}
+        try:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
+                outcome["status"] = response.status_code
+                outcome["body"] = "".join(response.iter_text())
+        except httpx.HTTPError as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    time.sleep(1.0)  # the stream is under way
+    code = server.stop(timeout=90)
+    worker.join(timeout=120)
+    assert code == 0, server.tail()
+    # the in-flight request either completed or was told it failed; it did not hang
+    assert not worker.is_alive()
+    assert "status" in outcome or "error" in outcome
+    if outcome.get("status") == 200 and "error" not in outcome:
+        assert outcome["body"].rstrip().endswith("[DONE]") or '"error"' in outcome["body"]
+    time.sleep(2)
+    alive = [p.pid for p in engine_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"engine processes left behind: {alive}"
