@@ -23,7 +23,7 @@ GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last: a folder holding it is complete, so an interrupted conversion is redone.
 DONE_MARKER = ".adapterserve-prepared"
 # Bumped when the conversion changes, so prepared folders from older versions are redone.
-PREPARE_VERSION = 2
+PREPARE_VERSION = 3
 
 
 class ModelError(RuntimeError):
@@ -94,16 +94,18 @@ def prepare_default_model(models_dir: Path, force: bool = False) -> Path:
 
 
 def _ensure_generation_config(folder: Path, tokenizer) -> None:
-    """The sampling defaults the model's card recommends (the GGUF does not carry them).
-    vLLM applies them to requests that set no temperature/top_p, as `vllm serve` does; at
-    the OpenAI default temperature of 1.0 a 135M model rambles."""
+    """Defaults for requests that set no temperature or max_tokens (the GGUF carries none).
+
+    vLLM applies a model's generation_config to such requests, as `vllm serve` does. The
+    dequantized 135M model rambles when sampled (even at the card's temperature 0.2 it
+    often loops until the context is full, minutes on a CPU), so the embedded default
+    decodes greedily and stops after 256 tokens unless the request says otherwise."""
     config = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "do_sample": True,
-        "temperature": 0.2,
-        "top_p": 0.9,
+        "temperature": 0.0,
+        "max_new_tokens": 256,
     }
     (folder / "generation_config.json").write_text(json.dumps(config, indent=2))
 
