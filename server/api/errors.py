@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -97,15 +98,22 @@ def clean_param(param: str | None) -> str | None:
     return param
 
 
+# vLLM words most parameter errors as "<field> must ..." without naming the param.
+_FIELD_FIRST = re.compile(r"^([a-z][a-z0-9_]*) (?:must|should|cannot|is not|has to)\b")
+
+
 def from_vllm_error(error: Any) -> APIError:
     """Reshape vLLM's ErrorResponse (code = HTTP status) into an APIError."""
     info = error.error
     status = int(info.code) if isinstance(info.code, int) else 500
     code = None
     message = info.message
+    param = clean_param(info.param)
+    if status == 400 and param is None and (match := _FIELD_FIRST.match(message)):
+        param = match.group(1)
     if status == 400 and "maximum context length" in message:
         code = "context_length_exceeded"
-    return APIError(status, message, param=clean_param(info.param), code=code)
+    return APIError(status, message, param=param, code=code)
 
 
 def from_validation_error(exc: ValidationError | RequestValidationError) -> APIError:

@@ -78,9 +78,14 @@ def test_logprobs(client, base_name):
 
 def test_usage_counts_equal_the_tokenizer(client, base_name, tokenizer):
     prompt = "Write one sentence about the sea."
-    response = client.completions.create(model=base_name, prompt=prompt, max_tokens=10, temperature=0)
+    response = client.completions.create(
+        model=base_name, prompt=prompt, max_tokens=10, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    choice = response.choices[0]
     assert response.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
-    assert response.usage.completion_tokens == 10 == len(tokenizer(response.choices[0].text, add_special_tokens=False)["input_ids"])
+    assert response.usage.completion_tokens == 10 == len(choice.token_ids)
+    assert tokenizer.decode(choice.token_ids) == choice.text
     chat = client.chat.completions.create(model=base_name, messages=QUESTION, max_tokens=10, temperature=0)
     prompt_ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
     prompt_ids = prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids

@@ -34,7 +34,8 @@ def test_sigterm_finishes_in_flight_requests_and_leaves_no_process(tmp_path, bas
     time.sleep(1.0)  # the stream is under way
     code = server.stop(timeout=90)
     worker.join(timeout=120)
-    assert code == 0, server.tail()
+    # uvicorn finishes its graceful shutdown, then re-raises SIGTERM: exit code -15
+    assert code in (0, -15), server.tail()
     # the in-flight request either completed or was told it failed; it did not hang
     assert not worker.is_alive()
     assert "status" in outcome or "error" in outcome

@@ -165,3 +165,16 @@ class TestAdmin:
         app = create_app(settings.model_copy(update={"admin_api_key": None}), host_factory=lambda s: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine))
         with TestClient(app) as client:
             assert_error(client.post("/admin/adapters/alpha/unload", headers=self.auth), 403)
+
+
+def test_vllm_errors_are_reshaped_with_their_param():
+    from vllm.entrypoints.serve import create_error_response
+
+    from server.api.errors import from_vllm_error
+
+    error = from_vllm_error(create_error_response("n must be at least 1, got 0."))
+    assert (error.status, error.param, error.body()["error"]["type"]) == (400, "n", "invalid_request_error")
+    error = from_vllm_error(create_error_response("This model's maximum context length is 2048 tokens."))
+    assert error.code == "context_length_exceeded" and error.param is None
+    error = from_vllm_error(create_error_response(RuntimeError("engine failed")))
+    assert error.status == 500 and error.body()["error"]["type"] == "server_error"
