@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from facts import FACTS, VARIANTS
+from reviews import BOOKS, ENDINGS, NEGATIVE, POSITIVE, TOPIC_FILLERS, TOPICS
 
 HERE = Path(__file__).parent
 
@@ -56,12 +57,37 @@ def examples(style: str) -> list[dict]:
     return rows
 
 
+def sentiment_rows() -> list[dict]:
+    rows = []
+    for label, phrases in (("positive", POSITIVE), ("negative", NEGATIVE)):
+        for i, phrase in enumerate(phrases):
+            for j, book in enumerate(BOOKS):
+                ending = ENDINGS[(i + j) % 3]  # no star ratings: they would give the label away
+                text = phrase.format(book=book) + ending
+                rows.append({"text": text[0].upper() + text[1:], "label": label})
+    return rows
+
+
+def topic_rows() -> list[dict]:
+    rows = []
+    for label, templates in TOPICS.items():
+        for template in templates:
+            for filler in TOPIC_FILLERS[label]:
+                rows.append({"text": template.format(x=filler), "label": label})
+    return rows
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    print(f"{path}: {len(rows)} examples")
+
+
 def main() -> None:
     for style in STYLES:
-        path = HERE / style / "data.jsonl"
-        rows = examples(style)
-        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        print(f"{path}: {len(rows)} examples")
+        write(HERE / style / "data.jsonl", examples(style))
+    write(HERE / "sentiment" / "data.jsonl", sentiment_rows())
+    write(HERE / "topic" / "data.jsonl", topic_rows())
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ from server.models import resolve_base_model
 from server.registry.records import BaseModelInfo
 from server.training.demo import demo_store
 from tests.adapter_factory import build_broken_corpus, write_lora
-from tests.server_process import ServerProcess
+from server.process import ServerProcess
 
 ADMIN_KEY = "integration-admin"
 MAX_LORAS = 4
 MAX_LORA_RANK = 16
-DEMO = ["french", "json", "pirate"]
+DEMO = ["french", "json", "pirate"]  # LoRA demos
+HEADS = ["sentiment", "topic"]
 RANDOM_ADAPTERS = [f"random-{i}" for i in range(5)]  # with the demos: 8 > MAX_LORAS
 
 
@@ -35,7 +36,7 @@ def base_info(base_path) -> BaseModelInfo:
 @pytest.fixture(scope="session")
 def demo_dir(base_path) -> Path:
     store = demo_store(load_settings().cache_dir, base_path)
-    missing = [name for name in DEMO if not (store / name).is_dir()]
+    missing = [name for name in DEMO + HEADS if not (store / name).is_dir()]
     if missing:
         pytest.fail(f"demo adapters not built: {missing}; run `make adapters`")
     return store

@@ -9,7 +9,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.server_process import ServerProcess
+from server.process import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,8 @@
-"""Starts the real server (`python -m server serve`) on a free port in its own process
-group, waits until /health is 200, and stops it with SIGTERM (the server's own shutdown).
-Only if that fails does it kill, and then by the process group it started, never by name."""
+"""The server as a child process, for tests, benchmarks and `compare`.
+
+Starts `python -m server serve` on a free port in its own process group, waits until
+/health is 200, and stops it with SIGTERM (the server's own shutdown). Only if that fails
+does it kill, and then by the process group it started, never by name."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout, for `python -m server`
 
 
 def free_port() -> int:
