@@ -44,6 +44,9 @@ class EngineSpec:
     # pooling engines: label count of the widest head (vLLM sizes the score layer by it)
     num_labels: int | None = None
     max_lora_cls_labels: int | None = None
+    # vLLM's Prometheus logger unregisters every vllm: metric of the process when it
+    # starts, so only one engine per process can report vLLM's own metrics.
+    log_stats: bool = True
     extra_args: list[str] = field(default_factory=list)
 
     def cli_args(self) -> list[str]:
@@ -117,7 +120,7 @@ class Engine:
             vllm_config=self.vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
             enable_log_requests=False,
-            disable_log_stats=False,
+            disable_log_stats=not self.spec.log_stats,
         )
         try:
             self.supported_tasks = tuple(await self.client.get_supported_tasks())

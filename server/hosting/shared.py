@@ -75,6 +75,7 @@ class SharedBaseHost:
                     "pooling",
                     num_labels=widest,
                     max_lora_cls_labels=self.settings.max_cls_labels,
+                    log_stats=False,  # the generate engine keeps reporting vLLM's metrics
                 )
             )
             await self.classify.start()

@@ -85,7 +85,7 @@ def test_usage_counts_equal_the_tokenizer(client, base_name, tokenizer):
     choice = response.choices[0]
     assert response.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
     assert response.usage.completion_tokens == 10 == len(choice.token_ids)
-    assert tokenizer.decode(choice.token_ids) == choice.text
+    assert tokenizer.decode(choice.token_ids, skip_special_tokens=True) == choice.text
     chat = client.chat.completions.create(model=base_name, messages=QUESTION, max_tokens=10, temperature=0)
     prompt_ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
     prompt_ids = prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids

@@ -1,0 +1,115 @@
+"""LoRA serving throughput and TTFT: base-only vs 1, 4 and 16 distinct adapters on the
+same workload, a cold adapter (on disk only) vs a warm one, and the naive
+transformers+peft loop. Reproduce with:
+
+    .venv/bin/python bench/lora_throughput.py [--requests 48 --concurrency 16 --max-tokens 64]
+
+Writes bench/results/lora_throughput.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from naive_peft import run_naive  # noqa: E402
+from workload import run_workload  # noqa: E402
+
+from server.config import load_settings  # noqa: E402
+from server.models import resolve_base_model  # noqa: E402
+from server.process import ServerProcess  # noqa: E402
+from server.training.demo import build_demo_adapters, demo_store  # noqa: E402
+
+DEMO = ["pirate", "french", "json"]
+ADMIN = "bench-admin"
+
+
+def make_store(demo: Path, root: Path, count: int) -> list[str]:
+    """`count` adapters: copies of the trained demo adapters under distinct names (vLLM
+    treats each name as its own adapter with its own slot and cache entry)."""
+    names = []
+    for i in range(count):
+        name = f"{DEMO[i % len(DEMO)]}-{i:02d}"
+        shutil.copytree(demo / DEMO[i % len(DEMO)], root / name)
+        names.append(name)
+    return names
+
+
+async def cold_vs_warm(server: ServerProcess, store: Path, demo: Path) -> dict:
+    """An adapter added to the store while serving: admin load, first request, second request."""
+    shutil.copytree(demo / "pirate", store / "late-arrival")
+    began = time.perf_counter()
+    response = httpx.post(f"{server.url}/admin/adapters/late-arrival/load", headers={"authorization": f"Bearer {ADMIN}"}, timeout=120)
+    response.raise_for_status()
+    load_ms = 1000 * (time.perf_counter() - began)
+    first = await run_workload(f"{server.url}/v1", ["late-arrival"], 1, 1, 8, "cold")
+    second = await run_workload(f"{server.url}/v1", ["late-arrival"], 1, 1, 8, "warm")
+    return {"admin_load_ms": round(load_ms, 1), "first_request_ttft_ms": first.ttft_p50_ms, "warm_request_ttft_ms": second.ttft_p50_ms}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--naive-requests", type=int, default=8)
+    args = parser.parse_args()
+
+    settings = load_settings()
+    base_path = resolve_base_model(None, settings.models_dir)
+    build_demo_adapters(settings.demo_recipes_dir, settings.cache_dir, base_path, DEMO)
+    demo = demo_store(settings.cache_dir, base_path)
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        store.mkdir()
+        names = make_store(demo, store, 16)
+        server = ServerProcess(
+            ["--adapter-dirs", str(store), "--no-demo-adapters", "--max-loras", "16", "--max-cpu-loras", "16",
+             "--max-lora-rank", "8", "--admin-api-key", ADMIN],
+            Path(tmp) / "server.log",
+        ).start()
+        try:
+            url = f"{server.url}/v1"
+            base = base_path.name
+            await run_workload(url, [base], 4, 4, 8, "warm-up")
+            results = []
+            for scenario, models in [("base only", [base]), ("1 adapter", names[:1]), ("4 adapters", names[:4]), ("16 adapters", names[:16])]:
+                result = await run_workload(url, models, args.requests, args.concurrency, args.max_tokens, scenario)
+                results.append(result.row())
+                print(result.row(), flush=True)
+            cold = await cold_vs_warm(server, store, demo)
+            print(cold, flush=True)
+        finally:
+            server.stop()
+    naive = run_naive(base_path, {n: demo / n for n in DEMO}, args.naive_requests, args.max_tokens)
+    print(naive, flush=True)
+    report = {
+        "workload": vars(args),
+        "server_flags": "--max-loras 16 --max-cpu-loras 16 --max-lora-rank 8",
+        "results": results,
+        "cold_vs_warm": cold,
+        "naive": naive,
+    }
+    (out / "lora_throughput.json").write_text(json.dumps(report, indent=2))
+    base_tps = results[0]["tokens_per_second"]
+    print("\n| scenario | tok/s | vs base | TTFT p50 ms | TTFT p99 ms |\n|---|---|---|---|---|")
+    for row in results:
+        print(f"| {row['scenario']} | {row['tokens_per_second']} | {row['tokens_per_second'] / base_tps:.2f} | {row['ttft_p50_ms']} | {row['ttft_p99_ms']} |")
+    print(f"| {naive['scenario']} | {naive['tokens_per_second']} | {naive['tokens_per_second'] / base_tps:.2f} | | |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
