@@ -35,6 +35,10 @@ def build_host(settings: Settings) -> Host:
     from .registry.validation import Limits
 
     base_path = resolve_base_model(settings.base_model, settings.models_dir)
+    if settings.mode.value == "dedicated" and settings.dedicated_models:
+        from .hosting.dedicated import DedicatedHost, discover_models
+
+        return DedicatedHost(settings, discover_models(settings.dedicated_models))
     base_name = settings.served_model_name or Path(base_path).name
     stores = [Path(p).expanduser().resolve() for p in settings.adapter_dirs]
     if settings.demo_adapters:
@@ -52,8 +56,20 @@ def build_host(settings: Settings) -> Host:
     )
     registry.scan()
     if settings.mode.value == "dedicated":
-        raise NotImplementedError("dedicated mode is not available yet")
+        return build_dedicated_host(settings, base_path, registry)
     return SharedBaseHost(settings, base_path, base_name, registry)
+
+
+def build_dedicated_host(settings: Settings, base_path: Path, registry) -> Host:
+    """The given full models, or by default every demo adapter merged into a full model."""
+    from .hosting.dedicated import DedicatedHost, discover_models
+    from .training.merge import merge_adapters, merged_store
+
+    paths = list(settings.dedicated_models)
+    if not paths:
+        merged = merge_adapters(base_path, list(registry.adapters.values()), merged_store(settings.cache_dir, base_path))
+        paths = list(merged.values())
+    return DedicatedHost(settings, discover_models(paths))
 
 
 @asynccontextmanager

@@ -218,6 +218,34 @@ def adapters_build(
     typer.echo(demo_store(settings.cache_dir, base_path))
 
 
+@adapters_app.command("merge")
+def adapters_merge(
+    names: List[str] = typer.Argument(None, help="Adapters to merge (default: every adapter in the stores)."),
+    adapter_dir: List[Path] = typer.Option([], "--adapter-dir", help="Store directory (repeatable). Default: the demo store."),
+    force: bool = typer.Option(False, help="Merge again even if up to date."),
+    base_model: Optional[Path] = typer.Option(None, help="Base model folder (default: the embedded model)."),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Merge adapters into full fine-tuned models (bf16) for the dedicated mode; prints their folder."""
+    from .training.demo import demo_store
+    from .training.merge import merge_adapters, merged_store
+
+    settings = load_settings(config, base_model=base_model)
+    base = _base(settings)
+    stores = list(adapter_dir) or [demo_store(settings.cache_dir, base.path)]
+    registry = _registry(settings, stores)
+    unknown = sorted(set(names or []) - set(registry.adapters))
+    if unknown:
+        _print_problems(registry)
+        console.print(f"[red]no valid adapter named {', '.join(unknown)}[/red]")
+        raise typer.Exit(1)
+    records = [r for r in registry.adapters.values() if not names or r.name in names]
+    merged = merge_adapters(base.path, records, merged_store(settings.cache_dir, base.path), force=force)
+    for name, folder in merged.items():
+        console.print(f"{name}: {folder}")
+    typer.echo(merged_store(settings.cache_dir, base.path))
+
+
 def main() -> None:
     app()
 

@@ -95,6 +95,22 @@ class Settings(BaseSettings):
         description="What to do with an adapter trained for another base: warn and serve, or refuse.",
     )
 
+    # --- dedicated mode -----------------------------------------------------------
+    dedicated_models: list[Path] = Field(
+        default_factory=list,
+        description="Dedicated mode: full model folders, or directories of them. Default: the demo "
+        "adapters merged into full models (built and merged on first run).",
+    )
+    max_resident_models: int | None = Field(
+        None, gt=0, description="Dedicated mode: engines kept up at once; others are swapped in (LRU). Default: all."
+    )
+    memory_budget_bytes: int | None = Field(
+        None, gt=0, description="Dedicated mode: refuse to start when the resident engines would need more memory."
+    )
+    model_start_wait_s: float = Field(
+        120.0, gt=0, description="Dedicated mode: how long a request waits for its model's engine to start before a 503."
+    )
+
     # --- engine ------------------------------------------------------------------
     dtype: str = Field("bfloat16", description="Weight dtype of the engine (bfloat16, float16, float32).")
     max_model_len: int = Field(2048, gt=0, description="Context length (prompt + output tokens).")

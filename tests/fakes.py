@@ -60,6 +60,8 @@ class FakeChat:
 class FakeEngine:
     """Honours the Engine interface the hosts and the API use."""
 
+    started_count = 0  # across instances: how many engine starts a test caused
+
     def __init__(self, spec: EngineSpec):
         self.spec = spec
         self.client = None
@@ -75,16 +77,19 @@ class FakeEngine:
     async def start(self):
         self.client = FakeClient(fail_names={"engine-refuses"})
         self.started = True
+        FakeEngine.started_count += 1
 
     def stop(self):
         self.client = None
 
     @property
     def running(self):
-        return self.client is not None
+        return self.client is not None and not self.client.errored
 
     async def check_health(self):
-        return None if self.client is not None else "not started"
+        if self.client is None:
+            return "not started"
+        return "engine dead: killed" if self.client.errored else None
 
     def process_ids(self):
         return []

@@ -42,7 +42,7 @@ def _check_path(raw_request: Request, name: str, lora_path: object) -> None:
     """A vLLM client's lora_path is accepted only as the store folder of that name."""
     if lora_path in (None, ""):
         return
-    registry = raw_request.app.state.host.registry
+    registry = _registry(raw_request)
     found = registry.find_folder(name)
     allowed = found is not None and Path(str(lora_path)).resolve() == found[0].resolve()
     if not allowed:
@@ -55,9 +55,29 @@ def _check_path(raw_request: Request, name: str, lora_path: object) -> None:
         )
 
 
+def _registry(raw_request: Request):
+    registry = getattr(raw_request.app.state.host, "registry", None)
+    if registry is None:
+        raise APIError(400, "The server runs in dedicated mode: it hosts whole models, not adapters.", code="not_supported_in_mode")
+    return registry
+
+
+@router.get("/admin/engines")
+async def list_engines(raw_request: Request):
+    """Each running engine with its processes (for operators and for failure tests)."""
+    host = raw_request.app.state.host
+    return {
+        "mode": host.mode,
+        "engines": [
+            {"name": e.name, "runner": e.spec.runner, "pids": e.process_ids(), "startup_seconds": e.startup_seconds}
+            for e in host.engines()
+        ],
+    }
+
+
 @router.get("/admin/adapters")
 async def list_adapters(raw_request: Request):
-    registry = raw_request.app.state.host.registry
+    registry = _registry(raw_request)
     return {
         "adapters": [_record_json(r) for r in sorted(registry.adapters.values(), key=lambda r: r.name)],
         "refused": [{"name": p.name, "path": str(p.path), "reason": p.reason} for p in registry.problems],

@@ -14,5 +14,5 @@ async def create_chat_completion(raw_request: Request):
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
     request = await parse_request(raw_request, ChatCompletionRequest)
-    target = route(raw_request, request, "chat")
+    target = await route(raw_request, request, "chat")
     return answer(await call_vllm(target.engine.serving("chat").create_chat_completion(request, raw_request)))

@@ -39,7 +39,7 @@ async def create_classification(raw_request: Request):
         request = TypeAdapter(ClassificationRequest).validate_python(payload)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
-    target = route(raw_request, request, "classify")
+    target = await route(raw_request, request, "classify")
     response = await call_vllm(target.engine.serving("classify")(request, raw_request))
     body = json.loads(response.body)
     if response.status_code != 200 or "error" in body:

@@ -14,5 +14,5 @@ async def create_completion(raw_request: Request):
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
     request = await parse_request(raw_request, CompletionRequest)
-    target = route(raw_request, request, "completion")
+    target = await route(raw_request, request, "completion")
     return answer(await call_vllm(target.engine.serving("completion").create_completion(request, raw_request)))

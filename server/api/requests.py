@@ -41,9 +41,9 @@ async def parse_request(raw_request: Request, model_cls: type[BaseModel]) -> Bas
         raise from_validation_error(exc) from None
 
 
-def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Target:
+async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Target:
     """Resolve the model through the host and point the request at vLLM's name for it."""
-    target = raw_request.app.state.host.resolve(request.model, endpoint)
+    target = await raw_request.app.state.host.resolve(request.model, endpoint)
     request.model = target.vllm_model
     raw_request.state.target = target  # for metrics and logs
     return target

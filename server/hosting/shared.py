@@ -156,7 +156,7 @@ class SharedBaseHost:
         return any(name in e.serving("models").lora_requests for e in self.engines())
 
     # --- routing -----------------------------------------------------------------
-    def resolve(self, model: str | None, endpoint: Endpoint) -> Target:
+    async def resolve(self, model: str | None, endpoint: Endpoint) -> Target:
         if not model:
             raise missing_model()
         name = model

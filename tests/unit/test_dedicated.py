@@ -1,0 +1,107 @@
+"""Dedicated mode over fake engines: routing, LRU swapping, the memory budget, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from server.api.errors import APIError
+from server.config import Settings
+from server.hosting.dedicated import BudgetExceeded, DedicatedHost, discover_models
+from tests.fakes import FakeEngine
+
+
+def full_model(root, name, labels=None):
+    folder = root / name
+    folder.mkdir(parents=True)
+    config = {"architectures": ["LlamaForCausalLM"]}
+    if labels:
+        config = {"architectures": ["LlamaForSequenceClassification"], "id2label": {str(i): l for i, l in enumerate(labels)}}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+    return folder
+
+
+@pytest.fixture
+def models(tmp_path):
+    for name in ("a", "b", "c"):
+        full_model(tmp_path / "models", name)
+    full_model(tmp_path / "models", "mood", labels=["neg", "pos"])
+    return discover_models([tmp_path / "models"])
+
+
+def host(models, **settings):
+    return DedicatedHost(Settings(demo_adapters=False, **settings), models, engine_factory=FakeEngine)
+
+
+def test_discovery_reads_kind_and_labels(models):
+    by_name = {m.name: m for m in models}
+    assert by_name["a"].kind == "full" and by_name["mood"].kind == "head"
+    assert by_name["mood"].labels == ["neg", "pos"]
+
+
+def test_lru_swapping_keeps_at_most_the_resident_limit(models):
+    async def scenario():
+        h = host(models, max_resident_models=2)
+        await h.start()
+        assert list(h.resident) == ["a", "b"]
+        assert (await h.resolve("a", "chat")).engine.name == "a"  # a is now most recent
+        target = await h.resolve("c", "chat")  # evicts b, the least recently used
+        assert target.engine.name == "c" and list(h.resident) == ["a", "c"]
+        assert h.swap_count == 1 and len(h.swap_seconds) == 1
+        head = await h.resolve("mood", "classify")
+        assert head.record.labels == ["neg", "pos"] and len(h.resident) == 2
+        await h.stop()
+
+    asyncio.run(scenario())
+
+
+def test_routing_errors(models):
+    async def scenario():
+        h = host(models)
+        await h.start()
+        with pytest.raises(APIError) as info:
+            await h.resolve("zzz", "chat")
+        assert info.value.status == 404 and info.value.code == "model_not_found"
+        with pytest.raises(APIError) as info:
+            await h.resolve("mood", "chat")
+        assert info.value.status == 400 and "/v1/classify" in info.value.message
+        with pytest.raises(APIError) as info:
+            await h.load_adapter("x")
+        assert info.value.status == 400
+        await h.stop()
+
+    asyncio.run(scenario())
+
+
+def test_budget_refusal_gives_the_numbers(models):
+    h = host(models, memory_budget_bytes=2 * 1024**3, max_resident_models=2)
+    with pytest.raises(BudgetExceeded) as info:
+        h.check_budget()
+    message = str(info.value)
+    assert "2 resident engine(s) need up to" in message and "over the budget of 2.00 GiB" in message
+    host(models, memory_budget_bytes=3 * 1024**3, max_resident_models=2).check_budget()  # 2 x ~1.35 GiB fits
+
+
+def test_a_dead_engine_fails_fast_is_reported_and_restarted(models):
+    async def scenario():
+        h = host(models, max_resident_models=3)
+        await h.start()
+        h.resident["b"].client.errored = True  # the engine process died
+        with pytest.raises(APIError) as info:
+            await h.resolve("b", "chat")
+        assert info.value.status == 503 and info.value.headers["Retry-After"]
+        assert (await h.resolve("a", "chat")).engine.running  # the others keep serving
+        assert (await h.health())["b"].startswith("engine dead")
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if "b" in h.resident and h.resident["b"].running:
+                break
+        await asyncio.sleep(2.5)  # the watcher runs every 2 s
+        assert (await h.resolve("b", "chat")).engine.running
+        assert (await h.health())["b"] is None
+        await h.stop()
+
+    asyncio.run(scenario())
