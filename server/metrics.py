@@ -35,11 +35,20 @@ class Metrics:
             registry=self.registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
+        self.swap_seconds = Histogram(
+            "adapterserve_model_swap_seconds",
+            "Dedicated mode: time to swap a model's engine in (stop the LRU engine, start this one).",
+            ["model"],
+            registry=self.registry,
+            buckets=(1, 5, 10, 20, 30, 45, 60, 90, 120, 300),
+        )
         self._host = None
         self.registry.register(_HostCollector(self))
 
     def bind_host(self, host) -> None:
         self._host = host
+        if hasattr(host, "observe_swap"):
+            host.observe_swap = lambda model, seconds: self.swap_seconds.labels(model).observe(seconds)
 
     def model_label(self, request: Request) -> str:
         target = getattr(request.state, "target", None)

@@ -54,6 +54,12 @@ def merge_adapter(base_path: Path, record: AdapterRecord, out_dir: Path) -> Path
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, record.path).merge_and_unload()
     merged = merged.to(torch.bfloat16)
+    if getattr(merged, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        # transformers refuses to save greedy defaults (temperature 0); the base's own
+        # generation_config.json is copied over it below.
+        merged.generation_config = GenerationConfig()
     merged.save_pretrained(staging, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (Path(base_path) / name).is_file():

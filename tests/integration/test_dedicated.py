@@ -1,0 +1,111 @@
+"""Dedicated mode against real engines: parity with the shared mode, LRU swaps with fewer
+resident engines than models, and a killed engine that is reported and restarted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from server.process import ServerProcess
+from tests.integration.conftest import ADMIN_KEY, DEMO
+from tests.reference import assert_matches, greedy, load_reference
+
+pytestmark = pytest.mark.integration
+
+QUESTION = [{"role": "user", "content": "What is the capital of Italy?"}]
+REVIEWS = ["A warm, clever story that stayed with me for weeks.", "Dull from the first page to the last."]
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def dedicated(tmp_path_factory, demo_dir):
+    logs = tmp_path_factory.mktemp("dedicated")
+    # the demo tasks merged into full models (5 models), at most 2 engines up at once
+    process = ServerProcess(
+        ["--mode", "dedicated", "--max-resident-models", "2", "--admin-api-key", ADMIN_KEY], logs / "server.log"
+    ).start(timeout=900)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def dedicated_client(dedicated):
+    return openai.OpenAI(base_url=f"{dedicated.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def tokens(client, model):
+    response = client.chat.completions.create(
+        model=model, messages=QUESTION, temperature=0, max_tokens=16, extra_body={"return_token_ids": True}
+    )
+    return response.choices[0].token_ids
+
+
+def test_same_names_and_endpoints(dedicated_client):
+    cards = {card.id: card.model_dump() for card in dedicated_client.models.list()}
+    assert set(cards) == {"french", "json", "pirate", "sentiment", "topic"}
+    assert cards["sentiment"]["kind"] == "head" and cards["pirate"]["kind"] == "full"
+    with pytest.raises(openai.NotFoundError):
+        dedicated_client.chat.completions.create(model="nope", messages=QUESTION)
+
+
+@pytest.mark.parametrize("name", DEMO)
+def test_greedy_parity_with_the_shared_mode(dedicated_client, client, tokenizer, base_path, demo_dir, name):
+    prompt_ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
+    prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
+    reference = greedy(load_reference(base_path, demo_dir / name), prompt_ids, 16, tokenizer.eos_token_id)
+    shared, full = tokens(client, name), tokens(dedicated_client, name)
+    assert_matches(shared, reference, 16, f"shared {name}")
+    assert_matches(full, reference, 16, f"dedicated {name}")
+    if shared != full:  # allowed only where the reference itself is a near-tie
+        first = next(i for i, (a, b) in enumerate(zip(shared, full)) if a != b)
+        assert reference.gaps[first] < 0.5, (name, first, reference.gaps[first])
+
+
+def test_head_probabilities_agree_with_the_shared_mode(dedicated, server):
+    def probs(url):
+        response = httpx.post(f"{url}/v1/classify", json={"model": "sentiment", "input": REVIEWS}, timeout=300)
+        assert response.status_code == 200, response.text
+        return [item["probs"] for item in response.json()["data"]]
+
+    for full, shared in zip(probs(dedicated.url), probs(server.url)):
+        assert max(abs(a - b) for a, b in zip(full, shared)) < 1e-2
+
+
+def test_cycling_through_more_models_than_resident_engines(dedicated, dedicated_client):
+    for name in ["pirate", "french", "json", "pirate"]:
+        assert tokens(dedicated_client, name)
+        engines = httpx.get(f"{dedicated.url}/admin/engines", headers=ADMIN).json()["engines"]
+        assert len(engines) <= 2 and name in {e["name"] for e in engines}
+    metrics = httpx.get(f"{dedicated.url}/metrics").text
+    swaps = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("adapterserve_model_swap_seconds_count"))
+    assert swaps >= 3, metrics
+    assert "adapterserve_model_swap_seconds_sum" in metrics
+
+
+def test_a_killed_engine_is_reported_restarted_and_others_keep_serving(dedicated, dedicated_client):
+    engines = {e["name"]: e for e in httpx.get(f"{dedicated.url}/admin/engines", headers=ADMIN).json()["engines"]}
+    assert len(engines) == 2
+    victim, survivor = sorted(engines)
+    os.kill(engines[victim]["pids"][0], signal.SIGKILL)  # the victim's engine core process
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{dedicated.url}/health", timeout=10)
+        if health.status_code == 503:
+            break
+        time.sleep(0.5)
+    assert health.status_code == 503 and health.json()["engines"][victim] != "ok", health.text
+    assert tokens(dedicated_client, survivor)  # the other model answers meanwhile
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if httpx.get(f"{dedicated.url}/health", timeout=10).status_code == 200:
+            break
+        time.sleep(2)
+    assert httpx.get(f"{dedicated.url}/health").json()["engines"][victim] == "ok"
+    assert tokens(dedicated_client, victim)
