@@ -75,7 +75,13 @@ def build_dedicated_host(settings: Settings, base_path: Path, registry) -> Host:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     factory: HostFactory = app.state.host_factory
-    host = factory(app.state.settings)
+    try:
+        host = factory(app.state.settings)
+        if hasattr(host, "check_budget"):
+            host.check_budget()
+    except Exception as exc:
+        log.error("adapterserve cannot start: %s", exc)
+        raise
     try:
         await host.start()
         app.state.host = host
