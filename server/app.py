@@ -28,6 +28,12 @@ HostFactory = Callable[[Settings], Host]
 
 def build_host(settings: Settings) -> Host:
     """The real host for these settings: prepares the base, builds and validates adapters."""
+    import os
+
+    from .cpu_lora.plugin import ENV_SWITCH
+
+    # vLLM loads the grouped-LoRA plugin in each engine process; they inherit this switch.
+    os.environ[ENV_SWITCH] = "1" if settings.grouped_lora_ops else "0"
     from .hosting.shared import SharedBaseHost
     from .models import resolve_base_model
     from .registry.records import BaseModelInfo

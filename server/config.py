@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     max_cls_labels: int = Field(
         16, gt=0, description="Most labels a head adapter may have (vLLM's max_lora_cls_labels)."
     )
+    grouped_lora_ops: bool = Field(
+        True,
+        description="On the CPU, replace vLLM's per-token LoRA ops by grouped ones (one matmul per "
+        "adapter present; a vLLM plugin active in every engine process).",
+    )
     enforce_eager: bool = Field(True, description="Skip graph compilation (faster start-up on CPU).")
     engine_start_timeout_s: float = Field(
         600.0, gt=0, description="Seconds to wait for an engine to become ready."

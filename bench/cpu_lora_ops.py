@@ -1,0 +1,63 @@
+"""Micro-benchmark of the CPU LoRA ops: vLLM's reference (per-token gather) versus the
+grouped ops, across token counts, 4 adapters, rank 16, hidden 576 (SmolLM2's q_proj).
+Reproduce with:
+
+    .venv/bin/python bench/cpu_lora_ops.py
+
+Writes bench/results/cpu_lora_ops.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm.lora.ops.torch_ops import lora_ops as reference  # noqa: E402
+
+from server.cpu_lora import ops as grouped  # noqa: E402
+
+HIDDEN, RANK, ADAPTERS = 576, 16, 4
+
+
+def timed(function, repeats: int) -> float:
+    function()  # warm-up
+    began = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return 1000 * (time.perf_counter() - began) / repeats
+
+
+def main() -> None:
+    torch.set_num_threads(1)  # as vLLM's CPU worker runs
+    rows = []
+    for tokens in (1, 16, 32, 64, 256, 1024, 2048):
+        for dtype in (torch.bfloat16,):
+            x = torch.randn(tokens, HIDDEN).to(dtype)
+            a = torch.randn(ADAPTERS, 1, RANK, HIDDEN).to(dtype)
+            b = torch.randn(ADAPTERS, 1, HIDDEN, RANK).to(dtype)
+            idx = torch.arange(tokens) % ADAPTERS
+            shrunk = torch.zeros(tokens, RANK, dtype=dtype)
+            out = torch.zeros(tokens, HIDDEN, dtype=dtype)
+            repeats = 20 if tokens <= 256 else 3
+            row = {"tokens": tokens, "dtype": str(dtype).split(".")[1]}
+            for name, module in (("reference", reference), ("grouped", grouped)):
+                row[f"{name}_shrink_ms"] = round(timed(lambda: module.bgmv_shrink(x, a, shrunk, idx, 1.0), repeats), 3)
+                row[f"{name}_expand_ms"] = round(timed(lambda: module.bgmv_expand(shrunk, b, out, idx, True), repeats), 3)
+            row["speedup"] = round(
+                (row["reference_shrink_ms"] + row["reference_expand_ms"]) / (row["grouped_shrink_ms"] + row["grouped_expand_ms"]), 2
+            )
+            rows.append(row)
+            print(row, flush=True)
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "cpu_lora_ops.json").write_text(json.dumps({"hidden": HIDDEN, "rank": RANK, "adapters": ADAPTERS, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

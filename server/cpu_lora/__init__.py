@@ -1,0 +1,1 @@
+"""Grouped LoRA operations for vLLM's CPU backend, installed as a vLLM plugin."""

@@ -1,0 +1,63 @@
+"""The vLLM plugin that puts the grouped LoRA ops in place of vLLM's CPU reference ops.
+
+Registered as an entry point in the `vllm.general_plugins` group, so vLLM loads it in
+every one of its processes (the API process, the engine core and each worker). It applies
+only on the CPU platform and only to the vLLM versions it was checked against; it says so
+in the log either way. Off with ADAPTERSERVE_GROUPED_LORA=0 (the server sets it from its
+`grouped_lora_ops` setting before starting engines).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("adapterserve.cpu_lora")
+
+CHECKED_VLLM_VERSIONS = ("0.32.0",)
+ENV_SWITCH = "ADAPTERSERVE_GROUPED_LORA"
+_installed = False
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def register() -> None:
+    """vLLM calls this in each process; installing twice is harmless."""
+    global _installed
+    if _installed:
+        return
+    if not enabled_by_env():
+        log.info("grouped CPU LoRA ops: off (%s=0)", ENV_SWITCH)
+        return
+    import vllm
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        log.debug("grouped CPU LoRA ops: not applied (platform is not CPU)")
+        return
+    version = getattr(vllm, "__version__", "unknown")
+    if version not in CHECKED_VLLM_VERSIONS:
+        log.warning(
+            "grouped CPU LoRA ops: NOT applied, vLLM %s is not a checked version (%s); "
+            "vLLM's reference ops are used", version, ", ".join(CHECKED_VLLM_VERSIONS),
+        )
+        return
+    install()
+    log.info("grouped CPU LoRA ops: active in pid %d (vLLM %s)", os.getpid(), version)
+
+
+def install() -> None:
+    """Replace the reference ops where vLLM's CPU punica wrapper looks them up."""
+    global _installed
+    import vllm.lora.ops.torch_ops as torch_ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    from .ops import OPS
+
+    for name, function in OPS.items():
+        setattr(torch_ops, name, function)
+        if hasattr(punica_cpu, name):
+            setattr(punica_cpu, name, function)
+    _installed = True
