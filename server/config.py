@@ -112,7 +112,11 @@ class Settings(BaseSettings):
     )
 
     # --- engine ------------------------------------------------------------------
-    dtype: str = Field("bfloat16", description="Weight dtype of the engine (bfloat16, float16, float32).")
+    dtype: str = Field(
+        "auto",
+        description="Weight dtype of the engines (auto, bfloat16, float16, float32). auto: bfloat16 on a GPU "
+        "or a CPU with native bf16 (AVX512-BF16/AMX), else float32 (emulated bf16 is ~4x slower).",
+    )
     max_model_len: int = Field(2048, gt=0, description="Context length (prompt + output tokens).")
     max_num_seqs: int = Field(32, gt=0, description="Sequences the engine batches at once.")
     kv_cache_memory_bytes: int = Field(

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 
-log = logging.getLogger("adapterserve.cpu_lora")
+# Under the "vllm" namespace: vLLM configures that logger in each of its processes, so
+# every engine process says whether the ops are active.
+log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")
 
 CHECKED_VLLM_VERSIONS = ("0.32.0",)
 ENV_SWITCH = "ADAPTERSERVE_GROUPED_LORA"

@@ -32,7 +32,7 @@ class EngineSpec:
     model_path: Path
     served_model_name: str
     runner: Runner = "generate"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     max_model_len: int = 2048
     max_num_seqs: int = 32
     kv_cache_memory_bytes: int = 256 * 1024 * 1024
@@ -54,7 +54,7 @@ class EngineSpec:
         args = [
             "--model", str(self.model_path),
             "--served-model-name", self.served_model_name,
-            "--dtype", self.dtype,
+            "--dtype", resolve_dtype(self.dtype),
             "--max-model-len", str(self.max_model_len),
             "--max-num-seqs", str(self.max_num_seqs),
             "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes),
@@ -76,6 +76,30 @@ class EngineSpec:
             if self.max_lora_cls_labels is not None:
                 args += ["--max-lora-cls-labels", str(self.max_lora_cls_labels)]
         return args + self.extra_args
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them bf16 matmuls are emulated on the CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(requested: str) -> str:
+    """'auto' -> bfloat16 where it is native, float32 elsewhere. Measured on a 2-core AVX2
+    machine with SmolLM2-135M, 16 concurrent streams: bf16 22 tok/s, float32 83 tok/s."""
+    if requested != "auto":
+        return requested
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "bfloat16"
+    except ImportError:
+        pass
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 def parse_vllm_args(cli_args: list[str]):
