@@ -37,7 +37,7 @@ def main() -> None:
     torch.set_num_threads(1)  # as vLLM's CPU worker runs
     rows = []
     for tokens in (1, 16, 32, 64, 256, 1024, 2048):
-        for dtype in (torch.bfloat16,):
+        for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(tokens, HIDDEN).to(dtype)
             a = torch.randn(ADAPTERS, 1, RANK, HIDDEN).to(dtype)
             b = torch.randn(ADAPTERS, 1, HIDDEN, RANK).to(dtype)

@@ -1,7 +1,7 @@
 """Reference greedy decoding with transformers (+ peft), and the near-tie comparison.
 
-The server runs the base in bf16 with vLLM's kernels; the reference runs the same bf16
-weights in float32 with transformers. Greedy tokens must agree; where they first differ,
+The weights are stored in bf16; the server runs them with vLLM's kernels (in float32 on a
+CPU without native bf16, else bf16) and the reference in float32 with transformers. Greedy tokens must agree; where they first differ,
 the reference's two best logits at that step must be a near-tie, or the check fails.
 """
 
