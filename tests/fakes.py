@@ -50,6 +50,16 @@ class FakeChat:
             usage=UsageInfo(prompt_tokens=3, completion_tokens=3, total_tokens=6),
         )
 
+    async def create_completion(self, request, raw_request):
+        from vllm.entrypoints.openai.completion.protocol import CompletionResponse, CompletionResponseChoice
+        from vllm.entrypoints.serve.engine.protocol import UsageInfo
+
+        return CompletionResponse(
+            model=request.model,
+            choices=[CompletionResponseChoice(index=0, text=f"completion from {request.model}", finish_reason="length")],
+            usage=UsageInfo(prompt_tokens=2, completion_tokens=3, total_tokens=5),
+        )
+
     async def _stream(self, model, text):
         for word in text.split(" "):
             yield "data: " + json.dumps({"model": model, "choices": [{"index": 0, "delta": {"content": word}}]}) + "\n\n"
@@ -95,4 +105,4 @@ class FakeEngine:
         return []
 
     def serving(self, kind):
-        return {"models": self._models, "chat": self._chat}.get(kind)
+        return {"models": self._models, "chat": self._chat, "completion": self._chat}.get(kind)

@@ -10,10 +10,10 @@ import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
-from .errors import APIError, from_validation_error, from_vllm_error
-from .requests import call_vllm, read_json_object, route
+from .errors import APIError, from_vllm_error
+from .requests import call_vllm, read_json_object, route, validate
 
 router = APIRouter()
 
@@ -35,10 +35,7 @@ async def create_classification(raw_request: Request):
     payload = await read_json_object(raw_request)
     if "messages" not in payload:
         _check_input(payload)
-    try:
-        request = TypeAdapter(ClassificationRequest).validate_python(payload)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
+    request = validate(payload, TypeAdapter(ClassificationRequest).validate_python)
     target = await route(raw_request, request, "classify")
     response = await call_vllm(target.engine.serving("classify")(request, raw_request))
     body = json.loads(response.body)

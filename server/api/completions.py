@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from .requests import answer, call_vllm, parse_request, route
+from .requests import serve_generation
 
 router = APIRouter()
 
 
 @router.post("/v1/completions")
 async def create_completion(raw_request: Request):
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    request = await parse_request(raw_request, CompletionRequest)
-    target = await route(raw_request, request, "completion")
-    return answer(await call_vllm(target.engine.serving("completion").create_completion(request, raw_request)))
+    return await serve_generation(raw_request, "completion")

@@ -34,11 +34,21 @@ async def read_json_object(raw_request: Request) -> dict[str, Any]:
 
 
 async def parse_request(raw_request: Request, model_cls: type[BaseModel]) -> BaseModel:
-    payload = await read_json_object(raw_request)
+    return validate(await read_json_object(raw_request), model_cls.model_validate)
+
+
+def validate(payload: dict, validator) -> Any:
+    """Run vLLM's request validation; every failure is a 400 naming the param."""
+    from vllm.exceptions import VLLMError
+
     try:
-        return model_cls.model_validate(payload)
+        return validator(payload)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+    except VLLMError as exc:  # vLLM's model validators raise their own errors (with the param)
+        from vllm.entrypoints.serve import create_error_response
+
+        raise from_vllm_error(create_error_response(exc)) from None
 
 
 async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Target:
@@ -47,6 +57,19 @@ async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Targe
     request.model = target.vllm_model
     raw_request.state.target = target  # for metrics and logs
     return target
+
+
+async def serve_generation(raw_request: Request, endpoint: Endpoint) -> JSONResponse | StreamingResponse:
+    """/v1/chat/completions and /v1/completions: vLLM's request model and handler for the endpoint."""
+    if endpoint == "chat":
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as request_cls
+    else:
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest as request_cls
+    request = await parse_request(raw_request, request_cls)
+    target = await route(raw_request, request, endpoint)
+    handler = target.engine.serving(endpoint)
+    create = handler.create_chat_completion if endpoint == "chat" else handler.create_completion
+    return answer(await call_vllm(create(request, raw_request)))
 
 
 async def call_vllm(awaitable) -> Any:

@@ -122,19 +122,10 @@ class DedicatedHost:
 
     # --- life cycle --------------------------------------------------------------
     def _spec(self, model: FullModel) -> EngineSpec:
-        s = self.settings
-        return EngineSpec(
-            name=model.name,
-            model_path=model.path,
-            served_model_name=model.name,
+        return EngineSpec.from_settings(
+            self.settings, model.name, model.path, model.name,
             runner="pooling" if model.kind == "head" else "generate",
-            dtype=s.dtype,
-            max_model_len=s.max_model_len,
-            max_num_seqs=s.max_num_seqs,
-            kv_cache_memory_bytes=s.kv_cache_memory_bytes,
-            enforce_eager=s.enforce_eager,
-            # vLLM's stats logger is one per process: the first engine reports it
-            log_stats=False,
+            log_stats=False,  # vLLM's stats logger would unregister the other engines' metrics
         )
 
     async def start(self) -> None:

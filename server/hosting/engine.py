@@ -49,6 +49,24 @@ class EngineSpec:
     log_stats: bool = True
     extra_args: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_settings(cls, settings, name: str, model_path: Path, served_model_name: str, **extra) -> "EngineSpec":
+        """The engine-wide settings (dtype, context, KV cache, LoRA limits) plus `extra`."""
+        return cls(
+            name=name,
+            model_path=model_path,
+            served_model_name=served_model_name,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            kv_cache_memory_bytes=settings.kv_cache_memory_bytes,
+            enforce_eager=settings.enforce_eager,
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
+            max_cpu_loras=settings.max_cpu_loras,
+            **extra,
+        )
+
     def cli_args(self) -> list[str]:
         """The same flags `vllm serve` would take for this engine."""
         args = [

@@ -45,22 +45,8 @@ class SharedBaseHost:
 
     # --- life cycle --------------------------------------------------------------
     def _spec(self, name: str, runner: str, **extra) -> EngineSpec:
-        s = self.settings
-        return EngineSpec(
-            name=name,
-            model_path=self.base_path,
-            served_model_name=self.base_name,
-            runner=runner,
-            dtype=s.dtype,
-            max_model_len=s.max_model_len,
-            max_num_seqs=s.max_num_seqs,
-            kv_cache_memory_bytes=s.kv_cache_memory_bytes,
-            enforce_eager=s.enforce_eager,
-            enable_lora=True,
-            max_loras=s.max_loras,
-            max_lora_rank=s.max_lora_rank,
-            max_cpu_loras=s.max_cpu_loras,
-            **extra,
+        return EngineSpec.from_settings(
+            self.settings, name, self.base_path, self.base_name, runner=runner, enable_lora=True, **extra
         )
 
     async def start(self) -> None:

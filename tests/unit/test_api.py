@@ -178,3 +178,10 @@ def test_vllm_errors_are_reshaped_with_their_param():
     assert error.code == "context_length_exceeded" and error.param is None
     error = from_vllm_error(create_error_response(RuntimeError("engine failed")))
     assert error.status == 500 and error.body()["error"]["type"] == "server_error"
+
+
+def test_completions_route_to_the_named_adapter(client):
+    response = client.post("/v1/completions", json={"model": "tiny-base:beta", "prompt": "hi"})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == "completion from beta"
+    assert_error(client.post("/v1/completions", json={"model": "beta"}), 400, "prompt")
