@@ -233,12 +233,10 @@ class DedicatedHost:
             log.exception("restart of %s failed", model.name)
 
     async def health(self) -> dict[str, str | None]:
-        report: dict[str, str | None] = {}
-        for name in self.models:
-            if name in self.down:
-                report[name] = self.down[name]
-            elif name in self.resident:
-                report[name] = await self.resident[name].check_health()
+        report: dict[str, str | None] = {name: self.down[name] for name in self.models if name in self.down}
+        resident = [(n, e) for n, e in self.resident.items() if n not in report]
+        results = await asyncio.gather(*(engine.check_health() for _, engine in resident))
+        report.update({name: result for (name, _), result in zip(resident, results)})
         return report
 
     # --- routing -----------------------------------------------------------------

@@ -184,7 +184,18 @@ class Engine:
     # --- state -------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self.client is not None and not self.client.errored
+        return self.client is not None and not self.client.errored and not self._dead_processes()
+
+    def _dead_processes(self) -> list[int]:
+        """Engine core processes that have exited (seen before vLLM itself notices)."""
+        dead = []
+        for pid in self._engine_core_pids():
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    dead.append(pid)
+            except psutil.NoSuchProcess:
+                dead.append(pid)
+        return dead
 
     async def check_health(self) -> str | None:
         """None when healthy, else the reason."""
@@ -192,8 +203,10 @@ class Engine:
             return "not started"
         if self.client.errored:
             return f"engine dead: {self.client.dead_error}"
+        if dead := self._dead_processes():
+            return f"engine dead: process {dead[0]} exited"
         try:
-            await asyncio.wait_for(self.client.check_health(), timeout=5)
+            await asyncio.wait_for(self.client.check_health(), timeout=3)
         except Exception as exc:  # any failure means: not ready to serve
             return f"health check failed: {exc}"
         return None

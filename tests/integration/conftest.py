@@ -88,9 +88,11 @@ def client(server):
 
 @pytest.fixture(scope="session")
 def async_client(server):
+    """A factory: an AsyncOpenAI client is bound to the event loop it first runs in, and
+    each test runs its own loop (asyncio.run)."""
     import openai
 
-    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return lambda: openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="session")

@@ -51,15 +51,18 @@ def test_base_requests_batched_with_adapters_keep_the_base_output(client, async_
     alone = greedy(client, base_name, QUESTIONS[0])
 
     async def burst():
+        http = async_client()
+
         async def one(model):
-            response = await async_client.chat.completions.create(
+            response = await http.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": QUESTIONS[0]}], temperature=0, max_tokens=16,
                 extra_body={"return_token_ids": True},
             )
             return model, response.choices[0].token_ids
 
         models = [*DEMO, "random-1", base_name] * 3
-        return await asyncio.gather(*(one(m) for m in models))
+        async with http:
+            return await asyncio.gather(*(one(m) for m in models))
 
     for model, tokens in asyncio.run(burst()):
         if model == base_name:

@@ -59,14 +59,15 @@ def test_concurrent_requests_over_more_adapters_than_slots(client, async_client)
     names = [*DEMO, *RANDOM_ADAPTERS]  # 8 adapters, 4 engine slots
     expected = {name: greedy_text(client, name, max_tokens=8)[1] for name in names}
 
-    async def one(name):
-        response = await async_client.chat.completions.create(
+    async def one(http, name):
+        response = await http.chat.completions.create(
             model=name, messages=QUESTION, temperature=0, max_tokens=8, extra_body={"return_token_ids": True}
         )
         return name, response.choices[0].token_ids
 
     async def burst():
-        return await asyncio.gather(*(one(names[i % len(names)]) for i in range(32)))
+        async with async_client() as http:
+            return await asyncio.gather(*(one(http, names[i % len(names)]) for i in range(32)))
 
     results = asyncio.run(burst())
     assert len(results) == 32
