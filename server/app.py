@@ -88,14 +88,16 @@ async def lifespan(app: FastAPI):
     except Exception as exc:
         log.error("adapterserve cannot start: %s", exc)
         raise
+    app.state.metrics.instrument(host)
     try:
         await host.start()
         app.state.host = host
-        app.state.metrics.bind_host(host)
+        await app.state.metrics.bind_host(host)
         log.info("serving %s in %s mode", host.base_name, host.mode)
         yield
     finally:
         app.state.host = None
+        await app.state.metrics.unbind_host()
         await host.stop()
 
 
@@ -104,7 +106,7 @@ def create_app(settings: Settings, host_factory: HostFactory | None = None) -> F
     app.state.settings = settings
     app.state.host_factory = host_factory or build_host
     app.state.host = None
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics.from_settings(settings)
     install_error_handlers(app)
     for module in (chat, completions, classify, models):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])

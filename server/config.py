@@ -145,6 +145,17 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Seconds to wait for an engine to become ready."
     )
 
+    # --- metrics -----------------------------------------------------------------
+    metrics_max_models: int = Field(
+        50,
+        gt=0,
+        description="Most model names with series of their own in the per-model metrics; the "
+        "busiest by traffic get them, the rest count as `other`.",
+    )
+    metrics_refresh_s: float = Field(
+        5.0, gt=0, description="Seconds between reads of the engines' memory and adapter tiers."
+    )
+
     # --- logging -----------------------------------------------------------------
     log_level: str = Field("info", description="Log level of the server (debug, info, warning).")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +139,7 @@ class Engine:
         self.started_at: float | None = None
         self.startup_seconds: float | None = None
         self.vllm_config = None
+        self.on_started = None  # called with the engine once its client exists (metrics use it)
 
     @property
     def name(self) -> str:
@@ -164,6 +164,8 @@ class Engine:
             enable_log_requests=False,
             disable_log_stats=not self.spec.log_stats,
         )
+        if self.on_started is not None:
+            self.on_started(self)
         try:
             self.supported_tasks = tuple(await self.client.get_supported_tasks())
             await init_app_state(self.client, self.state, args, self.supported_tasks)
@@ -244,6 +246,3 @@ class Engine:
         }[kind]
         return getattr(self.state, attribute, None)
 
-
-def own_pid() -> int:
-    return os.getpid()

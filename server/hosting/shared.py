@@ -41,7 +41,7 @@ class SharedBaseHost:
         self.classify: Engine | None = None
         self._lora_ids = itertools.count(1)
         self.created = int(time.time())
-        self.load_seconds: dict[str, float] = {}  # adapter -> last in-engine load time
+        self.observe_load = lambda kind, seconds: None  # set by the metrics
 
     # --- life cycle --------------------------------------------------------------
     def _spec(self, name: str, runner: str, **extra) -> EngineSpec:
@@ -107,7 +107,7 @@ class SharedBaseHost:
             await engine.client.add_lora(request)
         except Exception as exc:  # the engine's own loader refused it
             raise AdapterInvalid(record.name, f"the engine could not load it: {exc}") from None
-        self.load_seconds[record.name] = time.perf_counter() - began
+        self.observe_load(record.kind, time.perf_counter() - began)
         # Replacing the table entry is atomic for new requests; requests already running
         # keep the old id. vLLM's CPU LRU evicts the old weights in time, as vLLM's own
         # unload does (it never removes adapters from the engine under running requests).
