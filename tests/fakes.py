@@ -16,11 +16,39 @@ class FakeModels:
         self.lora_requests = {}
 
 
+class FakeEngineCore:
+    """Answers the worker-report utility in its real format: every loaded adapter in the
+    CPU cache at its tensor bytes, the first `slots` of them in slots."""
+
+    def __init__(self, client, slots=2):
+        self.client = client
+        self.slots = slots
+
+    async def call_utility_async(self, method, *args):
+        from safetensors import safe_open
+
+        assert method == "adapterserve_engine_report"
+        cache = {}
+        for lora_id, request in self.client.loaded.items():
+            with safe_open(f"{request.lora_path}/adapter_model.safetensors", "pt") as handle:
+                cache[lora_id] = sum(handle.get_tensor(k).nbytes for k in handle.keys())
+        ids = list(cache)[: self.slots]
+        return {
+            "kv_cache_usage": 0.25,
+            "workers": [{
+                "pid": 0, "weights_bytes": 1000, "lora_slot_bytes": 300, "kv_cache_bytes": 4000,
+                "cpu_cache": cache, "slots": ids + [None] * (self.slots - len(ids)),
+            }],
+        }
+
+
 class FakeClient:
-    def __init__(self, fail_names=()):
+    def __init__(self, fail_names=(), reports=False):
         self.loaded = {}
         self.fail_names = set(fail_names)
         self.errored = False
+        if reports:
+            self.engine_core = FakeEngineCore(self)
 
     async def add_lora(self, request):
         if request.lora_name in self.fail_names:
@@ -106,3 +134,16 @@ class FakeEngine:
 
     def serving(self, kind):
         return {"models": self._models, "chat": self._chat, "completion": self._chat}.get(kind)
+
+
+class ReportingFakeEngine(FakeEngine):
+    """A fake engine that also answers the memory report (see FakeEngineCore)."""
+
+    async def start(self):
+        await super().start()
+        self.client = FakeClient(fail_names={"engine-refuses"}, reports=True)
+
+    def process_ids(self):
+        import os
+
+        return [os.getpid()]  # the test process stands in for the engine's processes
