@@ -80,6 +80,18 @@ def server(tmp_path_factory, extra_store, broken_expected):
 
 
 @pytest.fixture(scope="session")
+def dedicated(tmp_path_factory, demo_dir):
+    """Dedicated mode over the demo tasks merged into full models (5 models), at most 2
+    engines up at once. Session-wide: test_dedicated and the Prometheus test share it."""
+    logs = tmp_path_factory.mktemp("dedicated")
+    process = ServerProcess(
+        ["--mode", "dedicated", "--max-resident-models", "2", "--admin-api-key", ADMIN_KEY], logs / "server.log"
+    ).start(timeout=900)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
 def client(server):
     import openai
 

@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 
-from server.process import ServerProcess
 from tests.integration.conftest import ADMIN_KEY, DEMO
 from tests.reference import assert_matches, greedy, load_reference
 
@@ -20,17 +19,6 @@ pytestmark = pytest.mark.integration
 QUESTION = [{"role": "user", "content": "What is the capital of Italy?"}]
 REVIEWS = ["A warm, clever story that stayed with me for weeks.", "Dull from the first page to the last."]
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def dedicated(tmp_path_factory, demo_dir):
-    logs = tmp_path_factory.mktemp("dedicated")
-    # the demo tasks merged into full models (5 models), at most 2 engines up at once
-    process = ServerProcess(
-        ["--mode", "dedicated", "--max-resident-models", "2", "--admin-api-key", ADMIN_KEY], logs / "server.log"
-    ).start(timeout=900)
-    yield process
-    process.stop()
 
 
 @pytest.fixture(scope="module")

