@@ -22,20 +22,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from server.compare.workload import TEXTS  # noqa: E402
 from server.config import load_settings  # noqa: E402
 from server.models import resolve_base_model  # noqa: E402
 from server.process import ServerProcess  # noqa: E402
 from server.training.demo import build_demo_adapters, demo_store  # noqa: E402
 
 HEADS = ["sentiment", "topic"]
-TEXTS = [
-    "I loved this book, the characters were wonderful.",
-    "Dull, slow and far too long.",
-    "How long should I boil an egg?",
-    "Which team won the cup last year?",
-    "What causes the northern lights?",
-    "Is Rome worth visiting in winter?",
-]
 
 
 async def served_rps(url: str, models: list[str], requests: int, concurrency: int) -> float:

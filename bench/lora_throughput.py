@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive_peft import run_naive  # noqa: E402
-from workload import run_workload  # noqa: E402
+from server.compare.workload import run_workload  # noqa: E402
 
 from server.config import load_settings  # noqa: E402
 from server.models import resolve_base_model  # noqa: E402

@@ -1,4 +1,4 @@
-"""The `adapterserve` command: serve | models prepare | adapters list/validate/build.
+"""The `adapterserve` command: serve | compare | models prepare | adapters list/validate/build/merge.
 
 `serve` takes one flag per Settings field, made from the field's type and description,
 so the flags, the YAML keys and the ADAPTERSERVE_* variables always agree.
@@ -98,6 +98,57 @@ def serve(**flags: Any) -> None:
     )
 
 
+# --- compare --------------------------------------------------------------------------
+@app.command()
+def compare(
+    tasks: Optional[int] = typer.Option(None, "--tasks", min=1, help="Number of tasks (default: every adapter; more than there are repeats them under new names)."),
+    kind: str = typer.Option("all", help="Tasks of this kind only: all, lora (chat) or head (classification)."),
+    budget: Optional[str] = typer.Option(None, help="Memory budget, e.g. 16GiB or bytes (default: this machine's memory)."),
+    adapter_dir: List[Path] = typer.Option([], "--adapter-dir", help="Adapter store (repeatable); default: the demo adapters."),
+    requests: int = typer.Option(48, min=1, help="Streamed chat requests in the workload."),
+    concurrency: int = typer.Option(16, min=1, help="Requests in flight at once."),
+    max_tokens: int = typer.Option(64, min=1, help="Output tokens per chat request."),
+    classify_requests: int = typer.Option(64, min=1, help="Classification requests in the workload (head tasks)."),
+    out: Path = typer.Option(Path("compare-results"), help="Folder for compare.json, compare.md and compare-memory.png."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML serving settings for both modes (dtype, KV cache, ...)."),
+) -> None:
+    """Measure the same tasks in shared mode and in dedicated mode, one after the other:
+    storage, memory per process, start-up, adding a task, throughput and TTFT."""
+    import psutil
+
+    from .compare.measure import Workload
+    from .compare.report import terminal_tables, write
+    from .compare.run import CompareOptions, ProgressSteps, compare as run_compare, parse_bytes
+    from .compare.tasks import KINDS
+
+    if kind not in KINDS:
+        raise typer.BadParameter(f"one of {', '.join(KINDS)}", param_hint="--kind")
+    try:
+        budget_bytes = parse_bytes(budget) if budget else psutil.virtual_memory().total
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--budget") from None
+    settings = load_settings(config)
+    setup_logging("warning")
+    options = CompareOptions(
+        tasks=tasks, kind=kind, budget_bytes=budget_bytes, adapter_dirs=list(adapter_dir), config=config,
+        workload=Workload(requests, concurrency, max_tokens, classify_requests),
+    )
+    steps = ProgressSteps(console)
+    try:
+        report = run_compare(settings, options, steps)
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        steps.close()
+        console.print(f"[red]compare failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    steps.close()
+    for table in terminal_tables(report):
+        Console().print(table)
+    for note in report["notes"]:
+        console.print(f"- {note}", style="dim")
+    for what, path in write(report, out).items():
+        console.print(f"{what}: {path}")
+
+
 # --- models ---------------------------------------------------------------------------
 @models_app.command("prepare")
 def models_prepare(
@@ -113,24 +164,15 @@ def models_prepare(
 
 # --- adapters -------------------------------------------------------------------------
 def _base(settings: Settings):
-    from .models import resolve_base_model
-    from .registry.records import BaseModelInfo
+    from .registry.store import base_info
 
-    path = resolve_base_model(settings.base_model, settings.models_dir)
-    return BaseModelInfo.read(settings.served_model_name or path.name, path)
+    return base_info(settings)
 
 
 def _registry(settings: Settings, stores: list[Path]):
-    from .registry.store import Registry
-    from .registry.validation import Limits
+    from .registry.store import open_registry
 
-    registry = Registry(
-        base=_base(settings),
-        stores=[Path(s).resolve() for s in stores],
-        limits=Limits(settings.max_lora_rank, settings.max_cls_labels, settings.base_mismatch.value == "refuse"),
-    )
-    registry.scan()
-    return registry
+    return open_registry(settings, stores)
 
 
 def _table(registry) -> Table:

@@ -1,8 +1,9 @@
 """The server as a child process, for tests, benchmarks and `compare`.
 
-Starts `python -m server serve` on a free port in its own process group, waits until
-/health is 200, and stops it with SIGTERM (the server's own shutdown). Only if that fails
-does it kill, and then by the process group it started, never by name."""
+Starts `python -m server serve` (or another server module) on a free port in its own
+process group, waits until /health is 200, and stops it with SIGTERM (the server's own
+shutdown). Only if that fails does it kill, and then by the process group it started,
+never by name."""
 
 from __future__ import annotations
 
@@ -27,11 +28,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+    """`entry` is the module and command to run: adapterserve's by default, or another
+    OpenAI-compatible server taking --port (the benchmarks run vLLM's own)."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, entry: tuple[str, ...] = ("server", "serve")):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.args = [sys.executable, "-m", "server", "serve", "--port", str(self.port), *args]
+        self.args = [sys.executable, "-m", *entry, "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 

@@ -94,3 +94,22 @@ def candidate_folders(store: Path) -> list[Path]:
     return sorted(
         entry for entry in store.iterdir() if not entry.name.startswith(".") and (entry.is_dir() or entry.is_symlink())
     )
+
+
+def base_info(settings) -> BaseModelInfo:
+    """The base model the settings name (the embedded default when none), read from disk."""
+    from server.models import resolve_base_model
+
+    path = resolve_base_model(settings.base_model, settings.models_dir)
+    return BaseModelInfo.read(settings.served_model_name or path.name, path)
+
+
+def open_registry(settings, stores: list[Path]) -> Registry:
+    """The scanned registry of these stores over the settings' base, with its limits."""
+    registry = Registry(
+        base=base_info(settings),
+        stores=[Path(s).resolve() for s in stores],
+        limits=Limits(settings.max_lora_rank, settings.max_cls_labels, settings.base_mismatch.value == "refuse"),
+    )
+    registry.scan()
+    return registry

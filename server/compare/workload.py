@@ -1,6 +1,6 @@
-"""The shared request workload of the benchmarks: streamed chat requests at a fixed
-concurrency through the official openai client, measuring output tokens per second and
-time to first token (TTFT)."""
+"""The request workloads of `compare` and the benchmarks: streamed chat requests at a
+fixed concurrency through the official openai client (output tokens per second, time to
+first token), and classification requests (requests per second, latency)."""
 
 from __future__ import annotations
 
@@ -84,4 +84,57 @@ async def run_workload(base_url: str, models: list[str], requests: int, concurre
         tokens_per_second=round(tokens / seconds, 1),
         ttft_p50_ms=round(1000 * statistics.median(ttfts), 1),
         ttft_p99_ms=round(1000 * percentile(ttfts, 0.99), 1),
+    )
+
+
+TEXTS = [
+    "I loved this book, the characters were wonderful.",
+    "Dull, slow and far too long.",
+    "How long should I boil an egg?",
+    "Which team won the cup last year?",
+    "What causes the northern lights?",
+    "Is Rome worth visiting in winter?",
+]
+
+
+@dataclass
+class ClassifyResult:
+    scenario: str
+    requests: int
+    concurrency: int
+    seconds: float
+    requests_per_second: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+async def run_classify_workload(base_url: str, models: list[str], requests: int, concurrency: int, scenario: str) -> ClassifyResult:
+    """`requests` POST /v1/classify (one short text each) spread round-robin over `models`."""
+    import httpx
+
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
+
+        async def one(i: int) -> None:
+            async with gate:
+                began = time.perf_counter()
+                body = {"model": models[i % len(models)], "input": TEXTS[i % len(TEXTS)]}
+                (await http.post("/classify", json=body)).raise_for_status()
+                latencies.append(time.perf_counter() - began)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(requests)))
+        seconds = time.perf_counter() - began
+    return ClassifyResult(
+        scenario=scenario,
+        requests=requests,
+        concurrency=concurrency,
+        seconds=round(seconds, 2),
+        requests_per_second=round(requests / seconds, 2),
+        latency_p50_ms=round(1000 * statistics.median(latencies), 1),
+        latency_p99_ms=round(1000 * percentile(latencies, 0.99), 1),
     )

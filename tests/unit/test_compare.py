@@ -1,0 +1,138 @@
+"""compare without engines: choosing and laying out tasks, the report's arithmetic, its
+files. The measured run is tests/integration/test_compare.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server.compare.measure import ModeRun, Snapshot, Workload
+from server.compare.report import build, fits, markdown, write
+from server.compare.run import CompareOptions, parse_bytes, server_args
+from server.compare.tasks import ADDED_TASK, choose, fitting_lora_rank, lay_out
+from server.registry.records import AdapterRecord
+
+MB, GB = 10**6, 10**9
+
+
+def record(tmp_path: Path, name: str, kind: str, size: int) -> AdapterRecord:
+    folder = tmp_path / "store" / name
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * size)
+    return AdapterRecord(name, kind, folder, 8, ["q_proj"], 0, size, None)
+
+
+def merged_models(tmp_path: Path, records: list[AdapterRecord], size: int) -> dict[str, Path]:
+    out = {}
+    for r in records:
+        folder = tmp_path / "merged" / r.name
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"\0" * size)
+        out[r.name] = folder
+    return out
+
+
+def test_choose_puts_lora_first_and_repeats_under_new_names(tmp_path):
+    records = [record(tmp_path, "topic", "head", 10), record(tmp_path, "pirate", "lora", 10), record(tmp_path, "json", "lora", 10)]
+    assert [(n, r.name) for n, r in choose(records, None, "all")] == [("json", "json"), ("pirate", "pirate"), ("topic", "topic")]
+    assert [n for n, _ in choose(records, 5, "lora")] == ["json", "pirate", "json-2", "pirate-2", "json-3"]
+    assert [n for n, _ in choose(records, 1, "head")] == ["topic"]
+    with pytest.raises(ValueError, match="no adapter of kind"):
+        choose(records[1:], 2, "head")
+
+
+def test_lay_out_gives_each_mode_its_folders(tmp_path):
+    records = [record(tmp_path, "pirate", "lora", 1000), record(tmp_path, "topic", "head", 300)]
+    merged = merged_models(tmp_path, records, 50_000)
+    taskset = lay_out(choose(records, 3, "all"), merged, tmp_path / "work")
+    assert [t.name for t in taskset.tasks] == ["pirate", "topic", "pirate-2"]
+    assert sorted(p.name for p in taskset.adapter_store.iterdir()) == ["pirate", "pirate-2", "topic"]
+    assert [t.adapter_bytes for t in taskset.tasks] == [1000, 300, 1000]
+    assert [t.full_model_bytes for t in taskset.tasks] == [50_000] * 3
+    assert taskset.tasks[2].full_model.name == "pirate-2" and taskset.tasks[2].full_model.resolve() == merged["pirate"].resolve()
+    assert taskset.generative == ["pirate", "pirate-2"] and taskset.heads == ["topic"]
+    # the added task waits outside the store until it is added
+    assert taskset.added.name == ADDED_TASK and not (taskset.adapter_store / ADDED_TASK).exists()
+
+
+def test_server_args_start_the_added_task_without_an_engine(tmp_path):
+    records = [record(tmp_path, "pirate", "lora", 10), record(tmp_path, "json", "lora", 10)]
+    taskset = lay_out(choose(records, 2, "lora"), merged_models(tmp_path, records, 10), tmp_path / "work")
+    dedicated = server_args("dedicated", taskset, CompareOptions())
+    models = [dedicated[i + 1] for i, a in enumerate(dedicated) if a == "--dedicated-models"]
+    assert [Path(m).name for m in models] == ["json", "pirate", ADDED_TASK]
+    assert dedicated[dedicated.index("--max-resident-models") + 1] == "2"
+    shared = server_args("shared", taskset, CompareOptions())
+    assert shared[shared.index("--max-lora-rank") + 1] == "8"
+    assert shared[shared.index("--adapter-dirs") + 1] == str(taskset.adapter_store)
+
+
+@pytest.mark.parametrize(("text", "value"), [("1024", 1024), ("16GiB", 16 * 2**30), ("2.5 GB", 2_500_000_000), ("512MiB", 512 * 2**20)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_parse_bytes_refuses_unknown_units():
+    with pytest.raises(ValueError, match="unknown unit"):
+        parse_bytes("3 parsecs")
+
+
+def test_fitting_lora_rank_is_the_smallest_vllm_accepts():
+    assert fitting_lora_rank([8, 8]) == 8
+    assert fitting_lora_rank([8, 12]) == 16
+    assert fitting_lora_rank([64]) == 64
+
+
+def test_fits():
+    assert fits(10 * GB, 1 * GB, 2 * GB) == 4
+    assert fits(1 * GB, 2 * GB, 1 * MB) == 0
+
+
+def snap(processes: list[tuple[str, int]], components: dict | None = None) -> Snapshot:
+    return Snapshot([{"pid": i, "engine": e, "process": e, "uss_bytes": b} for i, (e, b) in enumerate(processes)], components or {})
+
+
+def runs_for(names: list[str]) -> dict[str, ModeRun]:
+    """Two tasks: shared = API 0.6 GB + one engine 2 GB holding 10 MB per adapter;
+    dedicated = API 0.6 GB + 2 GB per engine (core 0.5 + worker 1.5)."""
+    generation = {"tokens_per_second": 40.0, "ttft_p50_ms": 500.0, "ttft_p99_ms": 900.0}
+    shared = ModeRun("shared", 40.0, generation, None,
+                     snap([("api", 600 * MB), ("generate", 2000 * MB)], {"generate": {"adapter_cpu_cache": 20 * MB}}),
+                     {"ready_s": 0.08, "first_response_s": 0.3, "total_s": 0.38},
+                     snap([("api", 600 * MB), ("generate", 2011 * MB)]))
+    dedicated_processes = [("api", 600 * MB)] + [(n, b) for n in names for b in (500 * MB, 1500 * MB)]
+    dedicated = ModeRun("dedicated", 70.0, generation, None, snap(dedicated_processes), {"ready_s": 24.0, "first_response_s": 0.3, "total_s": 24.3},
+                        snap(dedicated_processes))
+    return {"shared": shared, "dedicated": dedicated}
+
+
+def test_report_arithmetic(tmp_path):
+    records = [record(tmp_path, "pirate", "lora", 10 * MB), record(tmp_path, "json", "lora", 10 * MB)]
+    taskset = lay_out(choose(records, 2, "lora"), merged_models(tmp_path, records, 270 * MB), tmp_path / "work")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"\0" * (270 * MB))
+    report = build(taskset, base, runs_for(["json", "pirate"]), CompareOptions(budget_bytes=10 * GB, workload=Workload()))
+
+    shared, dedicated = report["modes"]["shared"]["memory"], report["modes"]["dedicated"]["memory"]
+    assert shared["total_bytes"] == 2600 * MB and shared["per_task_bytes"] == 10 * MB and shared["fixed_bytes"] == 2580 * MB
+    assert shared["uss_growth_on_add_bytes"] == 11 * MB
+    assert shared["measured_points"] == [[2, 2600 * MB], [3, 2611 * MB]]
+    assert dedicated["per_task_bytes"] == 2000 * MB and dedicated["fixed_bytes"] == 600 * MB
+    assert dedicated["measured_points"] == [[1, 2600 * MB], [2, 4600 * MB]]
+    assert shared["fits_budget"] == (10 * GB - 2580 * MB) // (10 * MB) and dedicated["fits_budget"] == 4
+    assert report["modes"]["shared"]["storage"] == {"per_task_bytes": 10 * MB, "base_bytes": 270 * MB, "total_bytes": 290 * MB}
+    assert report["modes"]["dedicated"]["storage"] == {"per_task_bytes": 270 * MB, "total_bytes": 540 * MB}
+    assert report["ratios"]["memory_shared_over_dedicated"] == round(2600 / 4600, 3)
+    assert report["ratios"]["add_task_ready_dedicated_over_shared"] == 300.0
+    assert [row[0] for row in report["design_table"]] == ["what must be hosted", "storage per task", "memory for 2 tasks", "adding a task"]
+
+    paths = write(report, tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["modes"]["shared"]["memory"]["per_task_bytes"] == 10 * MB
+    text = paths["markdown"].read_text()
+    assert "| storage per task | 10.0 MB | 270.0 MB | 27.00x |" in text
+    assert "| memory for 2 tasks | 2.60 GB = 2.58 GB once + 2 x 10.0 MB |" in text
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert markdown(report) == text
