@@ -2,10 +2,19 @@
 
 vLLM's reference ops gather a copy of the adapter weights for every token
 (`lora_weights[lora_indices]`, [tokens, out, in]) and contract over it: in a prefill of
-thousands of tokens that is thousands of weight copies. Here tokens are grouped by
-adapter and each adapter present does one matmul over its rows (the idea behind Punica's
-SGMV and S-LoRA). For decode-sized batches the gather is as cheap, so up to
-`GATHER_MAX_TOKENS` tokens the gather is kept.
+thousands of tokens that is thousands of weight copies, and even in a decode batch of
+16 tokens the copies cost more than the arithmetic. Two replacements, by batch size:
+
+- small batches (decode steps; up to `DENSE_MAX_TOKENS` tokens and `DENSE_MAX_WORK`
+  tokens x adapters): every token is multiplied by the weights of every adapter present
+  in one batched matmul over the slots, and a 0/1 mask keeps each token's own adapter.
+  No weight is copied (the slots are used in place when all are present); the extra
+  arithmetic is small at these sizes.
+- large batches (prefill): tokens are grouped by adapter and each adapter present does
+  one matmul over its rows (the idea behind Punica's SGMV and S-LoRA).
+
+Every op of one forward pass sees the same token-to-adapter mapping, so the plan made
+from it (adapters present, mask, rows per adapter) is made once and reused.
 
 Semantics are the reference's, with one deliberate difference: an index of -1 means "no
 adapter" (as vLLM documents it and its GPU kernels do). The reference indexes the weights
@@ -15,13 +24,64 @@ delta (shrink writes zeros, expand adds nothing or writes zeros).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-# Up to this many tokens the per-token gather is as fast as grouping. Measured on 2 AVX2
-# cores, fp32, 4 adapters, rank 16, hidden 576 (bench/cpu_lora_ops.py): shrink+expand at
-# 16 tokens 0.67 ms gathered vs 0.75 ms grouped; at 32 tokens 0.81 vs 0.65; at 1024
-# tokens 83 ms vs 2.5 ms.
-GATHER_MAX_TOKENS = 16
+# The dense form's work grows with tokens x adapters present; up to these it is the
+# fastest. Measured on 2 AVX2 cores, fp32, one thread, rank 8, shrink + expand through
+# 576 <-> 1536 (bench/cpu_lora_ops.py): 16 tokens over 4 adapters 0.12 ms dense vs 0.34
+# gathered (the reference) vs 0.17 grouped; 16 over 16: 0.29 vs 0.33 vs 0.46; 64 over
+# 4: 0.34 vs 1.5 vs 0.28; 64 over 16: 1.28 vs 1.17 vs 0.59.
+DENSE_MAX_TOKENS = 128
+DENSE_MAX_WORK = 512  # tokens x adapters present
+
+
+@dataclass
+class Plan:
+    """How one token-to-adapter mapping is computed."""
+
+    indices: torch.Tensor  # the mapping it was made for (a copy)
+    slots: int
+    single: int | None  # the one slot every token uses, if so (-1: no adapter at all)
+    present: torch.Tensor | None  # dense form: slots present; None when all of them are
+    mask: torch.Tensor | None  # dense form: [tokens, present] 1.0 where the token uses that slot
+    groups: list[tuple[int, torch.Tensor]] | None  # grouped form: (slot, rows) per slot present
+
+
+class _LastPlan:
+    """The plan of the last mapping seen (one forward pass at a time per worker process)."""
+
+    plan: Plan | None = None
+
+    def get(self, indices: torch.Tensor, slots: int) -> Plan:
+        plan = self.plan
+        if plan is None or plan.slots != slots or plan.indices.shape != indices.shape or not torch.equal(plan.indices, indices):
+            plan = self.plan = make_plan(indices, slots)
+        return plan
+
+
+_last_plan = _LastPlan()
+
+
+def make_plan(indices: torch.Tensor, slots: int) -> Plan:
+    first = int(indices[0])
+    if bool((indices == first).all()):
+        return Plan(indices.clone(), slots, first if first >= 0 else -1, None, None, None)
+    if indices.shape[0] <= DENSE_MAX_TOKENS:
+        present = torch.unique(indices[indices >= 0])
+        if present.numel() * indices.shape[0] <= DENSE_MAX_WORK:
+            mask = (indices.unsqueeze(1) == present.unsqueeze(0)).to(torch.float32)
+            all_present = present.numel() == slots
+            return Plan(indices.clone(), slots, None, None if all_present else present, mask, None)
+    order = torch.argsort(indices, stable=True)
+    present, counts = torch.unique_consecutive(indices[order], return_counts=True)
+    groups, start = [], 0
+    for slot, count in zip(present.tolist(), counts.tolist()):
+        if slot >= 0:
+            groups.append((slot, order[start : start + count]))
+        start += count
+    return Plan(indices.clone(), slots, None, None, None, groups)
 
 
 def _slot_weights(weights: torch.Tensor) -> torch.Tensor:
@@ -29,40 +89,35 @@ def _slot_weights(weights: torch.Tensor) -> torch.Tensor:
     return weights.squeeze(1) if weights.dim() == 4 else weights
 
 
-def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-    """(slot, rows) per adapter present; rows is None when one slot covers every token."""
-    first = int(indices[0])
-    if bool((indices == first).all()):
-        return [] if first < 0 else [(first, None)]
-    order = torch.argsort(indices, stable=True)
-    slots, counts = torch.unique_consecutive(indices[order], return_counts=True)
-    groups, start = [], 0
-    for slot, count in zip(slots.tolist(), counts.tolist()):
-        if slot >= 0:
-            groups.append((slot, order[start : start + count]))
-        start += count
-    return groups
-
-
-def _gather_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype) -> torch.Tensor:
-    """The reference computation for small batches, with -1 rows zeroed."""
-    selected = weights[indices.clamp(min=0)].to(dtype)
-    out = torch.einsum("bi, boi -> bo", x.to(dtype), selected)
-    return out.masked_fill_((indices < 0).unsqueeze(1), 0)
+def _dense_matmul(x: torch.Tensor, weights: torch.Tensor, plan: Plan, dtype) -> torch.Tensor:
+    """sum over the slots present of mask[t, k] * x[t] @ weights[k].T, as one matmul."""
+    if plan.present is not None:
+        weights = weights.index_select(0, plan.present)
+    weights = weights.to(dtype)
+    mask = plan.mask.to(dtype)
+    present, out_features, in_features = weights.shape
+    if in_features >= out_features:  # shrink: every slot's output, then keep each token's own
+        every = x @ weights.reshape(present * out_features, in_features).T
+        return (every.view(-1, present, out_features) * mask.unsqueeze(2)).sum(1)
+    # expand: route each token's input to its own slot, one batched matmul over the slots
+    routed = x.unsqueeze(1) * mask.unsqueeze(2)  # [tokens, present, in]
+    return torch.bmm(routed.transpose(0, 1), weights.transpose(1, 2)).sum(0)
 
 
 def _lora_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, out_features: int, dtype) -> torch.Tensor:
     """y[t] = x[t] @ weights[indices[t]][:out_features].T, zero where indices[t] == -1."""
-    weights = _slot_weights(weights)
-    if x.shape[0] <= GATHER_MAX_TOKENS:
-        return _gather_matmul(x, weights[:, :out_features], indices, dtype)
+    weights = _slot_weights(weights)[:, :out_features]
+    plan = _last_plan.get(indices, weights.shape[0])
     x = x.to(dtype)
-    groups = _groups(indices)
-    if len(groups) == 1 and groups[0][1] is None:
-        return x @ weights[groups[0][0], :out_features].to(dtype).T
+    if plan.single is not None:
+        if plan.single < 0:
+            return torch.zeros(x.shape[0], out_features, dtype=dtype, device=x.device)
+        return x @ weights[plan.single].to(dtype).T
+    if plan.mask is not None:
+        return _dense_matmul(x, weights, plan, dtype)
     y = torch.zeros(x.shape[0], out_features, dtype=dtype, device=x.device)
-    for slot, rows in groups:
-        y.index_copy_(0, rows, x.index_select(0, rows) @ weights[slot, :out_features].to(dtype).T)
+    for slot, rows in plan.groups:
+        y.index_copy_(0, rows, x.index_select(0, rows) @ weights[slot].to(dtype).T)
     return y
 
 

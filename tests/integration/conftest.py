@@ -72,6 +72,7 @@ def server(tmp_path_factory, extra_store, broken_expected):
             "--max-cpu-loras", "6",
             "--base-mismatch", "refuse",
             "--admin-api-key", ADMIN_KEY,
+            "--metrics-refresh-s", "5",  # fresh memory readings for the Prometheus test
         ],
         logs / "server.log",
     ).start()
@@ -85,7 +86,8 @@ def dedicated(tmp_path_factory, demo_dir):
     engines up at once. Session-wide: test_dedicated and the Prometheus test share it."""
     logs = tmp_path_factory.mktemp("dedicated")
     process = ServerProcess(
-        ["--mode", "dedicated", "--max-resident-models", "2", "--admin-api-key", ADMIN_KEY], logs / "server.log"
+        ["--mode", "dedicated", "--max-resident-models", "2", "--admin-api-key", ADMIN_KEY, "--metrics-refresh-s", "5"],
+        logs / "server.log",
     ).start(timeout=900)
     yield process
     process.stop()

@@ -133,3 +133,15 @@ def test_plugin_installs_into_the_cpu_wrapper(monkeypatch):
     finally:
         for name, function in originals.items():
             setattr(punica_cpu, name, function)
+
+
+def test_a_new_mapping_of_the_same_shape_gets_a_new_plan():
+    """The plan of the last mapping is reused only for an equal mapping."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 64, generator=generator)
+    a = torch.randn(3, 1, 8, 64, generator=generator)
+    for indices in (torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.tensor([2, 2, 1, 1, -1, 0, 0, 2])):
+        expected, got = torch.zeros(8, 8), torch.zeros(8, 8)
+        reference.bgmv_shrink(x, *with_zero_slot(a, indices)[:1], expected, with_zero_slot(a, indices)[1], 1.0)
+        grouped.bgmv_shrink(x, a, got, indices, 1.0)
+        torch.testing.assert_close(got, expected)
