@@ -1,10 +1,11 @@
-"""LoRA serving throughput and TTFT: base-only vs 1, 4 and 16 distinct adapters on the
-same workload, a cold adapter (on disk only) vs a warm one, and the naive
-transformers+peft loop. Reproduce with:
+"""LoRA serving throughput and TTFT: base-only vs 1, 2, 4, 8 and 16 distinct adapters
+mixed on the same workload, with adapterserve's CPU LoRA ops and with vLLM's reference
+ops (one server each, one after the other); a cold adapter (on disk only) vs a warm one;
+and the naive transformers+peft loop. Reproduce with:
 
-    .venv/bin/python bench/lora_throughput.py [--ops grouped|reference] [--requests 48 --concurrency 16 --max-tokens 64]
+    .venv/bin/python bench/lora_throughput.py [--ops grouped reference] [--requests 48 --concurrency 16 --max-tokens 64]
 
-Writes bench/results/lora_throughput_<ops>.json and prints the table.
+Writes bench/results/lora_throughput.json and prints the table.
 """
 
 from __future__ import annotations
@@ -58,13 +59,39 @@ async def cold_vs_warm(server: ServerProcess, store: Path, demo: Path) -> dict:
     return {"admin_load_ms": round(load_ms, 1), "first_request_ttft_ms": first.ttft_p50_ms, "warm_request_ttft_ms": second.ttft_p50_ms}
 
 
+SCENARIOS = [1, 2, 4, 8, 16]  # adapters mixed (round-robin over the requests)
+
+
+async def serve_and_measure(ops: str, store: Path, names: list[str], base: str, args, log: Path, demo: Path) -> dict:
+    server = ServerProcess(
+        ["--adapter-dirs", str(store), "--no-demo-adapters", "--max-loras", "16", "--max-cpu-loras", "32",
+         "--max-lora-rank", "8", "--admin-api-key", ADMIN,
+         "--grouped-lora-ops" if ops == "grouped" else "--no-grouped-lora-ops"],
+        log,
+    ).start()
+    try:
+        url = f"{server.url}/v1"
+        await run_workload(url, [base], 4, 4, 8, "warm-up")
+        results = []
+        for scenario, models in [("base only", [base])] + [(f"{n} adapters", names[:n]) for n in SCENARIOS]:
+            result = await run_workload(url, models, args.requests, args.concurrency, args.max_tokens, scenario)
+            results.append(result.row())
+            print(ops, result.row(), flush=True)
+        cold = await cold_vs_warm(server, store, demo) if ops == "grouped" else None
+        if cold:
+            print(cold, flush=True)
+        return {"results": results, "cold_vs_warm": cold}
+    finally:
+        server.stop()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--naive-requests", type=int, default=8)
-    parser.add_argument("--ops", choices=["grouped", "reference"], default="grouped", help="CPU LoRA ops in the engine")
+    parser.add_argument("--ops", nargs="+", choices=["grouped", "reference"], default=["grouped", "reference"], help="CPU LoRA ops in the engine")
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()
 
@@ -74,45 +101,33 @@ async def main() -> None:
     demo = demo_store(settings.cache_dir, base_path)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         store.mkdir()
-        names = make_store(demo, store, 16)
-        server = ServerProcess(
-            ["--adapter-dirs", str(store), "--no-demo-adapters", "--max-loras", "16", "--max-cpu-loras", "16",
-             "--max-lora-rank", "8", "--admin-api-key", ADMIN,
-             "--grouped-lora-ops" if args.ops == "grouped" else "--no-grouped-lora-ops"],
-            Path(tmp) / "server.log",
-        ).start()
-        try:
-            url = f"{server.url}/v1"
-            base = base_path.name
-            await run_workload(url, [base], 4, 4, 8, "warm-up")
-            results = []
-            for scenario, models in [("base only", [base]), ("1 adapter", names[:1]), ("4 adapters", names[:4]), ("16 adapters", names[:16])]:
-                result = await run_workload(url, models, args.requests, args.concurrency, args.max_tokens, scenario)
-                results.append(result.row())
-                print(result.row(), flush=True)
-            cold = await cold_vs_warm(server, store, demo)
-            print(cold, flush=True)
-        finally:
-            server.stop()
+        names = make_store(demo, store, max(SCENARIOS))
+        for ops in args.ops:
+            runs[ops] = await serve_and_measure(ops, store, names, base_path.name, args, Path(tmp) / f"server-{ops}.log", demo)
+            shutil.rmtree(store / "late-arrival", ignore_errors=True)
     naive = None if args.skip_naive else run_naive(base_path, {n: demo / n for n in DEMO}, args.naive_requests, args.max_tokens)
     print(naive, flush=True)
     report = {
         "workload": vars(args),
-        "server_flags": f"--max-loras 16 --max-cpu-loras 16 --max-lora-rank 8 ({args.ops} CPU LoRA ops)",
-        "results": results,
-        "cold_vs_warm": cold,
+        "server_flags": "--max-loras 16 --max-cpu-loras 32 --max-lora-rank 8",
+        "runs": runs,
         "naive": naive,
     }
-    (out / f"lora_throughput_{args.ops}.json").write_text(json.dumps(report, indent=2))
-    base_tps = results[0]["tokens_per_second"]
-    print("\n| scenario | tok/s | vs base | TTFT p50 ms | TTFT p99 ms |\n|---|---|---|---|---|")
-    for row in results:
-        print(f"| {row['scenario']} | {row['tokens_per_second']} | {row['tokens_per_second'] / base_tps:.2f} | {row['ttft_p50_ms']} | {row['ttft_p99_ms']} |")
+    (out / "lora_throughput.json").write_text(json.dumps(report, indent=2))
+    header = "| scenario | " + " | ".join(f"{ops} tok/s (vs base) | {ops} TTFT p50 / p99 ms" for ops in runs) + " |"
+    print("\n" + header + "\n|---|" + "---|---|" * len(runs))
+    for i, row in enumerate(next(iter(runs.values()))["results"]):
+        cells = []
+        for run in runs.values():
+            r, base_tps = run["results"][i], run["results"][0]["tokens_per_second"]
+            cells += [f"{r['tokens_per_second']} ({r['tokens_per_second'] / base_tps:.2f})", f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}"]
+        print(f"| {row['scenario']} | " + " | ".join(cells) + " |")
     if naive:
-        print(f"| {naive['scenario']} | {naive['tokens_per_second']} | {naive['tokens_per_second'] / base_tps:.2f} | | |")
+        print(f"| {naive['scenario']} | {naive['tokens_per_second']} | |")
 
 
 if __name__ == "__main__":
