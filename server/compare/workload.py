@@ -22,18 +22,24 @@ PROMPTS = [
 
 
 @dataclass
-class Result:
+class Run:
+    """What every workload run reports."""
+
     scenario: str
     requests: int
     concurrency: int
-    output_tokens: int
     seconds: float
-    tokens_per_second: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
 
     def row(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Result(Run):
+    output_tokens: int
+    tokens_per_second: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -98,17 +104,10 @@ TEXTS = [
 
 
 @dataclass
-class ClassifyResult:
-    scenario: str
-    requests: int
-    concurrency: int
-    seconds: float
+class ClassifyResult(Run):
     requests_per_second: float
     latency_p50_ms: float
     latency_p99_ms: float
-
-    def row(self) -> dict:
-        return asdict(self)
 
 
 async def run_classify_workload(base_url: str, models: list[str], requests: int, concurrency: int, scenario: str) -> ClassifyResult:

@@ -3,7 +3,7 @@
 vLLM's reference ops gather a copy of the adapter weights for every token
 (`lora_weights[lora_indices]`, [tokens, out, in]) and contract over it: in a prefill of
 thousands of tokens that is thousands of weight copies, and even in a decode batch of
-16 tokens the copies cost more than the arithmetic. Two replacements, by batch size:
+16 tokens the copies cost more than the arithmetic. Three forms, by batch size:
 
 - small batches (decode steps; up to `DENSE_MAX_TOKENS` tokens and `DENSE_MAX_WORK`
   tokens x adapters): every token is multiplied by the weights of every adapter present
@@ -12,6 +12,8 @@ thousands of tokens that is thousands of weight copies, and even in a decode bat
   arithmetic is small at these sizes.
 - large batches (prefill): tokens are grouped by adapter and each adapter present does
   one matmul over its rows (the idea behind Punica's SGMV and S-LoRA).
+- small batches over many adapters (more than `DENSE_MAX_WORK` tokens x adapters, up
+  to `GATHER_MAX_TOKENS` tokens): the reference's per-token gather, which measured best.
 
 Every op of one forward pass sees the same token-to-adapter mapping, so the plan made
 from it (adapters present, mask, rows per adapter) is made once and reused.
@@ -34,7 +36,11 @@ import torch
 # gathered (the reference) vs 0.17 grouped; 16 over 16: 0.29 vs 0.33 vs 0.46; 64 over
 # 4: 0.34 vs 1.5 vs 0.28; 64 over 16: 1.28 vs 1.17 vs 0.59.
 DENSE_MAX_TOKENS = 128
-DENSE_MAX_WORK = 512  # tokens x adapters present
+DENSE_MAX_WORK = 256  # tokens x adapters present
+# With more adapters present than that, small batches keep the reference's per-token
+# gather (with -1 rows masked): in the served workload with 16 adapters in every decode
+# step, neither the dense nor the grouped form beat it (37-48 vs 46-51 tok/s).
+GATHER_MAX_TOKENS = 32
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Plan:
     present: torch.Tensor | None  # dense form: slots present; None when all of them are
     mask: torch.Tensor | None  # dense form: [tokens, present] 1.0 where the token uses that slot
     groups: list[tuple[int, torch.Tensor]] | None  # grouped form: (slot, rows) per slot present
+    gather: bool = False  # small batch over many adapters: the per-token gather
 
 
 class _LastPlan:
@@ -74,6 +81,8 @@ def make_plan(indices: torch.Tensor, slots: int) -> Plan:
             mask = (indices.unsqueeze(1) == present.unsqueeze(0)).to(torch.float32)
             all_present = present.numel() == slots
             return Plan(indices.clone(), slots, None, None if all_present else present, mask, None)
+        if indices.shape[0] <= GATHER_MAX_TOKENS:
+            return Plan(indices.clone(), slots, None, None, None, None, gather=True)
     order = torch.argsort(indices, stable=True)
     present, counts = torch.unique_consecutive(indices[order], return_counts=True)
     groups, start = [], 0
@@ -118,6 +127,9 @@ def _lora_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, 
         return x @ weights[plan.single].to(dtype).T
     if plan.mask is not None:
         return _dense_matmul(x, weights, plan, dtype)
+    if plan.gather:
+        selected = weights[indices.clamp(min=0)].to(dtype)
+        return torch.einsum("bi, boi -> bo", x, selected).masked_fill_((indices < 0).unsqueeze(1), 0)
     y = torch.zeros(x.shape[0], out_features, dtype=dtype, device=x.device)
     for slot, rows in plan.groups:
         y.index_copy_(0, rows, x.index_select(0, rows) @ weights[slot].to(dtype).T)
