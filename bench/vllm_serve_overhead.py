@@ -6,9 +6,11 @@ measured ratio. Reproduce with:
 
 vLLM's server runs as `python -m vllm.entrypoints.openai.api_server` (what `vllm serve`
 starts) with the flags adapterserve gives its own engine (EngineSpec.cli_args), plus
-`--lora-modules`. The servers run one after the other, never together (2 cores). Both
-have the grouped CPU LoRA ops: the plugin is installed for every vLLM process. Writes
-bench/results/vllm_serve_overhead.json and prints the table.
+`--lora-modules`. The servers run one after the other, never together (2 cores), each
+round freshly started, in the order A B B A (then again), so a drift of the machine's
+speed during the run weighs on both alike. Both have adapterserve's CPU LoRA ops: the
+plugin is installed for every vLLM process. Writes bench/results/vllm_serve_overhead.json
+and prints the table.
 """
 
 from __future__ import annotations
@@ -36,20 +38,21 @@ ADAPTERS = 4
 ENGINE_FLAGS = {"max_loras": 4, "max_lora_rank": 8, "max_cpu_loras": 16}
 
 
-async def measure(server: ServerProcess, names: list[str], args, label: str) -> list[dict]:
-    url = f"{server.url}/v1"
-    await run_workload(url, names, 4, 4, 8, "warm-up")
-    rows = []
-    for i in range(args.rounds):
-        result = await run_workload(url, names, args.requests, args.concurrency, args.max_tokens, f"{label} #{i + 1}")
-        rows.append(result.row())
-        print(result.row(), flush=True)
-    return rows
+async def measure(server: ServerProcess, names: list[str], args, label: str) -> dict:
+    server.start()
+    try:
+        url = f"{server.url}/v1"
+        await run_workload(url, names, 4, 4, 8, "warm-up")
+        result = (await run_workload(url, names, args.requests, args.concurrency, args.max_tokens, label)).row()
+    finally:
+        server.stop()
+    print(result, flush=True)
+    return result
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of both servers, alternating which goes first")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -60,28 +63,26 @@ async def main() -> None:
     build_demo_adapters(settings.demo_recipes_dir, settings.cache_dir, base_path, DEMO)
     demo = demo_store(settings.cache_dir, base_path)
     spec = EngineSpec.from_settings(settings, "generate", base_path, base_path.name, enable_lora=True)
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         store.mkdir()
         names = make_store(demo, store, ADAPTERS)
-        servers = {
-            "adapterserve": ServerProcess(
-                ["--adapter-dirs", str(store), "--no-demo-adapters", *(f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_FLAGS.items())],
-                Path(tmp) / "adapterserve.log",
-            ),
-            "vllm serve": ServerProcess(
+
+        def server(label: str) -> ServerProcess:
+            if label == "adapterserve":
+                flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_FLAGS.items()]
+                return ServerProcess(["--adapter-dirs", str(store), "--no-demo-adapters", *flags], Path(tmp) / "adapterserve.log")
+            return ServerProcess(
                 ["--host", "127.0.0.1", *spec.cli_args(), "--lora-modules", *(f"{n}={store / n}" for n in names)],
                 Path(tmp) / "vllm.log",
                 entry=("vllm.entrypoints.openai.api_server",),
-            ),
-        }
-        for label, server in servers.items():
-            server.start()
-            try:
-                results[label] = await measure(server, names, args, label)
-            finally:
-                server.stop()
+            )
+
+        labels = ["adapterserve", "vllm serve"]
+        results = {label: [] for label in labels}
+        for i in range(args.rounds):
+            for label in labels if i % 2 == 0 else labels[::-1]:  # A B, then B A: drift weighs on both
+                results[label].append(await measure(server(label), names, args, f"{label} #{len(results[label]) + 1}"))
     mean = {label: statistics.mean(r["tokens_per_second"] for r in rows) for label, rows in results.items()}
     report = {
         "workload": vars(args), "adapters": ADAPTERS, "engine_flags": spec.cli_args(), "results": results,

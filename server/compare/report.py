@@ -211,7 +211,9 @@ def markdown(report: dict) -> str:
         f"# Hosting {o['tasks']} tasks: shared versus dedicated",
         f"Machine: {m['cpus']} CPUs, {_gb(m['memory_bytes'])}, {m['platform']}; Python {m['python']}, "
         f"vLLM {m['vllm']}, torch {m['torch']}. Workload: {w['requests']} streamed chats of {w['max_tokens']} tokens "
-        f"at concurrency {w['concurrency']}; {w['classify_requests']} classifications. Tasks: "
+        f"at concurrency {w['concurrency']}"
+        + (f"; {w['classify_requests']} classifications" if any(t["kind"] == "head" for t in report["tasks"]) else "")
+        + ". Tasks: "
         + ", ".join(f"{t['name']} ({t['kind']})" for t in report["tasks"]) + ".",
         table(["", "shared", "dedicated", "dedicated / shared"], measure_rows(report)),
         table(["", "transfer learning / PEFT (shared mode)", "full fine-tuning (dedicated mode)"], report["design_table"]),
