@@ -73,7 +73,7 @@ async def serve_and_measure(ops: str, store: Path, names: list[str], base: str, 
         url = f"{server.url}/v1"
         await run_workload(url, [base], 4, 4, 8, "warm-up")
         results = []
-        for scenario, models in [("base only", [base])] + [(f"{n} adapters", names[:n]) for n in SCENARIOS]:
+        for scenario, models in [("base only", [base])] + [(f"{n} adapters", names[:n]) for n in args.adapters]:
             result = await run_workload(url, models, args.requests, args.concurrency, args.max_tokens, scenario)
             results.append(result.row())
             print(ops, result.row(), flush=True)
@@ -93,6 +93,8 @@ async def main() -> None:
     parser.add_argument("--naive-requests", type=int, default=8)
     parser.add_argument("--ops", nargs="+", choices=["grouped", "reference"], default=["grouped", "reference"], help="CPU LoRA ops in the engine")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--adapters", type=int, nargs="+", default=SCENARIOS, help="adapters mixed, one scenario each")
+    parser.add_argument("--out", default="lora_throughput.json", help="file name under bench/results/")
     args = parser.parse_args()
 
     settings = load_settings()
@@ -105,7 +107,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         store.mkdir()
-        names = make_store(demo, store, max(SCENARIOS))
+        names = make_store(demo, store, max(args.adapters))
         for ops in args.ops:
             runs[ops] = await serve_and_measure(ops, store, names, base_path.name, args, Path(tmp) / f"server-{ops}.log", demo)
             shutil.rmtree(store / "late-arrival", ignore_errors=True)
@@ -117,7 +119,7 @@ async def main() -> None:
         "runs": runs,
         "naive": naive,
     }
-    (out / "lora_throughput.json").write_text(json.dumps(report, indent=2))
+    (out / args.out).write_text(json.dumps(report, indent=2))
     header = "| scenario | " + " | ".join(f"{ops} tok/s (vs base) | {ops} TTFT p50 / p99 ms" for ops in runs) + " |"
     print("\n" + header + "\n|---|" + "---|---|" * len(runs))
     for i, row in enumerate(next(iter(runs.values()))["results"]):

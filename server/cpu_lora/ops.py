@@ -30,16 +30,15 @@ from dataclasses import dataclass
 
 import torch
 
-# The dense form's work grows with tokens x adapters present; up to these it is the
-# fastest. Measured on 2 AVX2 cores, fp32, one thread, rank 8, shrink + expand through
-# 576 <-> 1536 (bench/cpu_lora_ops.py): 16 tokens over 4 adapters 0.12 ms dense vs 0.34
-# gathered (the reference) vs 0.17 grouped; 16 over 16: 0.29 vs 0.33 vs 0.46; 64 over
-# 4: 0.34 vs 1.5 vs 0.28; 64 over 16: 1.28 vs 1.17 vs 0.59.
+# The dense form's work grows with tokens x adapters present. Measured on 2 AVX2 cores,
+# fp32, one thread, rank 8, shrink + expand through 576 <-> 1536 (bench/cpu_lora_ops.py):
+# 16 tokens over 4 adapters 0.21 ms dense vs 0.48 gathered (the reference); 128 over 4:
+# 0.71 vs 2.9. Over 16 adapters in every decode step the served workload ran slower
+# dense than gathered (37 vs 47 tok/s), so the dense form stops at 8 adapters x 16 tokens.
 DENSE_MAX_TOKENS = 128
-DENSE_MAX_WORK = 256  # tokens x adapters present
+DENSE_MAX_WORK = 128  # tokens x adapters present
 # With more adapters present than that, small batches keep the reference's per-token
-# gather (with -1 rows masked): in the served workload with 16 adapters in every decode
-# step, neither the dense nor the grouped form beat it (37-48 vs 46-51 tok/s).
+# gather (with -1 rows masked), which measured best there; larger ones are grouped.
 GATHER_MAX_TOKENS = 32
 
 
