@@ -115,10 +115,10 @@ def _dense_matmul(x: torch.Tensor, weights: torch.Tensor, plan: Plan, dtype) -> 
     return y.to(dtype)
 
 
-def _lora_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, out_features: int, dtype) -> torch.Tensor:
-    """y[t] = x[t] @ weights[indices[t]][:out_features].T, zero where indices[t] == -1."""
+def plan_matmul(plan: Plan, x: torch.Tensor, weights: torch.Tensor, out_features: int, dtype) -> torch.Tensor:
+    """y[t] = x[t] @ weights[indices[t]][:out_features].T in `dtype`, zero where indices[t] == -1,
+    for the mapping `plan` was made for."""
     weights = _slot_weights(weights)[:, :out_features]
-    plan = _last_plan.get(indices, weights.shape[0])
     x = x.to(dtype)
     if plan.single is not None:
         if plan.single < 0:
@@ -127,12 +127,17 @@ def _lora_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, 
     if plan.mask is not None:
         return _dense_matmul(x, weights, plan, dtype)
     if plan.gather:
+        indices = plan.indices
         selected = weights[indices.clamp(min=0)].to(dtype)
         return torch.einsum("bi, boi -> bo", x, selected).masked_fill_((indices < 0).unsqueeze(1), 0)
     y = torch.zeros(x.shape[0], out_features, dtype=dtype, device=x.device)
     for slot, rows in plan.groups:
         y.index_copy_(0, rows, x.index_select(0, rows) @ weights[slot].to(dtype).T)
     return y
+
+
+def _lora_matmul(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, out_features: int, dtype) -> torch.Tensor:
+    return plan_matmul(_last_plan.get(indices, _slot_weights(weights).shape[0]), x, weights, out_features, dtype)
 
 
 def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):

@@ -1,4 +1,5 @@
-"""The vLLM plugin that puts the grouped LoRA ops in place of vLLM's CPU reference ops.
+"""The vLLM plugin that puts the grouped LoRA ops in place of vLLM's CPU reference ops, and
+the fused punica wrapper (`punica.py`) in place of vLLM's CPU punica wrapper.
 
 Registered as an entry point in the `vllm.general_plugins` group, so vLLM loads it in
 every one of its processes (the API process, the engine core and each worker). It applies
@@ -51,15 +52,32 @@ def register() -> None:
 
 
 def install() -> None:
-    """Replace the reference ops where vLLM's CPU punica wrapper looks them up."""
+    """Replace the reference ops where vLLM's CPU punica wrapper looks them up, the wrapper
+    class where vLLM resolves it (by the qualified name the CPU platform gives), and lay
+    out the LoRA slots of every linear layer vLLM wraps for the fused wrapper."""
     global _installed
+    import vllm.lora.model_manager as model_manager
     import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
+    from .layout import lay_out
     from .ops import OPS
+    from .punica import FusedPunicaWrapperCPU
 
     for name, function in OPS.items():
         setattr(torch_ops, name, function)
         if hasattr(punica_cpu, name):
             setattr(punica_cpu, name, function)
+    punica_cpu.PunicaWrapperCPU = FusedPunicaWrapperCPU
+
+    vllm_from_layer = model_manager.from_layer
+
+    def from_layer(*args, **kwargs):
+        layer = vllm_from_layer(*args, **kwargs)
+        if isinstance(layer, BaseLinearLayerWithLoRA):
+            lay_out(layer)
+        return layer
+
+    model_manager.from_layer = from_layer
     _installed = True

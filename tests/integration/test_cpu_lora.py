@@ -67,3 +67,10 @@ def test_base_requests_batched_with_adapters_keep_the_base_output(client, async_
     for model, tokens in asyncio.run(burst()):
         if model == base_name:
             assert tokens[:8] == alone[:8]
+
+
+def test_the_engine_applies_lora_layers_fused(client, server):
+    """The greedy tests above ran on the fused path, not on vLLM's wrapper."""
+    log = server.log_path.read_text()
+    assert "fused CPU LoRA layers: active" in log
+    assert "NOT laid out" not in log

@@ -117,22 +117,27 @@ def test_reference_applies_the_last_slot_where_the_index_is_minus_one():
 
 
 def test_plugin_installs_into_the_cpu_wrapper(monkeypatch):
+    import vllm.lora.model_manager as model_manager
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
     from server.cpu_lora import plugin
+    from server.cpu_lora.punica import FusedPunicaWrapperCPU
 
-    originals = {name: getattr(punica_cpu, name) for name in grouped.OPS}
+    for name in grouped.OPS:  # monkeypatch puts back whatever install replaces
+        monkeypatch.setattr(punica_cpu, name, getattr(punica_cpu, name))
+    monkeypatch.setattr(punica_cpu, "PunicaWrapperCPU", punica_cpu.PunicaWrapperCPU)
+    monkeypatch.setattr(model_manager, "from_layer", model_manager.from_layer)
+    vllm_from_layer = model_manager.from_layer
     monkeypatch.setattr(plugin, "_installed", False)
     monkeypatch.setenv(plugin.ENV_SWITCH, "0")
     plugin.register()
-    assert punica_cpu.bgmv_shrink is originals["bgmv_shrink"]
+    assert punica_cpu.bgmv_shrink is not grouped.OPS["bgmv_shrink"]
+    assert punica_cpu.PunicaWrapperCPU is not FusedPunicaWrapperCPU
     monkeypatch.setenv(plugin.ENV_SWITCH, "1")
-    try:
-        plugin.register()
-        assert all(getattr(punica_cpu, name) is grouped.OPS[name] for name in grouped.OPS)
-    finally:
-        for name, function in originals.items():
-            setattr(punica_cpu, name, function)
+    plugin.register()
+    assert all(getattr(punica_cpu, name) is grouped.OPS[name] for name in grouped.OPS)
+    assert punica_cpu.PunicaWrapperCPU is FusedPunicaWrapperCPU
+    assert model_manager.from_layer is not vllm_from_layer
 
 
 def test_a_new_mapping_of_the_same_shape_gets_a_new_plan():

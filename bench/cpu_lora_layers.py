@@ -1,0 +1,122 @@
+"""Micro-benchmark of one decoder layer's LoRA work on the CPU, as vLLM runs it: the
+four LoRA linear layers of a SmolLM2-135M layer (q/k/v, o, gate/up, down; hidden 576,
+intermediate 1536), rank 8, 16 slots, fp32, one torch thread (as vLLM's CPU worker runs),
+through `add_lora_linear` of
+
+- vLLM's `PunicaWrapperCPU` with its reference ops (vLLM as shipped), and
+- adapterserve's `FusedPunicaWrapperCPU` on the fused slot layout, in the form its plan
+  picks, and forced dense and forced grouped (how `DENSE_MAX_WORK` was chosen).
+
+The mapping is made once per case (as vLLM does once per step), tokens spread
+round-robin over the adapters. Reproduce with:
+
+    .venv/bin/python bench/cpu_lora_layers.py
+
+Writes bench/results/cpu_lora_layers.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm.lora.layers.utils import LoRAMapping  # noqa: E402
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
+
+from server.cpu_lora import punica  # noqa: E402
+from server.cpu_lora.layout import lay_out  # noqa: E402
+
+HIDDEN, INTERMEDIATE, RANK, SLOTS = 576, 1536, 8, 16
+# (input size, output slices) of the four LoRA linear layers of one decoder layer
+LAYERS = [(HIDDEN, (576, 192, 192)), (HIDDEN, (HIDDEN,)), (HIDDEN, (INTERMEDIATE, INTERMEDIATE)), (INTERMEDIATE, (HIDDEN,))]
+
+
+def make_layers(fused: bool, seed: int) -> list[SimpleNamespace]:
+    generator = torch.Generator().manual_seed(seed)
+    layers = []
+    for in_features, slices in LAYERS:
+        layer = SimpleNamespace(
+            lora_a_stacked=tuple(torch.zeros(SLOTS, 1, RANK, in_features) for _ in slices),
+            lora_b_stacked=tuple(torch.zeros(SLOTS, 1, out, RANK) for out in slices),
+            output_slices=slices,
+            in_features=in_features,
+        )
+        if fused:
+            lay_out(layer)
+        for a, b in zip(layer.lora_a_stacked, layer.lora_b_stacked):
+            a.copy_(torch.randn(a.shape, generator=generator) / 10)
+            b.copy_(torch.randn(b.shape, generator=generator) / 10)
+        layers.append(layer)
+    return layers
+
+
+def wrapper(cls, tokens: int, adapters: int):
+    w = cls(max_num_batched_tokens=max(tokens, 256), max_batches=max(tokens, 256), device="cpu")
+    ids = [1 + t % adapters for t in range(tokens)]
+    mapping = LoRAMapping(tuple(ids), tuple(ids), is_prefill=tokens > 64)
+    w.update_metadata(mapping, list(range(1, SLOTS + 1)), SLOTS + 1, 49152)
+    return w
+
+
+def run_layers(w, layers, inputs) -> list[torch.Tensor]:
+    outputs = []
+    for layer, x in zip(layers, inputs):
+        y = torch.zeros(x.shape[0], sum(layer.output_slices))
+        w.add_lora_linear(y, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, layer.output_slices)
+        outputs.append(y)
+    return outputs
+
+
+def timed(function, repeats: int) -> float:
+    function()  # warm-up (the fused wrapper makes its plan here)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return 1000 * (time.perf_counter() - began) / repeats
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    reference_layers, fused_layers = make_layers(False, 0), make_layers(True, 0)
+    rows = []
+    for adapters in (1, 2, 4, 8, 16):
+        for tokens in (1, 16, 32, 64, 128, 256, 1024):
+            if adapters > tokens:
+                continue
+            inputs = [torch.randn(tokens, layer.in_features) for layer in reference_layers]
+            repeats = 200 if tokens <= 64 else 20 if tokens <= 256 else 3
+            reference = wrapper(PunicaWrapperCPU, tokens, adapters)
+            fused = wrapper(punica.FusedPunicaWrapperCPU, tokens, adapters)
+            expected, got = run_layers(reference, reference_layers, inputs), run_layers(fused, fused_layers, inputs)
+            for e, g in zip(expected, got):
+                torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+            row = {"adapters": adapters, "tokens": tokens}
+            row["vllm_ms"] = round(timed(lambda: run_layers(reference, reference_layers, inputs), repeats), 3)
+            row["adapterserve_ms"] = round(timed(lambda: run_layers(fused, fused_layers, inputs), repeats), 3)
+            plan = fused._plan
+            row["form"] = "one adapter" if plan.single is not None else "dense" if plan.mask is not None else "grouped"
+            for form, limit in (("dense", 10**9), ("grouped", 0)):
+                if adapters > 1:
+                    punica.DENSE_MAX_WORK, saved = limit, punica.DENSE_MAX_WORK
+                    forced = wrapper(punica.FusedPunicaWrapperCPU, tokens, adapters)
+                    row[f"{form}_ms"] = round(timed(lambda: run_layers(forced, fused_layers, inputs), repeats), 3)
+                    punica.DENSE_MAX_WORK = saved
+            row["speedup"] = round(row["vllm_ms"] / row["adapterserve_ms"], 2)
+            rows.append(row)
+            print(row, flush=True)
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "cpu_lora_layers.json").write_text(
+        json.dumps({"hidden": HIDDEN, "intermediate": INTERMEDIATE, "rank": RANK, "slots": SLOTS, "rows": rows}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""LoRA weight slots laid out so that a whole layer is one matmul per side.
+
+vLLM allocates, per LoRA linear layer and per slice (q, k, v; gate, up), A as
+[slots, 1, rank, in] and B as [slots, 1, out, rank], each its own tensor. Laid out that
+way, applying a layer takes a shrink and an expand per slice, and B of one slot has to be
+transposed (copied) before it can be a matmul's right operand.
+
+`lay_out` re-allocates a layer's slots, same shapes and bytes, as views of:
+- one A tensor for all slices, [slots, 1, sum of ranks, in]: every slice's A of a slot
+  one after the other, so one matmul shrinks the input for every slice (and, viewed as
+  [slots * sum of ranks, in], for every slot);
+- per slice, B stored transposed, [slots, 1, rank, out]: the [slots, 1, out, rank] view
+  vLLM writes through is its transpose, and [slots * rank, out] is a free view, so the
+  expand of every slot is one `addmm_` into the output.
+
+vLLM keeps reading and writing the slots through the views it expects (set_lora,
+reset_lora, the reference ops). `fused_slots` recovers the fused tensors from the views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FusedSlots:
+    """Flat views: slot s of A is rows s * sum(ranks) .. (s + 1) * sum(ranks) of `a`, slot
+    s of slice i's B is rows s * ranks[i] .. (s + 1) * ranks[i] of `b[i]`."""
+
+    a: torch.Tensor  # [slots * sum of ranks, in]
+    b: tuple[torch.Tensor, ...]  # per slice [slots * rank, out]
+    ranks: tuple[int, ...]
+    rank_sum: int
+
+
+def lay_out(layer) -> None:
+    """Replace `layer.lora_a_stacked` / `lora_b_stacked` by views of the fused layout
+    (zeros, as vLLM allocates them; called right after `create_lora_weights`)."""
+    a_slices, b_slices = layer.lora_a_stacked, layer.lora_b_stacked
+    slots, _, _, in_features = a_slices[0].shape
+    ranks = [a.shape[2] for a in a_slices]
+    like = dict(dtype=a_slices[0].dtype, device=a_slices[0].device)
+    a_all = torch.zeros(slots, 1, sum(ranks), in_features, **like)
+    a_views, start = [], 0
+    for rank in ranks:
+        a_views.append(a_all[:, :, start : start + rank])
+        start += rank
+    layer.lora_a_stacked = tuple(a_views)
+    layer.lora_b_stacked = tuple(
+        torch.zeros(slots, 1, b.shape[3], b.shape[2], **like).transpose(2, 3) for b in b_slices
+    )
+
+
+def fused_slots(a_slices: tuple[torch.Tensor, ...], b_slices: tuple[torch.Tensor, ...]) -> FusedSlots | None:
+    """The fused tensors behind a layer's slot views, or None when they are not laid out
+    by `lay_out` (then the layer is applied slice by slice)."""
+    a_all = a_slices[0] if len(a_slices) == 1 else a_slices[0]._base
+    if a_all is None or a_all.dim() != 4 or not a_all.is_contiguous():
+        return None
+    ranks = tuple(a.shape[2] for a in a_slices)
+    if a_all.shape[2] != sum(ranks) or any(a._base is not a_all for a in a_slices[1:]):
+        return None
+    b_fused = tuple(b.transpose(2, 3) for b in b_slices)
+    if not all(b.is_contiguous() and b.shape[2] == rank for b, rank in zip(b_fused, ranks)):
+        return None
+    flat_b = tuple(b.reshape(-1, b.shape[3]) for b in b_fused)
+    return FusedSlots(a_all.reshape(-1, a_all.shape[3]), flat_b, ranks, sum(ranks))

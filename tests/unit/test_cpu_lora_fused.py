@@ -1,0 +1,159 @@
+"""The fused CPU punica wrapper on the fused slot layout equals vLLM's CPU punica wrapper
+with its reference ops, over random cases (tokens 1 to 4096, ranks 8 to 64, 1 to 16
+adapters, one to three slices, tokens without adapter, bf16 and fp32, prefill and decode).
+
+The reference applies the last slot's adapter where the index is -1; vLLM intends no
+adapter there (and so does adapterserve). The reference layer therefore gets one extra,
+all-zero slot at the end: for it, -1 then means no adapter too.
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+from vllm.lora.layers.utils import LoRAMapping
+from vllm.lora.ops.torch_ops import lora_ops as vllm_ops
+
+from server.cpu_lora import punica
+from server.cpu_lora.layout import fused_slots, lay_out
+
+# vLLM's class as shipped, whether or not the plugin replaced the module's name for it
+VLLMWrapper = punica.FusedPunicaWrapperCPU.__mro__[1]
+CASES = 32
+SLICES = [(96,), (64, 32, 32), (80, 80)]
+
+
+def tolerance(dtype):
+    return dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def reference_ops(monkeypatch):
+    """vLLM's wrapper calls the ops by their names in its module: make those the reference."""
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice"):
+        monkeypatch.setattr(punica_cpu, name, getattr(vllm_ops, name))
+
+
+def vllm_layer(slots, rank, in_features, slices, dtype):
+    return SimpleNamespace(
+        lora_a_stacked=tuple(torch.zeros(slots, 1, rank, in_features, dtype=dtype) for _ in slices),
+        lora_b_stacked=tuple(torch.zeros(slots, 1, out, rank, dtype=dtype) for out in slices),
+    )
+
+
+def layers(slots, rank, in_features, slices, dtype, generator):
+    """The same random adapters in vLLM's layout (plus the zero slot) and in the fused one."""
+    reference = vllm_layer(slots + 1, rank, in_features, slices, dtype)
+    fused = vllm_layer(slots, rank, in_features, slices, dtype)
+    lay_out(fused)
+    for i in range(len(slices)):
+        a = torch.randn(slots, 1, rank, in_features, generator=generator) / in_features**0.5
+        b = torch.randn(slots, 1, slices[i], rank, generator=generator) / rank**0.5
+        for layer in (reference, fused):
+            layer.lora_a_stacked[i][:slots] = a.to(dtype)
+            layer.lora_b_stacked[i][:slots] = b.to(dtype)
+    return reference, fused
+
+
+def wrapper(cls, lora_ids, slots, is_prefill):
+    tokens = len(lora_ids)
+    w = cls(max_num_batched_tokens=max(tokens, 8), max_batches=max(tokens, 8), device="cpu")
+    index_to_id = list(range(1, slots + 1)) + [None]  # slot s holds adapter id s + 1
+    w.update_metadata(LoRAMapping(tuple(lora_ids), tuple(lora_ids), is_prefill=is_prefill), index_to_id, slots + 2, 1000)
+    return w
+
+
+def random_case(seed):
+    rng = random.Random(seed)
+    tokens = rng.choice([1, 2, 7, 16, 31, 64, 100, 257, 1024, 4096])
+    slots = rng.randint(1, 16)
+    in_features = 64 if tokens >= 1024 else rng.choice([64, 576])
+    lora_ids = [rng.randint(0, slots) for _ in range(tokens)]  # 0: no adapter
+    if rng.random() < 0.3:  # one adapter (or none) for the whole batch
+        lora_ids = [rng.randint(0, slots)] * tokens
+    elif rng.random() < 0.3:  # sequences: runs of one adapter, as in a prefill
+        lora_ids = sorted(lora_ids)
+    return dict(
+        tokens=tokens, slots=slots, in_features=in_features, lora_ids=lora_ids,
+        rank=rng.choice([8, 16, 32, 64]), slices=rng.choice(SLICES),
+        dtype=rng.choice([torch.float32, torch.bfloat16]), is_prefill=rng.random() < 0.5,
+        scale=rng.choice([1.0, 0.5]),
+    )
+
+
+@pytest.mark.parametrize("seed", range(CASES))
+def test_fused_wrapper_equals_vllms_wrapper_with_reference_ops(seed, reference_ops):
+    case = random_case(seed)
+    generator = torch.Generator().manual_seed(seed)
+    dtype, slices = case["dtype"], case["slices"]
+    reference_layer, fused_layer = layers(case["slots"], case["rank"], case["in_features"], slices, dtype, generator)
+    x = torch.randn(case["tokens"], case["in_features"], generator=generator).to(dtype)
+    start = torch.randn(case["tokens"], sum(slices), generator=generator).to(dtype)
+    expected, got = start.clone(), start.clone()
+
+    reference = wrapper(VLLMWrapper, case["lora_ids"], case["slots"] + 1, case["is_prefill"])
+    fused = wrapper(punica.FusedPunicaWrapperCPU, case["lora_ids"], case["slots"], case["is_prefill"])
+    reference.add_lora_linear(expected, x, reference_layer.lora_a_stacked, reference_layer.lora_b_stacked, case["scale"], slices)
+    fused.add_lora_linear(got, x, fused_layer.lora_a_stacked, fused_layer.lora_b_stacked, case["scale"], slices)
+
+    assert fused._plan is not None  # the fused path ran, not vLLM's
+    torch.testing.assert_close(got, expected, **tolerance(dtype))
+
+
+def test_each_form_is_chosen_by_the_size_of_the_batch():
+    plan = punica.make_step_plan
+    assert plan(torch.tensor([2, 2, 2])).single == 2
+    assert plan(torch.tensor([-1, -1])).single == -1
+    dense = plan(torch.tensor([3, -1, 5, 3]))
+    assert (dense.first, dense.mask.shape) == (3, (4, 3, 1))  # the span of slots 3..5
+    assert dense.mask[:, :, 0].tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0]]
+    tokens = punica.DENSE_MAX_WORK // 2 + 1  # over 2 slots: just above the dense limit
+    grouped = plan(torch.tensor([0, 1] * (tokens // 2 + 1) + [-1]))
+    assert grouped.mask is None and [slot for slot, _ in grouped.groups] == [0, 1]
+    assert sum(rows.numel() for _, rows in grouped.groups) == 2 * (tokens // 2 + 1)  # not the -1 token
+
+
+def test_a_new_mapping_gets_a_new_plan(reference_ops):
+    generator = torch.Generator().manual_seed(3)
+    reference_layer, fused_layer = layers(3, 8, 64, (96,), torch.float32, generator)
+    fused = wrapper(punica.FusedPunicaWrapperCPU, [1, 2, 3, 1], 3, False)
+    x = torch.randn(4, 64, generator=generator)
+    for lora_ids in ([1, 2, 3, 1], [3, 3, 0, 2]):  # same length, other adapters
+        mapping = LoRAMapping(tuple(lora_ids), tuple(lora_ids))
+        fused.update_metadata(mapping, [1, 2, 3, None], 5, 1000)
+        reference = wrapper(VLLMWrapper, lora_ids, 4, False)
+        expected, got = torch.zeros(4, 96), torch.zeros(4, 96)
+        reference.add_lora_linear(expected, x, reference_layer.lora_a_stacked, reference_layer.lora_b_stacked, 1.0, (96,))
+        fused.add_lora_linear(got, x, fused_layer.lora_a_stacked, fused_layer.lora_b_stacked, 1.0, (96,))
+        torch.testing.assert_close(got, expected)
+
+
+def test_layout_keeps_vllms_shapes_and_writes_land_in_the_fused_tensors():
+    layer = vllm_layer(4, 8, 64, (64, 32, 32), torch.float32)
+    shapes = [t.shape for t in layer.lora_a_stacked + layer.lora_b_stacked]
+    assert fused_slots(layer.lora_a_stacked, layer.lora_b_stacked) is None  # vLLM's own layout
+    lay_out(layer)
+    assert [t.shape for t in layer.lora_a_stacked + layer.lora_b_stacked] == shapes
+    # writes as vLLM's set_lora does them: slot 2, slice 1
+    layer.lora_a_stacked[1][2, 0, :8, :64].copy_(torch.full((8, 64), 7.0))
+    layer.lora_b_stacked[1][2, 0, :32, :8].copy_(torch.arange(32 * 8, dtype=torch.float32).view(32, 8))
+    slots = fused_slots(layer.lora_a_stacked, layer.lora_b_stacked)
+    assert slots.ranks == (8, 8, 8) and slots.a.shape == (4 * 24, 64)
+    assert (slots.a[2 * 24 + 8 : 2 * 24 + 16] == 7).all() and slots.a.sum() == 7 * 8 * 64
+    torch.testing.assert_close(slots.b[1][2 * 8 : 3 * 8], torch.arange(32 * 8, dtype=torch.float32).view(32, 8).T)
+
+
+def test_a_layer_not_laid_out_goes_through_vllms_wrapper(reference_ops):
+    generator = torch.Generator().manual_seed(5)
+    reference_layer, _ = layers(2, 8, 64, (96,), torch.float32, generator)
+    x = torch.randn(3, 64, generator=generator)
+    expected, got = torch.zeros(3, 96), torch.zeros(3, 96)
+    wrapper(VLLMWrapper, [1, 2, 1], 3, False).add_lora_linear(expected, x, reference_layer.lora_a_stacked, reference_layer.lora_b_stacked, 1.0, (96,))
+    fused = wrapper(punica.FusedPunicaWrapperCPU, [1, 2, 1], 3, False)
+    fused.add_lora_linear(got, x, reference_layer.lora_a_stacked, reference_layer.lora_b_stacked, 1.0, (96,))
+    assert fused._plan is None
+    torch.testing.assert_close(got, expected)
