@@ -3,7 +3,8 @@ mixed on the same workload, with adapterserve's CPU LoRA ops and with vLLM's ref
 ops (one server each, one after the other); a cold adapter (on disk only) vs a warm one;
 and the naive transformers+peft loop. Reproduce with:
 
-    .venv/bin/python bench/lora_throughput.py [--ops grouped reference] [--requests 48 --concurrency 16 --max-tokens 64]
+    .venv/bin/python bench/lora_throughput.py [--ops grouped reference] [--adapters 1 2 4 8 16] [--rounds 2]
+        [--requests 48 --concurrency 16 --max-tokens 64]
 
 Writes bench/results/lora_throughput.json and prints the table.
 """
@@ -62,6 +63,15 @@ async def cold_vs_warm(server: ServerProcess, store: Path, demo: Path) -> dict:
 SCENARIOS = [1, 2, 4, 8, 16]  # adapters mixed (round-robin over the requests)
 
 
+def mean_row(scenario: str, rows: list[dict]) -> dict:
+    """One scenario over the rounds: mean throughput and TTFT, and each round's throughput."""
+    def mean(key: str) -> float:
+        return round(sum(row[key] for row in rows) / len(rows), 1)
+
+    return {"scenario": scenario, "tokens_per_second": mean("tokens_per_second"), "ttft_p50_ms": mean("ttft_p50_ms"),
+            "ttft_p99_ms": mean("ttft_p99_ms"), "rounds_tokens_per_second": [row["tokens_per_second"] for row in rows]}
+
+
 async def serve_and_measure(ops: str, store: Path, names: list[str], base: str, args, log: Path, demo: Path) -> dict:
     server = ServerProcess(
         ["--adapter-dirs", str(store), "--no-demo-adapters", "--max-loras", "16", "--max-cpu-loras", "32",
@@ -72,11 +82,15 @@ async def serve_and_measure(ops: str, store: Path, names: list[str], base: str, 
     try:
         url = f"{server.url}/v1"
         await run_workload(url, [base], 4, 4, 8, "warm-up")
-        results = []
-        for scenario, models in [("base only", [base])] + [(f"{n} adapters", names[:n]) for n in args.adapters]:
-            result = await run_workload(url, models, args.requests, args.concurrency, args.max_tokens, scenario)
-            results.append(result.row())
-            print(ops, result.row(), flush=True)
+        scenarios = [("base only", [base])] + [(f"{n} adapters", names[:n]) for n in args.adapters]
+        rounds: dict[str, list[dict]] = {scenario: [] for scenario, _ in scenarios}
+        # Rounds of every scenario, so that the machine's drift hits base and adapters alike
+        for _ in range(args.rounds):
+            for scenario, models in scenarios:
+                result = await run_workload(url, models, args.requests, args.concurrency, args.max_tokens, scenario)
+                rounds[scenario].append(result.row())
+                print(ops, result.row(), flush=True)
+        results = [mean_row(scenario, rows) for scenario, rows in rounds.items()]
         cold = await cold_vs_warm(server, store, demo) if ops == "grouped" else None
         if cold:
             print(cold, flush=True)
@@ -93,6 +107,7 @@ async def main() -> None:
     parser.add_argument("--naive-requests", type=int, default=8)
     parser.add_argument("--ops", nargs="+", choices=["grouped", "reference"], default=["grouped", "reference"], help="CPU LoRA ops in the engine")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of all scenarios per server (means are reported)")
     parser.add_argument("--adapters", type=int, nargs="+", default=SCENARIOS, help="adapters mixed, one scenario each")
     parser.add_argument("--out", default="lora_throughput.json", help="file name under bench/results/")
     args = parser.parse_args()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from .layout import FusedSlots, fused_slots
+from .ops import bgmv_expand, bgmv_shrink
 
 log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")  # configured by vLLM in its processes
 
@@ -160,11 +161,24 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
         x2 = x.view(-1, x.shape[-1])
-        indices = self.token_lora_indices
+        tokens = self.indices_len[0]  # of the mapping (a plain int: cheaper than the indices' view)
         slots = self._fused_slots(lora_a_stacked, lora_b_stacked)
-        if slots is None or indices.shape[0] != x2.shape[0]:
+        if slots is None or tokens != x2.shape[0]:
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
-        if self._plan is None or self._plan.tokens != indices.shape[0]:
-            self._plan = make_step_plan(indices)
+        if self._plan is None or self._plan.tokens != tokens:
+            self._plan = make_step_plan(self.token_lora_indices)
         apply_layer(self._plan, y.view(-1, y.shape[-1]), x2, slots, scale, output_slices)
+        return None
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+        """y += scale * x @ A[slot].T @ B[slot].T per sequence, as vLLM's wrapper does, except
+        that the expand over the vocabulary (the costly half: [sequences, vocab] per slot) is
+        skipped when the shrink is all zeros, i.e. when no sequence's adapter has lm_head
+        weights: vLLM wraps the logits whether or not any adapter trains lm_head."""
+        y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        indices = self.sampler_indices
+        shrunk = torch.zeros((x2.size(0), lora_b_stacked.size(-1)), dtype=torch.float32, device=x.device)
+        bgmv_shrink(x2, lora_a_stacked, shrunk, indices, scale)
+        if shrunk.any():
+            bgmv_expand(shrunk, lora_b_stacked, y2, indices, add_inputs=True)
         return None

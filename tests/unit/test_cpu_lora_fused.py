@@ -157,3 +157,25 @@ def test_a_layer_not_laid_out_goes_through_vllms_wrapper(reference_ops):
     fused.add_lora_linear(got, x, reference_layer.lora_a_stacked, reference_layer.lora_b_stacked, 1.0, (96,))
     assert fused._plan is None
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("lm_head_trained", [True, False])
+def test_logits_equal_vllms_and_skip_the_expand_without_lm_head_weights(lm_head_trained, reference_ops, monkeypatch):
+    generator = torch.Generator().manual_seed(11)
+    slots, rank, hidden, vocab = 3, 8, 64, 500
+    a = torch.zeros(slots + 1, 1, rank, hidden)  # + the zero slot the reference maps -1 to
+    b = torch.zeros(slots + 1, 1, vocab, rank)
+    if lm_head_trained:
+        a[1] = torch.randn(1, rank, hidden, generator=generator)
+        b[1] = torch.randn(1, vocab, rank, generator=generator)
+    x = torch.randn(4, hidden, generator=generator)
+    start = torch.randn(4, vocab, generator=generator)
+    lora_ids = [1, 2, 0, 2]
+    expected, got = start.clone(), start.clone()
+    wrapper(VLLMWrapper, lora_ids, slots + 1, False).add_lora_logits(expected, x, a, b, 1.0)
+    expands = []
+    monkeypatch.setattr(punica, "bgmv_expand", lambda *args, **kwargs: expands.append(1) or vllm_ops.bgmv_expand(*args, **kwargs))
+    wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, False).add_lora_logits(got, x, a[:slots], b[:slots], 1.0)
+    torch.testing.assert_close(got, expected)
+    assert bool(expands) == lm_head_trained
+    assert lm_head_trained or torch.equal(got, start)
