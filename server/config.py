@@ -137,8 +137,8 @@ class Settings(BaseSettings):
     )
     grouped_lora_ops: bool = Field(
         True,
-        description="On the CPU, replace vLLM's per-token LoRA ops by grouped ones (one matmul per "
-        "adapter present; a vLLM plugin active in every engine process).",
+        description="On the CPU, replace vLLM's per-token LoRA path by adapterserve's: copy-free ops, "
+        "fused layer slots, one call per layer (a vLLM plugin active in every engine process).",
     )
     enforce_eager: bool = Field(True, description="Skip graph compilation (faster start-up on CPU).")
     engine_start_timeout_s: float = Field(

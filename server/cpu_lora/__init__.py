@@ -1,1 +1,2 @@
-"""Grouped LoRA operations for vLLM's CPU backend, installed as a vLLM plugin."""
+"""Fast multi-LoRA for vLLM's CPU backend (copy-free ops, fused layer slots, a punica wrapper
+that applies a layer per call), installed as a vLLM plugin."""
