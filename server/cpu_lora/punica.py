@@ -14,8 +14,9 @@ arithmetic (rank 8: ~2 ms of matmuls in a ~90 ms step). This wrapper
   then one `addmm_` per slice straight into the layer's output.
 
 Semantics are those of vLLM's wrapper with index -1 meaning no adapter (see `ops.py`).
-Layers whose slots are not laid out fused, the embedding and the logits go to vLLM's
-implementation (which calls the grouped ops).
+Layers whose slots are not laid out fused and the embedding go to vLLM's implementation
+(which calls the copy-free ops of `ops.py`); the logits use those ops too, and skip the
+expand over the vocabulary when it would add nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")  # configured 
 # Dense form: every token times every slot of the span of slots present, in one matmul per
 # side, a 0/1 mask keeping each token's own slot. Its work grows with tokens x slots in
 # the span; above this the tokens are grouped by adapter instead (one matmul per adapter
-# present). Measured per layer on 2 AVX2 cores, rank 8, fp32 (bench/cpu_lora_ops.py --layers).
+# present). Measured per decoder layer on 2 AVX2 cores, rank 8, fp32 (bench/cpu_lora_layers.py).
 DENSE_MAX_WORK = 1024  # tokens x slots in the span
 
 
@@ -59,6 +60,8 @@ def make_step_plan(indices: torch.Tensor) -> StepPlan:
     """The plan for a token-to-slot mapping (-1: no adapter)."""
     tokens = indices.shape[0]
     present = torch.unique(indices)  # sorted
+    if present.numel() == 0:
+        return StepPlan(0, single=-1)
     if present.numel() == 1:
         return StepPlan(tokens, single=max(int(present[0]), -1))
     used = present[present >= 0]

@@ -108,6 +108,7 @@ def test_each_form_is_chosen_by_the_size_of_the_batch():
     plan = punica.make_step_plan
     assert plan(torch.tensor([2, 2, 2])).single == 2
     assert plan(torch.tensor([-1, -1])).single == -1
+    assert plan(torch.tensor([], dtype=torch.long)).single == -1  # an empty batch: nothing to apply
     dense = plan(torch.tensor([3, -1, 5, 3]))
     assert (dense.first, dense.mask.shape) == (3, (4, 3, 1))  # the span of slots 3..5
     assert dense.mask[:, :, 0].tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0]]
