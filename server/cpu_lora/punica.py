@@ -91,43 +91,34 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
         x = x.to(y.dtype)
     if plan.single is not None:
         if plan.single >= 0:
-            _apply_one_slot(y, x, slots, plan.single, scale, output_slices)
+            _apply_span(y, x, slots, plan.single, None, scale, output_slices)
         return
     if plan.mask is None:
         for slot, rows in plan.groups:
             part = torch.zeros(rows.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
-            _apply_one_slot(part, x.index_select(0, rows), slots, slot, scale, output_slices)
+            _apply_span(part, x.index_select(0, rows), slots, slot, None, scale, output_slices)
             y.index_add_(0, rows, part)
         return
-    mask = plan.dense_mask(x.dtype)
-    tokens, span = mask.shape[0], mask.shape[1]
-    rank_sum = slots.rank_sum
-    # every token through the A of every slot in the span, then keep each token's own slot
-    every = F.linear(x, slots.a[plan.first * rank_sum : (plan.first + span) * rank_sum])
-    routed = every.view(tokens, span, rank_sum) * mask
+    _apply_span(y, x, slots, plan.first, plan.dense_mask(x.dtype), scale, output_slices)
+
+
+def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int, mask: torch.Tensor | None,
+                scale: float, output_slices: tuple[int, ...]) -> None:
+    """Every row of x through the A of every slot of the span (from `first`, `mask.shape[1]`
+    slots; one slot without a mask), `mask` keeping each row's own slot; then one `addmm_`
+    per slice over the span's B: the routed input is zero outside each row's slot, so each
+    row gets only its own adapter."""
+    rows, span, rank_sum = x.shape[0], 1 if mask is None else mask.shape[1], slots.rank_sum
+    every = F.linear(x, slots.a[first * rank_sum : (first + span) * rank_sum])  # [rows, span * sum of ranks]
+    routed = every.view(rows, span, rank_sum)
+    if mask is not None:
+        routed = routed * mask
     if scale != 1.0:
-        routed.mul_(scale)
+        routed.mul_(scale)  # a tensor of its own (or a view of `every`, which is)
     rank_start, out_start = 0, 0
     for b, rank, size in zip(slots.b, slots.ranks, output_slices):
         part = routed if len(slots.ranks) == 1 else routed[:, :, rank_start : rank_start + rank]
-        # zeros outside each token's slot, so one matmul over the span's B adds only its own
-        y[:, out_start : out_start + size].addmm_(
-            part.reshape(tokens, span * rank), b[plan.first * rank : (plan.first + span) * rank]
-        )
-        rank_start += rank
-        out_start += size
-
-
-def _apply_one_slot(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, slot: int, scale: float,
-                    output_slices: tuple[int, ...]) -> None:
-    """All rows of x use `slot`: one shrink for every slice, one addmm_ per slice."""
-    rank_sum = slots.rank_sum
-    shrunk = F.linear(x, slots.a[slot * rank_sum : (slot + 1) * rank_sum])  # [rows, sum of ranks]
-    if scale != 1.0:
-        shrunk.mul_(scale)
-    rank_start, out_start = 0, 0
-    for b, rank, size in zip(slots.b, slots.ranks, output_slices):
-        y[:, out_start : out_start + size].addmm_(shrunk[:, rank_start : rank_start + rank], b[slot * rank : (slot + 1) * rank])
+        y[:, out_start : out_start + size].addmm_(part.reshape(rows, span * rank), b[first * rank : (first + span) * rank])
         rank_start += rank
         out_start += size
 

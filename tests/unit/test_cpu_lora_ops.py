@@ -118,6 +118,7 @@ def test_reference_applies_the_last_slot_where_the_index_is_minus_one():
 
 def test_plugin_installs_into_the_cpu_wrapper(monkeypatch):
     import vllm.lora.model_manager as model_manager
+    import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
     from server.cpu_lora import plugin
@@ -125,6 +126,7 @@ def test_plugin_installs_into_the_cpu_wrapper(monkeypatch):
 
     for name in grouped.OPS:  # monkeypatch puts back whatever install replaces
         monkeypatch.setattr(punica_cpu, name, getattr(punica_cpu, name))
+        monkeypatch.setattr(torch_ops, name, getattr(torch_ops, name))
     monkeypatch.setattr(punica_cpu, "PunicaWrapperCPU", punica_cpu.PunicaWrapperCPU)
     monkeypatch.setattr(model_manager, "from_layer", model_manager.from_layer)
     vllm_from_layer = model_manager.from_layer
