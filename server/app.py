@@ -37,8 +37,7 @@ def build_host(settings: Settings) -> Host:
     from .hosting.shared import SharedBaseHost
     from .models import resolve_base_model
     from .registry.records import BaseModelInfo
-    from .registry.store import Registry
-    from .registry.validation import Limits
+    from .registry.store import open_registry
 
     base_path = resolve_base_model(settings.base_model, settings.models_dir)
     if settings.mode.value == "dedicated" and settings.dedicated_models:
@@ -46,21 +45,12 @@ def build_host(settings: Settings) -> Host:
 
         return DedicatedHost(settings, discover_models(settings.dedicated_models))
     base_name = settings.served_model_name or Path(base_path).name
-    stores = [Path(p).expanduser().resolve() for p in settings.adapter_dirs]
+    stores = [Path(p) for p in settings.adapter_dirs]
     if settings.demo_adapters:
         from .training.demo import ensure_demo_adapters
 
-        stores.append(ensure_demo_adapters(settings, base_path).resolve())
-    registry = Registry(
-        base=BaseModelInfo.read(base_name, base_path),
-        stores=stores,
-        limits=Limits(
-            max_lora_rank=settings.max_lora_rank,
-            max_cls_labels=settings.max_cls_labels,
-            refuse_other_base=settings.base_mismatch.value == "refuse",
-        ),
-    )
-    registry.scan()
+        stores.append(ensure_demo_adapters(settings, base_path))
+    registry = open_registry(settings, stores, base=BaseModelInfo.read(base_name, base_path), serving=True)
     if settings.mode.value == "dedicated":
         return build_dedicated_host(settings, base_path, registry)
     return SharedBaseHost(settings, base_path, base_name, registry)

@@ -6,6 +6,8 @@ so the flags, the YAML keys and the ADAPTERSERVE_* variables always agree.
 
 from __future__ import annotations
 
+import os
+
 import inspect
 import logging
 import types
@@ -222,8 +224,15 @@ def adapters_validate(
     from .registry.validation import CONFIG_FILE
 
     settings = load_settings(config, base_model=base_model)
-    path = path.resolve()
-    is_single = (path / CONFIG_FILE).exists() or not any(p.is_dir() for p in path.iterdir())
+    path = Path(os.path.abspath(path))  # not resolve(): a symlinked folder is judged as a store entry
+    if not path.is_dir():
+        console.print(f"[red]refused[/red] {path.name} ({path}): not a folder")
+        raise typer.Exit(1)
+    try:
+        is_single = (path / CONFIG_FILE).exists() or not any(p.is_dir() for p in path.iterdir())
+    except OSError as exc:
+        console.print(f"[red]refused[/red] {path.name} ({path}): cannot be listed ({exc})")
+        raise typer.Exit(1) from None
     registry = _registry(settings, [path.parent] if is_single else [path])
     if is_single:
         registry.adapters = {k: v for k, v in registry.adapters.items() if k == path.name}

@@ -145,6 +145,24 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Seconds to wait for an engine to become ready."
     )
 
+    # --- request limits and recovery -------------------------------------------------
+    max_request_body_bytes: int = Field(
+        8 * MiB, gt=0, description="Largest request body in bytes; larger bodies get a 413."
+    )
+    max_json_depth: int = Field(
+        32, gt=0, description="Deepest nesting of lists and objects in a request body; deeper gets a 400."
+    )
+    max_n: int = Field(8, gt=0, description="Most choices (`n`) one request may ask for.")
+    max_output_tokens: int = Field(
+        4096, gt=0, description="Most tokens (`max_tokens`, `max_completion_tokens`) one request may ask for."
+    )
+    engine_restart_backoff_s: float = Field(
+        2.0, gt=0, description="First wait before restarting an engine that died; doubled after each failed restart."
+    )
+    engine_restart_backoff_max_s: float = Field(
+        120.0, gt=0, description="Longest wait between restarts of an engine that keeps dying."
+    )
+
     # --- metrics -----------------------------------------------------------------
     metrics_max_models: int = Field(
         50,
@@ -188,6 +206,11 @@ class Settings(BaseSettings):
     @property
     def built_adapters_dir(self) -> Path:
         return self.cache_dir / "adapters"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """Server-owned, validated copies of the adapters the engines load."""
+        return self.cache_dir / "snapshots"
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -15,7 +15,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
-from server.registry.records import SAFE_NAME
+from server.registry.records import is_safe_name
 
 from .auth import require_admin_key
 from .errors import APIError
@@ -27,14 +27,15 @@ router = APIRouter(dependencies=[Depends(require_admin_key)])
 def _record_json(record) -> dict:
     data = asdict(record)
     data["path"] = str(record.path)
+    data["source"] = str(record.source) if record.source else None
     return data
 
 
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or not name:
         raise APIError(400, "'lora_name' must be provided.", param="lora_name")
-    if not SAFE_NAME.match(name):
-        raise APIError(400, f"'{name}' is not a valid adapter name.", param="lora_name")
+    if not is_safe_name(name):
+        raise APIError(400, f"{name!r} is not a valid adapter name.", param="lora_name")
     return name
 
 
@@ -44,7 +45,13 @@ def _check_path(raw_request: Request, name: str, lora_path: object) -> None:
         return
     registry = _registry(raw_request)
     found = registry.find_folder(name)
-    allowed = found is not None and Path(str(lora_path)).resolve() == found[0].resolve()
+    try:
+        allowed = (
+            isinstance(lora_path, str) and found is not None
+            and Path(lora_path).resolve() == found[0].resolve()
+        )
+    except (ValueError, OSError, RuntimeError):  # NUL bytes, symlink loops, names too long
+        allowed = False
     if not allowed:
         raise APIError(
             403,

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter
 
-from .errors import APIError, from_vllm_error
+from .errors import APIError, engine_unavailable, from_vllm_error
 from .requests import call_vllm, read_json_object, route, validate
 
 router = APIRouter()
@@ -37,11 +37,13 @@ async def create_classification(raw_request: Request):
         _check_input(payload)
     request = validate(payload, TypeAdapter(ClassificationRequest).validate_python)
     target = await route(raw_request, request, "classify")
-    response = await call_vllm(target.engine.serving("classify")(request, raw_request))
+    response = await call_vllm(target.engine.serving("classify")(request, raw_request), raw_request, target)
     body = json.loads(response.body)
     if response.status_code != 200 or "error" in body:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
+        if response.status_code >= 500 and not target.engine.running:
+            raise engine_unavailable(target.engine.name)
         raise from_vllm_error(ErrorResponse.model_validate(body))
     labels = target.record.labels if target.record else []
     for item in body.get("data", []):

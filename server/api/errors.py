@@ -34,6 +34,7 @@ _TYPE_BY_STATUS = {
     415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    499: "invalid_request_error",
     501: "not_implemented_error",
     503: "service_unavailable_error",
 }
@@ -86,6 +87,17 @@ def model_not_found(name: str) -> APIError:
         f"The model `{name}` does not exist or you do not have access to it.",
         param="model",
         code="model_not_found",
+    )
+
+
+RETRY_AFTER_SECONDS = 10  # an engine restarts in ~30 s; clients poll a few times meanwhile
+
+
+def engine_unavailable(engine: str) -> APIError:
+    """A request for an engine that is down (dead, or restarting)."""
+    return APIError(
+        503, f"The engine `{engine}` is down and is being restarted; retry shortly.",
+        code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 
 

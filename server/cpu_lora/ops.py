@@ -106,12 +106,14 @@ def _dense_matmul(x: torch.Tensor, weights: torch.Tensor, plan: Plan, dtype) -> 
         weights = weights.index_select(0, plan.present)
     weights, x = weights.float(), x.float()
     present, out_features, in_features = weights.shape
+    # Each token keeps its own slot's result by a select, never by multiplying with a 0/1
+    # mask: 0 * NaN is NaN, so a multiply would carry one slot's values into every token.
+    keep = plan.mask.bool().unsqueeze(2)  # [tokens, present, 1]
     if in_features >= out_features:  # shrink: every slot's output, then keep each token's own
-        every = x @ weights.reshape(present * out_features, in_features).T
-        y = (every.view(-1, present, out_features) * plan.mask.unsqueeze(2)).sum(1)
-    else:  # expand: route each token's input to its own slot, one batched matmul over the slots
-        routed = x.unsqueeze(1) * plan.mask.unsqueeze(2)  # [tokens, present, in]
-        y = torch.bmm(routed.transpose(0, 1), weights.transpose(1, 2)).sum(0)
+        every = (x @ weights.reshape(present * out_features, in_features).T).view(-1, present, out_features)
+    else:  # expand: every token through every slot present, one batched matmul
+        every = torch.bmm(x.unsqueeze(0).expand(present, -1, -1), weights.transpose(1, 2)).transpose(0, 1)
+    y = torch.where(keep, every, 0.0).sum(1)
     return y.to(dtype)
 
 

@@ -31,9 +31,6 @@ def register() -> None:
     global _installed
     if _installed:
         return
-    if not enabled_by_env():
-        log.info("grouped CPU LoRA ops: off (%s=0)", ENV_SWITCH)
-        return
     import vllm
     from vllm.platforms import current_platform
 
@@ -47,8 +44,39 @@ def register() -> None:
             "vLLM's reference ops are used", version, ", ".join(CHECKED_VLLM_VERSIONS),
         )
         return
+    if not enabled_by_env():
+        install_containment_only()
+        log.info("grouped CPU LoRA ops: off (%s=0); vLLM's reference ops, without delta for tokens with no adapter", ENV_SWITCH)
+        return
     install()
     log.info("grouped CPU LoRA ops: active in pid %d (vLLM %s)", os.getpid(), version)
+
+
+def _wrap_from_layer(*steps) -> None:
+    """Run `steps` on every LoRA linear layer vLLM creates, right after it creates it."""
+    import vllm.lora.model_manager as model_manager
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    vllm_from_layer = model_manager.from_layer
+
+    def from_layer(*args, **kwargs):
+        layer = vllm_from_layer(*args, **kwargs)
+        if isinstance(layer, BaseLinearLayerWithLoRA):
+            for step in steps:
+                step(layer)
+        return layer
+
+    model_manager.from_layer = from_layer
+
+
+def install_containment_only() -> None:
+    """vLLM's own CPU path, with its -1 index meaning no adapter and finite slots."""
+    global _installed
+    from .containment import fix_reference_ops, guard_slots
+
+    fix_reference_ops()
+    _wrap_from_layer(guard_slots)
+    _installed = True
 
 
 def install() -> None:
@@ -56,11 +84,10 @@ def install() -> None:
     class where vLLM resolves it (by the qualified name the CPU platform gives), and lay
     out the LoRA slots of every linear layer vLLM wraps for the fused wrapper."""
     global _installed
-    import vllm.lora.model_manager as model_manager
     import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
+    from .containment import guard_slots
     from .layout import lay_out
     from .ops import OPS
     from .punica import FusedPunicaWrapperCPU
@@ -70,14 +97,5 @@ def install() -> None:
         if hasattr(punica_cpu, name):
             setattr(punica_cpu, name, function)
     punica_cpu.PunicaWrapperCPU = FusedPunicaWrapperCPU
-
-    vllm_from_layer = model_manager.from_layer
-
-    def from_layer(*args, **kwargs):
-        layer = vllm_from_layer(*args, **kwargs)
-        if isinstance(layer, BaseLinearLayerWithLoRA):
-            lay_out(layer)
-        return layer
-
-    model_manager.from_layer = from_layer
+    _wrap_from_layer(lay_out, guard_slots)
     _installed = True

@@ -49,11 +49,8 @@ class StepPlan:
     tokens: int
     single: int | None = None  # the slot every token uses (-1: no token has an adapter)
     first: int = 0  # dense: the span of slots is first .. first + mask.shape[1] - 1
-    mask: torch.Tensor | None = None  # dense: [tokens, span, 1], 1.0 where the token uses the slot
+    mask: torch.Tensor | None = None  # dense: [tokens, span, 1], True where the token uses the slot
     groups: tuple[tuple[int, torch.Tensor], ...] = ()  # grouped: (slot, rows) per adapter present
-
-    def dense_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.mask if self.mask.dtype == dtype else self.mask.to(dtype)
 
 
 def make_step_plan(indices: torch.Tensor) -> StepPlan:
@@ -69,7 +66,7 @@ def make_step_plan(indices: torch.Tensor) -> StepPlan:
     span = last - first + 1
     if tokens * span <= DENSE_MAX_WORK:
         slots = torch.arange(first, last + 1, dtype=indices.dtype)
-        mask = (indices.unsqueeze(1) == slots.unsqueeze(0)).to(torch.float32).unsqueeze(2)
+        mask = (indices.unsqueeze(1) == slots.unsqueeze(0)).unsqueeze(2)
         return StepPlan(tokens, first=first, mask=mask)
     order = torch.argsort(indices, stable=True)
     counts = torch.bincount(indices[order] + 1)  # +1: -1 counts at 0
@@ -99,7 +96,7 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
             _apply_span(part, x.index_select(0, rows), slots, slot, None, scale, output_slices)
             y.index_add_(0, rows, part)
         return
-    _apply_span(y, x, slots, plan.first, plan.dense_mask(x.dtype), scale, output_slices)
+    _apply_span(y, x, slots, plan.first, plan.mask, scale, output_slices)
 
 
 def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int, mask: torch.Tensor | None,
@@ -112,7 +109,9 @@ def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int,
     every = F.linear(x, slots.a[first * rank_sum : (first + span) * rank_sum])  # [rows, span * sum of ranks]
     routed = every.view(rows, span, rank_sum)
     if mask is not None:
-        routed = routed * mask
+        # select, not multiply: 0 * NaN is NaN, so a multiply would carry one slot's
+        # non-finite values into every other token of the batch
+        routed = torch.where(mask, routed, 0.0)
     if scale != 1.0:
         routed.mul_(scale)  # a tensor of its own (or a view of `every`, which is)
     rank_start, out_start = 0, 0

@@ -92,6 +92,8 @@ class DedicatedHost:
         self.swap_count = 0
         self.swap_seconds: list[float] = []
         self.observe_swap = lambda model, seconds: None  # set by the metrics
+        self.observe_restart = lambda engine: None  # set by the metrics
+        self.restarts: dict[str, int] = {}
         self.created = int(time.time())
         self._lock = asyncio.Lock()
         self._monitor: asyncio.Task | None = None
@@ -227,7 +229,8 @@ class DedicatedHost:
         try:
             async with self._lock:
                 await self._start_engine(model)
-            self.restarts = getattr(self, "restarts", 0) + 1
+            self.restarts[model.name] = self.restarts.get(model.name, 0) + 1
+            self.observe_restart(model.name)
         except Exception as exc:  # keep reporting it as down; the next request retries
             self.down[model.name] = f"restart failed: {exc}"
             log.exception("restart of %s failed", model.name)

@@ -176,12 +176,35 @@ class Engine:
         self.startup_seconds = time.monotonic() - began
         log.info("engine %s ready in %.1f s", self.name, self.startup_seconds)
 
-    def stop(self) -> None:
-        """Shut the engine and its processes down (idempotent)."""
+    def stop(self, wait_s: float = 30.0) -> None:
+        """Shut the engine down and return only once its processes are gone (idempotent).
+
+        vLLM's shutdown signals the engine core and returns; the core then stops its
+        workers. Waiting here (and killing, by process id, what outlives `wait_s`) is what
+        lets the server's own process exit last, with no engine process left behind."""
+        pids = self.process_ids()
         client, self.client = self.client, None
-        if client is not None:
-            log.info("stopping engine %s", self.name)
+        if client is None:
+            return
+        log.info("stopping engine %s", self.name)
+        try:
             client.shutdown(timeout=self.vllm_config.shutdown_timeout if self.vllm_config else None)
+        except Exception:  # a dead engine may fail to shut down cleanly; its processes are handled below
+            log.exception("engine %s did not shut down cleanly", self.name)
+        processes = []
+        for pid in pids:
+            try:
+                processes.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                continue
+        _, alive = psutil.wait_procs(processes, timeout=wait_s)
+        for process in alive:
+            log.warning("engine %s: process %d outlived the shutdown; killing it", self.name, process.pid)
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
 
     # --- state -------------------------------------------------------------------
     @property

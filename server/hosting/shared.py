@@ -9,15 +9,21 @@ Adapters live in three tiers: an engine slot (`max_loras`, per batch), the engin
 LRU (`max_cpu_loras`), and the store on disk, loaded on first use. vLLM manages the first
 two; this host keeps the name -> LoRARequest table that makes every registered adapter
 servable.
+
+An engine that dies (its process killed, or a fatal error inside a step) is detected
+within a second: requests for it get a 503 with Retry-After at once, it is restarted
+(with a back-off when it keeps dying) and its adapters are registered again, while the
+other engine keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
 
-from server.api.errors import APIError, model_not_found
+from server.api.errors import APIError, engine_unavailable, model_not_found
 from server.config import Settings
 from server.registry.records import AdapterInvalid, AdapterRecord
 from server.registry.store import Registry
@@ -42,6 +48,10 @@ class SharedBaseHost:
         self._lora_ids = itertools.count(1)
         self.created = int(time.time())
         self.observe_load = lambda kind, seconds: None  # set by the metrics
+        self.observe_restart = lambda engine: None  # set by the metrics
+        self.down: dict[str, str] = {}  # engine name -> why it is down while it restarts
+        self.restarts: dict[str, int] = {}
+        self._watcher: asyncio.Task | None = None
 
     # --- life cycle --------------------------------------------------------------
     def _spec(self, name: str, runner: str, **extra) -> EngineSpec:
@@ -69,31 +79,93 @@ class SharedBaseHost:
             try:
                 await self._register(record)
             except AdapterInvalid as exc:
-                self.registry.remove(record.name)
-                self.registry.problems.append(_problem(record, exc.reason))
-                log.warning("adapter '%s' refused by the engine: %s", record.name, exc.reason)
+                self._refuse(record, exc.reason)
+        self._watcher = asyncio.create_task(self._watch())
+
+    def _refuse(self, record: AdapterRecord, reason: str) -> None:
+        self.registry.remove(record.name)
+        self.registry.problems.append(_problem(record, reason))
+        log.warning("adapter %r refused by the engine: %s", record.name, reason)
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         for engine in (self.classify, self.generate):
             if engine is not None:
                 engine.stop()
+
+    # --- recovery ----------------------------------------------------------------
+    async def _watch(self, interval: float = 1.0) -> None:
+        """Restart engines that died, one at a time; the other keeps serving meanwhile."""
+        backoff: dict[str, tuple[float, float]] = {}  # engine -> (next delay, last restart)
+        while True:
+            await asyncio.sleep(interval)
+            for role in ("generate", "classify"):
+                dead = getattr(self, role)
+                if dead is None or dead.running:
+                    continue
+                try:
+                    await self._restart(role, dead, backoff)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # keep watching whatever happened
+                    log.exception("restarting engine %s failed", dead.name)
+
+    async def _restart(self, role: str, dead: Engine, backoff: dict[str, tuple[float, float]]) -> None:
+        name = dead.name
+        self.down[name] = (await dead.check_health()) or "engine stopped"
+        log.error("engine %s is down (%s); restarting it", name, self.down[name])
+        dead.stop()
+        first, most = self.settings.engine_restart_backoff_s, self.settings.engine_restart_backoff_max_s
+        delay, last = backoff.get(name, (first, 0.0))
+        if time.monotonic() - last > most:  # it stayed up a while: start over from the first delay
+            delay = first
+        while True:
+            if time.monotonic() - last < most:  # died soon after its last restart: wait first
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, most)
+            last = time.monotonic()
+            engine = self.engine_factory(dead.spec)
+            try:
+                await engine.start()
+                break
+            except Exception as exc:
+                engine.stop()
+                self.down[name] = f"restart failed: {exc}"
+                log.error("engine %s did not restart: %s", name, exc)
+        backoff[name] = (delay, last)
+        for record in [r for r in self.registry.adapters.values() if self._role_for(r) == role]:
+            try:
+                await self._register(record, engine)
+            except AdapterInvalid as exc:
+                self._refuse(record, exc.reason)
+        setattr(self, role, engine)  # requests reach it only now, with its adapters published
+        self.down.pop(name, None)
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        self.observe_restart(name)
+        log.info("engine %s restarted (%d restarts)", name, self.restarts[name])
 
     def engines(self) -> list[Engine]:
         return [e for e in (self.generate, self.classify) if e is not None]
 
     async def health(self) -> dict[str, str | None]:
-        return {engine.name: await engine.check_health() for engine in self.engines()}
+        return {engine.name: self.down.get(engine.name) or await engine.check_health() for engine in self.engines()}
 
     # --- adapters in the engines ------------------------------------------------
-    def _engine_for(self, record: AdapterRecord) -> Engine | None:
-        return self.classify if record.kind == "head" else self.generate
+    @staticmethod
+    def _role_for(record: AdapterRecord) -> str:
+        return "classify" if record.kind == "head" else "generate"
 
-    async def _register(self, record: AdapterRecord) -> None:
+    def _engine_for(self, record: AdapterRecord) -> Engine | None:
+        return getattr(self, self._role_for(record))
+
+    async def _register(self, record: AdapterRecord, engine: Engine | None = None) -> None:
         """Make the adapter servable: load it once in its engine (which checks it for real
         and leaves it in the CPU LRU), then publish it under its name."""
         from vllm.lora.request import LoRARequest
 
-        engine = self._engine_for(record)
+        engine = engine or self._engine_for(record)
         if engine is None:
             raise AdapterInvalid(record.name, "heads are served by the pooling engine, which is not running; restart the server to start it")
         request = LoRARequest(
@@ -123,14 +195,28 @@ class SharedBaseHost:
         return await self.reload_adapter(name)
 
     async def reload_adapter(self, name: str) -> AdapterRecord:
+        """Validate the store's folder again and serve it; when the new version is refused,
+        the last good version (if any) keeps serving and the answer says why."""
+        previous = self.registry.adapters.get(name) if self._published(name) else None
         try:
-            record = self.registry.refresh(name)
+            record = self.registry.validate(name)
             await self._register(record)
         except AdapterInvalid as exc:
-            self.registry.remove(name)
-            self._unpublish(name)
-            status = 404 if "no such folder" in exc.reason else 400
-            raise APIError(status, str(exc), param="lora_name", code="adapter_not_found" if status == 404 else "adapter_invalid") from None
+            missing = "no such folder" in exc.reason
+            if previous is None:
+                self.registry.remove(name)
+                self._unpublish(name)
+                raise APIError(
+                    404 if missing else 400, str(exc), param="lora_name",
+                    code="adapter_not_found" if missing else "adapter_invalid",
+                ) from None
+            self.registry.problems = [p for p in self.registry.problems if p.name != name]
+            self.registry.problems.append(_problem(previous, f"new version refused, the last good one serves: {exc.reason}"))
+            raise APIError(
+                404 if missing else 400, f"{exc}; the last good version of `{name}` keeps serving.",
+                param="lora_name", code="adapter_not_found" if missing else "adapter_invalid",
+            ) from None
+        self.registry.register(record)
         return record
 
     async def unload_adapter(self, name: str) -> None:
@@ -152,14 +238,14 @@ class SharedBaseHost:
         if name == self.base_name:
             if endpoint == "classify":
                 raise wrong_endpoint(model, "base", endpoint)
-            return Target(engine=self.generate, vllm_model=self.base_name, model=self.base_name)
+            return Target(engine=_live(self.generate), vllm_model=self.base_name, model=self.base_name)
         record = self.registry.adapters.get(name)
         if record is None or not self._published(name):
             raise model_not_found(model)
         wants_head = endpoint == "classify"
         if (record.kind == "head") != wants_head:
             raise wrong_endpoint(model, record.kind, endpoint)
-        return Target(engine=self._engine_for(record), vllm_model=name, model=name, record=record)
+        return Target(engine=_live(self._engine_for(record)), vllm_model=name, model=name, record=record)
 
     def model_cards(self) -> list[ModelCard]:
         cards = [
@@ -189,6 +275,13 @@ class SharedBaseHost:
                 )
             )
         return cards
+
+
+def _live(engine: Engine) -> Engine:
+    """The engine, if it can serve now; a 503 with Retry-After while it is down."""
+    if not engine.running:
+        raise engine_unavailable(engine.name)
+    return engine
 
 
 def _problem(record: AdapterRecord, reason: str):

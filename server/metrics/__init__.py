@@ -80,6 +80,9 @@ class Metrics:
             "Dedicated mode: time to swap a model's engine in (stop the LRU engine, start this one).",
             ["model"], registry=self.registry, buckets=SWAP_BUCKETS,
         )
+        self.engine_restarts = Counter(
+            "adapterserve_engine_restarts", "Engines restarted after they died, by engine.", ["engine"], registry=self.registry
+        )
         for kind in ("lora", "head"):  # zero series from the start: rate() needs a first sample
             self.adapter_loads.labels(kind)
             self.adapter_evictions.labels(kind)
@@ -108,12 +111,16 @@ class Metrics:
         host.engine_factory = observed_engine
         if hasattr(host, "observe_swap"):
             host.observe_swap = lambda model, seconds: self.swap_seconds.labels(self.models.label(model)).observe(seconds)
+        if hasattr(host, "observe_restart"):
+            host.observe_restart = lambda engine: self.engine_restarts.labels(engine).inc()  # few engines: no cap needed
         if hasattr(host, "observe_load"):
             host.observe_load = lambda kind, seconds: self.adapter_load_seconds.labels(kind).observe(seconds)
 
     async def bind_host(self, host) -> None:
         """After the host started: measure now, then every `refresh_seconds`."""
         self.host = host
+        for engine in host.engines():  # zero series from the start, as for the loads
+            self.engine_restarts.labels(engine.name)
         await self.refresh()
         self._refresher = asyncio.create_task(self._refresh_forever())
 

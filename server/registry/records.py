@@ -12,7 +12,12 @@ AdapterKind = Literal["lora", "head"]
 
 # A model name clients can type and that is safe as a folder, a URL path segment and a
 # Prometheus label value: letters, digits, '.', '_', '-'; no ':' (it separates base:adapter).
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Match with `is_safe_name` (fullmatch): `$` would let a trailing newline through.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def is_safe_name(name: object) -> bool:
+    return isinstance(name, str) and SAFE_NAME.fullmatch(name) is not None
 
 
 class AdapterInvalid(ValueError):
@@ -30,7 +35,7 @@ class AdapterRecord:
 
     name: str
     kind: AdapterKind
-    path: Path
+    path: Path  # what the engine loads: the server-owned snapshot (or the folder itself)
     rank: int
     target_modules: list[str]
     trainable_params: int
@@ -38,6 +43,7 @@ class AdapterRecord:
     base_model: str | None  # as the adapter's config records it
     labels: list[str] = field(default_factory=list)  # heads: label names by index
     warnings: list[str] = field(default_factory=list)
+    source: Path | None = None  # the store folder it was validated from
 
     def share_of_base(self, base_params: int) -> float:
         return self.trainable_params / base_params if base_params else 0.0

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .records import AdapterInvalid, AdapterRecord, BaseModelInfo
+from .snapshots import SnapshotStore
 from .validation import Limits, validate_adapter
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ class Registry:
     base: BaseModelInfo
     stores: list[Path]
     limits: Limits
+    # Where validated copies are kept and served from; None validates the folders in
+    # place (the read-only reports of the CLI), never for serving.
+    snapshots: SnapshotStore | None = None
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
@@ -40,10 +44,15 @@ class Registry:
         self.adapters.clear()
         self.problems.clear()
         for store in self.stores:
-            for folder in candidate_folders(store):
+            try:
+                folders = candidate_folders(store)
+            except OSError as exc:  # an unreadable store is reported, the others served
+                self.problems.append(Problem(store.name, store, f"adapter store cannot be listed ({exc})"))
+                continue
+            for folder in folders:
                 self._admit(folder, store)
         for problem in self.problems:
-            log.warning("adapter '%s' refused: %s", problem.name, problem.reason)
+            log.warning("adapter %r refused: %s", problem.name, problem.reason)
         for record in self.adapters.values():
             for warning in record.warnings:
                 log.warning("adapter '%s': %s", record.name, warning)
@@ -54,7 +63,7 @@ class Registry:
             self.problems.append(Problem(name, folder, f"duplicate name, already served from {self.adapters[name].path}"))
             return None
         try:
-            record = validate_adapter(folder, store, self.base, self.limits)
+            record = validate_adapter(folder, store, self.base, self.limits, self.snapshots)
         except AdapterInvalid as exc:
             self.problems.append(Problem(name, folder, exc.reason))
             return None
@@ -70,16 +79,18 @@ class Registry:
                 return folder, store
         return None
 
-    def refresh(self, name: str) -> AdapterRecord:
-        """Validate `name` again from its store (for load and reload); raise AdapterInvalid."""
+    def validate(self, name: str) -> AdapterRecord:
+        """Validate `name` again from its store (for load and reload) without registering
+        it; raise AdapterInvalid. The registered version, if any, stays as it is."""
         found = self.find_folder(name)
         if found is None:
             raise AdapterInvalid(name, "no such folder in the adapter stores")
         folder, store = found
-        record = validate_adapter(folder, store, self.base, self.limits)
-        self.adapters[name] = record
-        self.problems = [p for p in self.problems if p.name != name]
-        return record
+        return validate_adapter(folder, store, self.base, self.limits, self.snapshots)
+
+    def register(self, record: AdapterRecord) -> None:
+        self.adapters[record.name] = record
+        self.problems = [p for p in self.problems if p.name != record.name]
 
     def remove(self, name: str) -> AdapterRecord | None:
         return self.adapters.pop(name, None)
@@ -104,12 +115,25 @@ def base_info(settings) -> BaseModelInfo:
     return BaseModelInfo.read(settings.served_model_name or path.name, path)
 
 
-def open_registry(settings, stores: list[Path]) -> Registry:
-    """The scanned registry of these stores over the settings' base, with its limits."""
+def limits_from(settings) -> Limits:
+    from server.hosting.engine import resolve_dtype
+
+    return Limits(
+        max_lora_rank=settings.max_lora_rank,
+        max_cls_labels=settings.max_cls_labels,
+        refuse_other_base=settings.base_mismatch.value == "refuse",
+        served_dtype=resolve_dtype(settings.dtype),
+    )
+
+
+def open_registry(settings, stores: list[Path], base: BaseModelInfo | None = None, serving: bool = False) -> Registry:
+    """The scanned registry of these stores over the settings' base, with its limits.
+    `serving`: adapters are snapshotted into the server's cache and served from there."""
     registry = Registry(
-        base=base_info(settings),
-        stores=[Path(s).resolve() for s in stores],
-        limits=Limits(settings.max_lora_rank, settings.max_cls_labels, settings.base_mismatch.value == "refuse"),
+        base=base or base_info(settings),
+        stores=[Path(s).expanduser().resolve() for s in stores],
+        limits=limits_from(settings),
+        snapshots=SnapshotStore(settings.snapshots_dir) if serving else None,
     )
     registry.scan()
     return registry

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import ADMIN_KEY, DEMO, RANDOM_ADAPTERS
-from tests.reference import assert_matches, greedy, load_reference
+from tests.reference import assert_matches, greedy, load_reference, served_greedy
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,10 @@ def test_models_lists_every_adapter_with_its_fields(client, base_name):
 
 def test_concurrent_requests_over_more_adapters_than_slots(client, async_client):
     names = [*DEMO, *RANDOM_ADAPTERS]  # 8 adapters, 4 engine slots
-    expected = {name: greedy_text(client, name, max_tokens=8)[1] for name in names}
+    alone = {name: served_greedy(client, name, QUESTION, max_tokens=8) for name in names}
+    # the adapters' outputs differ from each other: a request served by the wrong adapter
+    # (or by none) is caught below, where one token clearly wins
+    assert len({tuple(g.tokens[:4]) for g in alone.values()}) == len(names), alone
 
     async def one(http, name):
         response = await http.chat.completions.create(
@@ -73,7 +76,8 @@ def test_concurrent_requests_over_more_adapters_than_slots(client, async_client)
     assert len(results) == 32
     for name, tokens in results:
         # batched with other adapters, each request still gets its own adapter's output
-        assert tokens[:4] == expected[name][:4], name
+        # (in bf16 batching may round a near-tie the other way, nothing more)
+        assert_matches(tokens, alone[name], 4, f"{name} batched")
 
 
 def test_unload_then_404_then_load(client, server):

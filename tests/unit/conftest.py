@@ -15,6 +15,7 @@ from server.app import create_app
 from server.config import Settings
 from server.hosting.shared import SharedBaseHost
 from server.registry.records import BaseModelInfo
+from server.registry.snapshots import SnapshotStore
 from server.registry.store import Registry
 from server.registry.validation import Limits
 from tests.adapter_factory import write_lora
@@ -52,8 +53,10 @@ def store(tmp_path, tiny_base) -> Path:
 
 
 @pytest.fixture
-def registry(tiny_base, store) -> Registry:
-    registry = Registry(base=tiny_base, stores=[store], limits=Limits(max_lora_rank=16))
+def registry(tiny_base, store, tmp_path) -> Registry:
+    registry = Registry(
+        base=tiny_base, stores=[store], limits=Limits(max_lora_rank=16), snapshots=SnapshotStore(tmp_path / "snapshots")
+    )
     registry.scan()
     return registry
 

@@ -131,10 +131,16 @@ def test_plugin_installs_into_the_cpu_wrapper(monkeypatch):
     monkeypatch.setattr(model_manager, "from_layer", model_manager.from_layer)
     vllm_from_layer = model_manager.from_layer
     monkeypatch.setattr(plugin, "_installed", False)
+    for name in ("sgmv_expand_slice", "bgmv_expand_slice"):
+        monkeypatch.setattr(punica_cpu, name, getattr(punica_cpu, name))
+    vllm_shrink = punica_cpu.bgmv_shrink
     monkeypatch.setenv(plugin.ENV_SWITCH, "0")
     plugin.register()
-    assert punica_cpu.bgmv_shrink is not grouped.OPS["bgmv_shrink"]
+    # off: vLLM's reference ops, wrapped so that index -1 gets no delta
+    assert punica_cpu.bgmv_shrink is not grouped.OPS["bgmv_shrink"] and punica_cpu.bgmv_shrink is not vllm_shrink
     assert punica_cpu.PunicaWrapperCPU is not FusedPunicaWrapperCPU
+    assert model_manager.from_layer is not vllm_from_layer  # the slot guard
+    monkeypatch.setattr(plugin, "_installed", False)
     monkeypatch.setenv(plugin.ENV_SWITCH, "1")
     plugin.register()
     assert all(getattr(punica_cpu, name) is grouped.OPS[name] for name in grouped.OPS)
