@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI
 from .api import admin, chat, classify, completions, health, models
 from .api.auth import require_api_key
 from .api.errors import install_error_handlers
+from .api.openapi import install_openapi
 from .config import Settings
 from .hosting.base import Host
 from .metrics import Metrics
@@ -103,4 +104,5 @@ def create_app(settings: Settings, host_factory: HostFactory | None = None) -> F
     app.include_router(admin.router)
     app.include_router(health.router)
     app.state.metrics.attach(app)
+    install_openapi(app)
     return app

@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 import typer
 from pydantic import SecretStr
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import Settings, load_settings
@@ -192,7 +193,8 @@ def _table(registry) -> Table:
 
 def _print_problems(registry) -> None:
     for problem in registry.problems:
-        console.print(f"[red]refused[/red] {problem.name} ({problem.path}): {problem.reason}")
+        # names, paths and reasons come from the folders: never read them as markup
+        console.print(f"[red]refused[/red] {escape(repr(problem.name))} ({escape(str(problem.path))}): {escape(problem.reason)}")
 
 
 @adapters_app.command("list")
@@ -240,7 +242,7 @@ def adapters_validate(
     Console().print(_table(registry))
     for record in registry.adapters.values():
         for warning in record.warnings:
-            console.print(f"[yellow]warning[/yellow] {record.name}: {warning}")
+            console.print(f"[yellow]warning[/yellow] {record.name}: {escape(warning)}")
     _print_problems(registry)
     if registry.problems:
         raise typer.Exit(1)

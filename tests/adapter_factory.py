@@ -223,7 +223,7 @@ def _hostile_files(store: Path, base: BaseModelInfo) -> dict[str, str]:
     os.symlink(store / ".a-file", store / "file-link")
     expected["file-link"] = "not a folder"
 
-    for name in ("trailing-newline\n", "-leading-dash", "with:colon", "x" * 65):
+    for name in ("trailing-newline\n", "-leading-dash", "with:colon", "x" * 65, "[red]rich-markup"):
         write_lora(store / name, base, targets=("q_proj",))
         expected[name] = "not a safe model name"
     return expected

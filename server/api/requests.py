@@ -160,8 +160,14 @@ async def call_vllm(awaitable, raw_request: Request, target: Target) -> Any:
         raise
     except Exception as exc:
         result = create_error_response(exc)
-    if isinstance(result, ErrorResponse) and _status(result) >= 500 and not target.engine.running:
-        raise engine_unavailable(target.engine.name)
+    if isinstance(result, ErrorResponse) and _status(result) >= 500:
+        if not target.engine.running:
+            raise engine_unavailable(target.engine.name)
+        if target.record is not None and target.model in getattr(raw_request.app.state.host, "quarantined", {}):
+            raise APIError(
+                500, f"The adapter `{target.model}` produced non-finite values (NaN logits); the request was stopped "
+                "and the adapter quarantined.", param="model", code="adapter_quarantined",
+            )
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Literal
 
 import psutil
 from starlette.datastructures import State
+
+from .nonfinite import ENV_COUNT_NANS, watch_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,8 @@ class Engine:
         self.startup_seconds: float | None = None
         self.vllm_config = None
         self.on_started = None  # called with the engine once its client exists (metrics use it)
+        # called with (adapter name or None, request id) when a request's logits hold NaN
+        self.on_nonfinite = lambda adapter, request_id: None
 
     @property
     def name(self) -> str:
@@ -158,12 +163,17 @@ class Engine:
             usage_context=UsageContext.OPENAI_API_SERVER
         )
         log.info("starting engine %s (%s) from %s", self.name, self.spec.runner, self.spec.model_path)
+        if self.spec.runner == "generate":
+            # the engine's workers count NaN logits per request (inherited by its processes)
+            os.environ[ENV_COUNT_NANS] = "1"
         self.client = AsyncLLM.from_vllm_config(
             vllm_config=self.vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
             enable_log_requests=False,
             disable_log_stats=not self.spec.log_stats,
         )
+        if self.spec.runner == "generate":
+            watch_nonfinite(self.client, lambda adapter, request_id: self.on_nonfinite(adapter, request_id))
         if self.on_started is not None:
             self.on_started(self)
         try:

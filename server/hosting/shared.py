@@ -49,6 +49,8 @@ class SharedBaseHost:
         self.created = int(time.time())
         self.observe_load = lambda kind, seconds: None  # set by the metrics
         self.observe_restart = lambda engine: None  # set by the metrics
+        self.observe_quarantine = lambda kind: None  # set by the metrics
+        self.quarantined: dict[str, str] = {}  # adapter -> why it no longer serves (until reloaded)
         self.down: dict[str, str] = {}  # engine name -> why it is down while it restarts
         self.restarts: dict[str, int] = {}
         self._watcher: asyncio.Task | None = None
@@ -59,13 +61,18 @@ class SharedBaseHost:
             self.settings, name, self.base_path, self.base_name, runner=runner, enable_lora=True, **extra
         )
 
+    def _new_engine(self, spec: EngineSpec) -> Engine:
+        engine = self.engine_factory(spec)
+        engine.on_nonfinite = self._quarantine
+        return engine
+
     async def start(self) -> None:
-        self.generate = self.engine_factory(self._spec("generate", "generate"))
+        self.generate = self._new_engine(self._spec("generate", "generate"))
         await self.generate.start()
         heads = [r for r in self.registry.adapters.values() if r.kind == "head"]
         if heads:
             widest = max(len(r.labels) for r in heads)
-            self.classify = self.engine_factory(
+            self.classify = self._new_engine(
                 self._spec(
                     "classify",
                     "pooling",
@@ -126,7 +133,7 @@ class SharedBaseHost:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, most)
             last = time.monotonic()
-            engine = self.engine_factory(dead.spec)
+            engine = self._new_engine(dead.spec)
             try:
                 await engine.start()
                 break
@@ -151,6 +158,23 @@ class SharedBaseHost:
 
     async def health(self) -> dict[str, str | None]:
         return {engine.name: self.down.get(engine.name) or await engine.check_health() for engine in self.engines()}
+
+    def _quarantine(self, adapter: str | None, request_id: str) -> None:
+        """An adapter whose request produced NaN logits stops serving until it is reloaded;
+        its request has already been ended with an error."""
+        if adapter is None:
+            log.error("request %s: the base model produced NaN logits", request_id)
+            return
+        record = self.registry.adapters.get(adapter)
+        if record is None or adapter in self.quarantined:
+            return
+        reason = "quarantined: it produced non-finite values (NaN logits) while serving; fix it, then reload it"
+        self.quarantined[adapter] = reason
+        self._unpublish(adapter)
+        self.registry.remove(adapter)
+        self.registry.problems.append(_problem(record, reason))
+        self.observe_quarantine(record.kind)
+        log.error("adapter %r %s (request %s)", adapter, reason, request_id)
 
     # --- adapters in the engines ------------------------------------------------
     @staticmethod
@@ -217,6 +241,7 @@ class SharedBaseHost:
                 param="lora_name", code="adapter_not_found" if missing else "adapter_invalid",
             ) from None
         self.registry.register(record)
+        self.quarantined.pop(name, None)
         return record
 
     async def unload_adapter(self, name: str) -> None:
@@ -240,6 +265,11 @@ class SharedBaseHost:
                 raise wrong_endpoint(model, "base", endpoint)
             return Target(engine=_live(self.generate), vllm_model=self.base_name, model=self.base_name)
         record = self.registry.adapters.get(name)
+        if record is None and name in self.quarantined:
+            raise APIError(
+                400, f"The model `{model}` is quarantined: it produced non-finite values (NaN logits). "
+                "An administrator must fix and reload it.", param="model", code="model_quarantined",
+            )
         if record is None or not self._published(name):
             raise model_not_found(model)
         wants_head = endpoint == "classify"

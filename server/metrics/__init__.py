@@ -83,9 +83,14 @@ class Metrics:
         self.engine_restarts = Counter(
             "adapterserve_engine_restarts", "Engines restarted after they died, by engine.", ["engine"], registry=self.registry
         )
+        self.adapter_quarantines = Counter(
+            "adapterserve_adapter_quarantines", "Adapters quarantined after their requests produced NaN logits.",
+            ["kind"], registry=self.registry,
+        )
         for kind in ("lora", "head"):  # zero series from the start: rate() needs a first sample
             self.adapter_loads.labels(kind)
             self.adapter_evictions.labels(kind)
+            self.adapter_quarantines.labels(kind)
         self.host = None
         self.memory: list[EngineMemory] = []
         self.measured_at = 0.0
@@ -113,6 +118,8 @@ class Metrics:
             host.observe_swap = lambda model, seconds: self.swap_seconds.labels(self.models.label(model)).observe(seconds)
         if hasattr(host, "observe_restart"):
             host.observe_restart = lambda engine: self.engine_restarts.labels(engine).inc()  # few engines: no cap needed
+        if hasattr(host, "observe_quarantine"):
+            host.observe_quarantine = lambda kind: self.adapter_quarantines.labels(kind).inc()
         if hasattr(host, "observe_load"):
             host.observe_load = lambda kind, seconds: self.adapter_load_seconds.labels(kind).observe(seconds)
 

@@ -1,0 +1,201 @@
+"""Containment over fake engines: the corpus of broken adapters never stops the server or
+reaches an engine, the served copy is the server's own, a refused reload keeps the last
+good version, hostile request bodies get OpenAI-shaped 4xx answers, and a dead engine is a
+503 with Retry-After until the host has restarted it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from server.app import create_app
+from server.hosting.shared import SharedBaseHost
+from server.registry.records import is_safe_name
+from server.registry.snapshots import SnapshotStore
+from server.registry.store import Registry
+from server.registry.validation import Limits
+from tests.adapter_factory import build_broken_corpus, write_lora
+from tests.fakes import FakeEngine
+from tests.unit.conftest import ADMIN_KEY
+from tests.unit.test_api import CHAT, MESSAGES, assert_error
+
+AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture
+def corpus(tmp_path, tiny_base):
+    store, outside = tmp_path / "corpus", tmp_path / "outside"
+    expected = build_broken_corpus(store, tiny_base, outside, max_rank=16)
+    write_lora(store / "good", tiny_base, rank=4)
+    return store, expected
+
+
+def app_client(settings, tiny_base, stores, tmp_path):
+    registry = Registry(base=tiny_base, stores=stores, limits=Limits(max_lora_rank=16, refuse_other_base=True),
+                        snapshots=SnapshotStore(tmp_path / "snapshots"))
+    registry.scan()
+    host = lambda s: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine)  # noqa: E731
+    return TestClient(create_app(settings, host_factory=host))
+
+
+def test_the_corpus_is_at_least_forty_cases(corpus):
+    assert len(corpus[1]) >= 40
+
+
+def test_the_server_starts_with_the_corpus_and_serves_the_good_adapter(settings, tiny_base, corpus, tmp_path):
+    store, expected = corpus
+    with app_client(settings, tiny_base, [store], tmp_path) as client:
+        assert client.get("/health").status_code == 200
+        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"tiny-base", "good"}
+        refused = {r["name"]: r["reason"] for r in client.get("/admin/adapters", headers=AUTH).json()["refused"]}
+        for name, fragment in expected.items():
+            assert fragment in refused[name], (name, refused.get(name))
+        for name in expected:  # none of them can be loaded through the admin API
+            if is_safe_name(name):
+                for path in (f"/admin/adapters/{name}/load", f"/admin/adapters/{name}/reload"):
+                    response = client.post(path, headers=AUTH)
+                    assert response.status_code in (400, 404), (name, response.text)
+                    assert_error(response, response.status_code)
+            response = client.post("/v1/load_lora_adapter", json={"lora_name": name}, headers=AUTH)
+            assert response.status_code in (400, 404), (name, response.text)
+            assert_error(client.post(CHAT, json={"model": name, "messages": MESSAGES}), 404, code="model_not_found")
+        assert client.post(CHAT, json={"model": "good", "messages": MESSAGES}).status_code == 200
+
+
+def test_adapters_validate_reports_the_corpus_without_a_traceback(corpus, tiny_base, tmp_path):
+    from server.cli import app
+
+    store, expected = corpus
+    result = CliRunner().invoke(app, ["adapters", "validate", str(store), "--base-model", str(tiny_base.path)],
+                                env={"ADAPTERSERVE_CACHE_DIR": str(tmp_path / "cache"), "ADAPTERSERVE_BASE_MISMATCH": "refuse", "COLUMNS": "400"})
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert result.output.count("refused") >= len(expected)
+
+
+def test_the_engine_loads_a_server_owned_copy(client, store, registry):
+    record = registry.adapters["alpha"]
+    assert record.source == (store / "alpha").resolve() and not record.path.is_relative_to(store)
+    served = (record.path / "adapter_model.safetensors").read_bytes()
+    (store / "alpha" / "adapter_model.safetensors").write_bytes(b"overwritten in place")
+    shutil.rmtree(store / "beta")
+    assert (record.path / "adapter_model.safetensors").read_bytes() == served
+    assert registry.adapters["beta"].path.is_dir()
+    for name in ("alpha", "beta"):
+        assert client.post(CHAT, json={"model": name, "messages": MESSAGES}).status_code == 200
+
+
+def test_a_refused_reload_keeps_the_last_good_version(client, store):
+    weights = store / "alpha" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    error = assert_error(client.post("/admin/adapters/alpha/reload", headers=AUTH), 400, code="adapter_invalid")
+    assert "truncated" in error["message"] and "last good version" in error["message"]
+    assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}).json()["choices"][0]["message"]["content"] == "answer from alpha"
+    assert "alpha" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    shutil.rmtree(store / "alpha")
+    assert_error(client.post("/admin/adapters/alpha/reload", headers=AUTH), 404, code="adapter_not_found")
+    assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}).status_code == 200
+
+
+def nested(depth: int):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "content, status, code",
+    [
+        (b"[" * 100_000, 400, "request_too_deep"),
+        (json.dumps({"model": "alpha", "messages": MESSAGES, "x": nested(40)}).encode(), 400, "request_too_deep"),
+        (json.dumps({"model": "alpha", "messages": MESSAGES, "pad": "x" * (9 * 1024 * 1024)}).encode(), 413, "request_too_large"),
+        (json.dumps({"model": "alpha", "messages": None}).encode(), 400, None),
+        (json.dumps({"model": "alpha", "messages": MESSAGES, "n": 10_000}).encode(), 400, None),
+        (json.dumps({"model": "alpha", "messages": MESSAGES, "max_tokens": 10**9}).encode(), 400, None),
+        (json.dumps({"model": "al\u0000pha", "messages": MESSAGES}).encode(), 404, "model_not_found"),
+        (b"\xff\xfe\x00", 400, None),
+        (b"   ", 400, None),
+    ],
+)
+def test_hostile_bodies_get_openai_errors(client, content, status, code):
+    assert_error(client.post(CHAT, content=content), status, code=code)
+
+
+def test_a_nul_byte_in_lora_path_is_refused(client):
+    response = client.post("/v1/load_lora_adapter", json={"lora_name": "alpha", "lora_path": "/tmp/\u0000x"}, headers=AUTH)
+    assert_error(response, 403, param="lora_path")
+
+
+def test_a_dead_engine_is_503_then_restarted_with_its_adapters(settings, registry, tiny_base):
+    settings = settings.model_copy(update={"engine_restart_backoff_s": 0.1})
+    host_box = {}
+
+    def factory(s):
+        host_box["host"] = SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine)
+        return host_box["host"]
+
+    with TestClient(create_app(settings, host_factory=factory)) as client:
+        host = host_box["host"]
+        before = host.generate
+        before.client.errored = True  # what vLLM sets when its engine core dies
+        response = client.post(CHAT, json={"model": "alpha", "messages": MESSAGES})
+        assert_error(response, 503, code="engine_unavailable")
+        assert response.headers["retry-after"].isdigit()
+        assert client.get("/health").status_code == 503
+        deadline = time.monotonic() + 10
+        while host.generate is before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert host.generate is not before and host.restarts == {"generate": 1}
+        assert client.get("/health").status_code == 200
+        assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}).json()["choices"][0]["message"]["content"] == "answer from alpha"
+        assert 'adapterserve_engine_restarts_total{engine="generate"} 1.0' in client.get("/metrics").text
+
+
+def test_an_adapter_whose_request_gave_nan_logits_is_quarantined_until_reloaded(settings, registry, tiny_base):
+    host_box = {}
+
+    def factory(s):
+        host_box["host"] = SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine)
+        return host_box["host"]
+
+    with TestClient(create_app(settings, host_factory=factory)) as client:
+        host = host_box["host"]
+        host.generate.on_nonfinite("alpha", "request-1")  # what the engine's output watch reports
+        assert_error(client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}), 400, "model", "model_quarantined")
+        assert client.post(CHAT, json={"model": "beta", "messages": MESSAGES}).status_code == 200
+        refused = {r["name"]: r["reason"] for r in client.get("/admin/adapters", headers=AUTH).json()["refused"]}
+        assert "non-finite" in refused["alpha"]
+        assert 'adapterserve_adapter_quarantines_total{kind="lora"} 1.0' in client.get("/metrics").text
+        assert "alpha" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
+        assert client.post("/admin/adapters/alpha/reload", headers=AUTH).status_code == 200
+        assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}).status_code == 200
+
+
+class _Queue:
+    def __init__(self):
+        self.items = []
+
+    def put(self, item):
+        self.items.append(item)
+
+
+def test_outputs_with_nan_logits_never_reach_their_request():
+    from types import SimpleNamespace
+
+    from server.hosting.nonfinite import NonFiniteLogits, watch_nonfinite
+
+    seen, reported = [], []
+    states = {"a": SimpleNamespace(queue=_Queue(), lora_name="bad"), "b": SimpleNamespace(queue=_Queue(), lora_name=None)}
+    processor = SimpleNamespace(request_states=states, process_outputs=lambda outputs, *rest, **kw: seen.extend(outputs))
+    watch_nonfinite(SimpleNamespace(output_processor=processor), lambda adapter, rid: reported.append((adapter, rid)))
+    good, bad = SimpleNamespace(request_id="b", num_nans_in_logits=0), SimpleNamespace(request_id="a", num_nans_in_logits=3)
+    processor.process_outputs([good, bad], 0.0, None)
+    assert seen == [good] and reported == [("bad", "a")]
+    assert isinstance(states["a"].queue.items[0], NonFiniteLogits) and not states["b"].queue.items
