@@ -12,13 +12,17 @@ import openai
 import pytest
 
 from tests.integration.conftest import ADMIN_KEY, DEMO
-from tests.reference import assert_matches, greedy, load_reference
+from tests.reference import assert_matches, greedy, load_reference, near_tie, served_dtype
 
 pytestmark = pytest.mark.integration
 
 QUESTION = [{"role": "user", "content": "What is the capital of Italy?"}]
 REVIEWS = ["A warm, clever story that stayed with me for weeks.", "Dull from the first page to the last."]
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+# The merged model's weights are W + BA rounded to bf16 once; the shared mode adds BA at
+# run time. Computing in bf16 adds its own rounding on both sides (measured on an
+# AVX512-bf16 Xeon: 0.0178 apart), in float32 they agree within 1e-2.
+PROBABILITY_TOLERANCE = {"float32": 1e-2, "bfloat16": 3e-2}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def test_greedy_parity_with_the_shared_mode(dedicated_client, client, tokenizer,
     assert_matches(full, reference, 16, f"dedicated {name}")
     if shared != full:  # allowed only where the reference itself is a near-tie
         first = next(i for i, (a, b) in enumerate(zip(shared, full)) if a != b)
-        assert reference.gaps[first] < 0.5, (name, first, reference.gaps[first])
+        assert reference.gaps[first] < near_tie(), (name, first, reference.gaps[first])
 
 
 def test_head_probabilities_agree_with_the_shared_mode(dedicated, server):
@@ -60,8 +64,10 @@ def test_head_probabilities_agree_with_the_shared_mode(dedicated, server):
         assert response.status_code == 200, response.text
         return [item["probs"] for item in response.json()["data"]]
 
+    tolerance = PROBABILITY_TOLERANCE[served_dtype()]
     for full, shared in zip(probs(dedicated.url), probs(server.url)):
-        assert max(abs(a - b) for a, b in zip(full, shared)) < 1e-2
+        assert max(abs(a - b) for a, b in zip(full, shared)) < tolerance, (full, shared)
+        assert full.index(max(full)) == shared.index(max(shared))  # the same label
 
 
 def test_cycling_through_more_models_than_resident_engines(dedicated, dedicated_client):
