@@ -101,10 +101,10 @@ def build_broken_corpus(store: Path, base: BaseModelInfo, outside: Path, max_ran
     return expected
 
 
-def _with_tensor(base: BaseModelInfo, change, targets=("q_proj",)) -> dict:
-    """Valid rank-8 tensors with one changed by `change(tensor) -> tensor`."""
+def _with_tensor(base: BaseModelInfo, change, targets=("q_proj",), key: int = 0) -> dict:
+    """Valid rank-8 tensors with one (the first A, or `key`-th by name) changed by `change(tensor) -> tensor`."""
     tensors = lora_tensors(base, 8, list(targets))
-    key = sorted(tensors)[0]
+    key = sorted(tensors)[key]
     tensors[key] = change(tensors[key])
     return tensors
 
@@ -129,6 +129,11 @@ def _hostile_values(store: Path, base: BaseModelInfo, max_rank: int) -> dict[str
     expected["inf-weights"] = "NaN or infinite"
     write_lora(store / "int8-weights", base, targets=("q_proj",), tensors=_with_tensor(base, lambda t: (t * 100).to(torch.int8)))
     expected["int8-weights"] = "must be F32, F16 or BF16"
+    def near_max(t):
+        return torch.full_like(t, 3e38)  # finite in float32 and bf16; times the scaling 2 it is not
+
+    write_lora(store / "overflow-with-scaling", base, targets=("q_proj",), tensors=_with_tensor(base, near_max, key=-1))
+    expected["overflow-with-scaling"] = "overflows"
     write_lora(store / "float64-weights", base, targets=("q_proj",), tensors=_with_tensor(base, lambda t: t.double()))
     expected["float64-weights"] = "must be F32, F16 or BF16"
     cases = {

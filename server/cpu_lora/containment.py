@@ -8,6 +8,11 @@ got in, and on vLLM's own CPU path too:
   computes with all the slots of a span at once (a token's own slot is kept by a select,
   but a zero times NaN in the expand is still NaN): finite slots are what keep one
   adapter's values out of the other tokens.
+- `zero_new_kv_blocks()`: the KV cache blocks a request is given are zeroed first. A
+  request driven to NaN leaves NaN in its blocks; the next request that gets one of them
+  and has not yet written all of it reads the stale NaN through the attention kernel's
+  masked positions (a 0 weight times NaN is NaN), and its output is NaN too. vLLM has the
+  mechanism (for Mamba and mixed-precision caches); this turns it on.
 - `fix_reference_ops()`: vLLM 0.32's CPU reference ops (used with the fused path off)
   apply the last slot's adapter to tokens with no adapter (index -1), so one adapter
   changes base requests batched with it. The fix zeroes the shrink output of those tokens
@@ -86,3 +91,11 @@ def fix_reference_ops() -> None:
     punica_cpu.bgmv_expand_slice = keep_rows(slice_b, lambda a: a[3])
     punica_cpu.sgmv_expand = keep_rows(expand_s, lambda a: torch.repeat_interleave(a[5], a[4]))
     punica_cpu.sgmv_expand_slice = keep_rows(slice_s, lambda a: torch.repeat_interleave(a[5], a[4]))
+
+
+def zero_new_kv_blocks() -> None:
+    """Make vLLM treat every KV cache as one whose new blocks must be zeroed: the
+    scheduler then records each newly allocated block and the worker zeroes it."""
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    KVCacheConfig.needs_kv_cache_zeroing = property(lambda self: True)

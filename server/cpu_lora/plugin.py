@@ -72,9 +72,10 @@ def _wrap_from_layer(*steps) -> None:
 def install_containment_only() -> None:
     """vLLM's own CPU path, with its -1 index meaning no adapter and finite slots."""
     global _installed
-    from .containment import fix_reference_ops, guard_slots
+    from .containment import fix_reference_ops, guard_slots, zero_new_kv_blocks
 
     fix_reference_ops()
+    zero_new_kv_blocks()
     _wrap_from_layer(guard_slots)
     _installed = True
 
@@ -87,7 +88,7 @@ def install() -> None:
     import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
-    from .containment import guard_slots
+    from .containment import guard_slots, zero_new_kv_blocks
     from .layout import lay_out
     from .ops import OPS
     from .punica import FusedPunicaWrapperCPU
@@ -97,5 +98,6 @@ def install() -> None:
         if hasattr(punica_cpu, name):
             setattr(punica_cpu, name, function)
     punica_cpu.PunicaWrapperCPU = FusedPunicaWrapperCPU
+    zero_new_kv_blocks()
     _wrap_from_layer(lay_out, guard_slots)
     _installed = True

@@ -125,8 +125,8 @@ def _validate_contents(files: Path, source: Path, base: BaseModelInfo, limits: L
     modules_to_save = _string_list(config, "modules_to_save", name, required=False)
     header = _read_weights(files, limits, name)
     _check_lora_shapes(header, base, config, rank, name)
-    _check_scaling(config, rank, name)
-    _check_values(files / WEIGHTS_FILE, header, limits, name)
+    scaling = _check_scaling(config, rank, name)
+    _check_values(files / WEIGHTS_FILE, header, limits, scaling, name)
 
     kind, labels = "lora", []
     if config.get("task_type") == "SEQ_CLS" or modules_to_save:
@@ -235,14 +235,16 @@ def _check_targets(config: dict, base: BaseModelInfo, name: str) -> list[str]:
     return targets
 
 
-def _check_scaling(config: dict, rank: int, name: str) -> None:
-    """lora_alpha (and alpha_pattern) finite, and the scaling vLLM derives within range."""
+def _check_scaling(config: dict, rank: int, name: str) -> float:
+    """lora_alpha (and alpha_pattern) finite, and the scaling vLLM derives within range;
+    returns the largest |scaling|."""
     rslora = config.get("use_rslora", False)
     alpha = config.get("lora_alpha", 8)  # peft's default
     patterns = config.get("alpha_pattern") or {}
     if not isinstance(patterns, dict):
         raise AdapterInvalid(name, "'alpha_pattern' must map module names to numbers")
     ranks = [rank, *(config.get("rank_pattern") or {}).values()]
+    largest = 0.0
     for label, value in [("lora_alpha", alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in patterns.items())]:
         if not _is_number(value):
             raise AdapterInvalid(name, f"'{label}' must be a finite number, got {_short(value)!r}")
@@ -252,6 +254,8 @@ def _check_scaling(config: dict, rank: int, name: str) -> None:
                 raise AdapterInvalid(
                     name, f"LoRA scaling {scaling:g} ({label} {value:g} over rank {r}) is above {MAX_LORA_SCALING:g}"
                 )
+            largest = max(largest, abs(scaling))
+    return largest
 
 
 # --- weights --------------------------------------------------------------------------
@@ -289,8 +293,9 @@ def _read_weights(folder: Path, limits: Limits, name: str) -> dict[str, dict]:
     return header
 
 
-def _check_values(weights: Path, header: dict[str, dict], limits: Limits, name: str) -> None:
-    """Every value finite, and finite once cast to the served dtype (fp16 overflows at 65504)."""
+def _check_values(weights: Path, header: dict[str, dict], limits: Limits, scaling: float, name: str) -> None:
+    """Every value finite, and finite as the engine will hold it: cast to the served dtype
+    (fp16 overflows at 65504), B with the scaling folded in (vLLM multiplies it into B)."""
     import torch
     from safetensors import safe_open
 
@@ -300,7 +305,8 @@ def _check_values(weights: Path, header: dict[str, dict], limits: Limits, name: 
             tensor = handle.get_tensor(key)
             if not bool(torch.isfinite(tensor).all()):
                 raise AdapterInvalid(name, f"tensor {_short(key)} holds NaN or infinite values")
-            if tensor.dtype != served and not bool(torch.isfinite(tensor.to(served)).all()):
+            held = tensor.float() * scaling if ".lora_B." in key else tensor
+            if not bool(torch.isfinite(held.to(served)).all()):
                 raise AdapterInvalid(name, f"tensor {_short(key)} overflows {limits.served_dtype}, the served dtype")
 
 

@@ -58,7 +58,7 @@ def nested(depth: int):
 
 HOSTILE = {
     "deep nesting": b"[" * 100_000 + b"]" * 100_000,
-    "deep nesting in a field": json.dumps({"model": "pirate", "messages": [{"role": "user", "content": nested(500)}]}).encode(),
+    "deep nesting in a field": json.dumps({"model": "pirate", "messages": [{"role": "user", "content": nested(200)}]}).encode(),
     "20 MB": b'{"model": "pirate", "messages": [{"role": "user", "content": "' + b"x" * (20 * 1024 * 1024) + b'"}]}',
     "NUL bytes": json.dumps({"model": "pi\u0000rate", "messages": [{"role": "user", "content": "a\u0000b"}]}).encode(),
     "NUL content": json.dumps({"model": "pirate", "messages": [{"role": "user", "content": "\u0000" * 50}], "max_tokens": 2}).encode(),

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from server.process import ServerProcess
-from tests.adapter_factory import PREFIX, lora_tensors, write_lora
+from tests.adapter_factory import lora_tensors, write_lora
 from tests.integration.conftest import DEMO
 from tests.reference import assert_matches, greedy_of, greedy_request
 
@@ -27,13 +27,15 @@ QUESTION = [{"role": "user", "content": "What is the capital of Italy?"}]
 POISON = ["huge-values", "overflowing-products", "few-layers", "huge-few-layers"]
 
 
-def scaled(base_info, targets, value, seed, layers=None):
+def scaled(base_info, targets, value, seed, layers=None, b_value=None):
+    """Random-sign tensors of magnitude `value` (B: `b_value`, default the same)."""
     tensors = lora_tensors(base_info, 8, targets, seed=seed)
     for key in list(tensors):
         if layers is not None and not any(f".layers.{i}." in key for i in layers):
             del tensors[key]
             continue
-        tensors[key] = torch.sign(tensors[key]) * value
+        magnitude = b_value if b_value is not None and ".lora_B." in key else value
+        tensors[key] = torch.sign(tensors[key]) * magnitude
     return tensors
 
 
@@ -45,9 +47,10 @@ def poison_store(tmp_path_factory, demo_dir, base_info):
     everything = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # finite in every float dtype, but x @ A @ B overflows within the first layer
     write_lora(store / "huge-values", base_info, targets=everything, tensors=scaled(base_info, everything, 1e18, 1))
-    # A near the float32/bf16 maximum: every shrink is inf
+    # A near the float32/bf16 maximum (B small, so that B times the scaling stays finite):
+    # every shrink through it is inf
     write_lora(store / "overflowing-products", base_info, targets=("q_proj", "v_proj"),
-               tensors=scaled(base_info, ["q_proj", "v_proj"], 3e38, 2))
+               tensors=scaled(base_info, ["q_proj", "v_proj"], 3e38, 2, b_value=1.0))
     # a delta on two layers only: the other layers' slots stay empty
     write_lora(store / "few-layers", base_info, targets=("q_proj", "down_proj"),
                tensors=scaled(base_info, ["q_proj", "down_proj"], 0.5, 3, layers=(0, 7)))
