@@ -22,11 +22,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.compare.workload import TEXTS  # noqa: E402
-from server.config import load_settings  # noqa: E402
-from server.models import resolve_base_model  # noqa: E402
-from server.process import ServerProcess  # noqa: E402
-from server.training.demo import build_demo_adapters, demo_store  # noqa: E402
+from adapterserve.compare.workload import TEXTS  # noqa: E402
+from adapterserve.config import load_settings  # noqa: E402
+from adapterserve.models import resolve_base_model  # noqa: E402
+from adapterserve.process import ServerProcess  # noqa: E402
+from adapterserve.training.demo import build_demo_adapters, demo_store  # noqa: E402
 
 HEADS = ["sentiment", "topic"]
 
@@ -49,7 +49,7 @@ def naive_rps(base_path: Path, heads: dict[str, Path], requests: int) -> float:
     import torch
     from peft import PeftModel
 
-    from server.training.heads import load_classifier
+    from adapterserve.training.heads import load_classifier
 
     labels = {name: json.loads((path / "labels.json").read_text())["labels"] for name, path in heads.items()}
     # one model per label count: transformers' score layer has a fixed size

@@ -5,7 +5,7 @@ through `add_lora_linear` of
 
 - vLLM's `PunicaWrapperCPU` with its reference ops (vLLM as shipped), and
 - adapterserve's `FusedPunicaWrapperCPU` on the fused slot layout, in the form its plan
-  picks, and forced dense and forced grouped (how `DENSE_MAX_WORK` was chosen).
+  picks, and forced dense and forced grouped (how `SPAN_DENSE_MAX_WORK` was chosen).
 
 The mapping is made once per case (as vLLM does once per step), tokens spread
 round-robin over the adapters. Reproduce with:
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm.lora.layers.utils import LoRAMapping  # noqa: E402
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 
-from server.cpu_lora import punica  # noqa: E402
-from server.cpu_lora.layout import lay_out  # noqa: E402
+from adapterserve.engine_plugins.cpu_lora import punica  # noqa: E402
+from adapterserve.engine_plugins.cpu_lora.layout import lay_out  # noqa: E402
 
 HIDDEN, INTERMEDIATE, RANK, SLOTS = 576, 1536, 8, 16
 # (input size, output slices) of the four LoRA linear layers of one decoder layer
@@ -104,10 +104,10 @@ def main() -> None:
             row["form"] = "one adapter" if plan.single is not None else "dense" if plan.mask is not None else "grouped"
             for form, limit in (("dense", 10**9), ("grouped", 0)):
                 if adapters > 1:
-                    punica.DENSE_MAX_WORK, saved = limit, punica.DENSE_MAX_WORK
+                    punica.SPAN_DENSE_MAX_WORK, saved = limit, punica.SPAN_DENSE_MAX_WORK
                     forced = wrapper(punica.FusedPunicaWrapperCPU, tokens, adapters)
                     row[f"{form}_ms"] = round(timed(lambda: run_layers(forced, fused_layers, inputs), repeats), 3)
-                    punica.DENSE_MAX_WORK = saved
+                    punica.SPAN_DENSE_MAX_WORK = saved
             row["speedup"] = round(row["vllm_ms"] / row["adapterserve_ms"], 2)
             rows.append(row)
             print(row, flush=True)

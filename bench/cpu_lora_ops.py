@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm.lora.ops.torch_ops import lora_ops as reference  # noqa: E402
 
-from server.cpu_lora import ops as grouped  # noqa: E402
+from adapterserve.engine_plugins.cpu_lora import ops as grouped  # noqa: E402
 
 HIDDEN, OUT, RANK = 576, 1536, 8
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from server.compare.workload import PROMPTS
+from adapterserve.compare.workload import PROMPTS
 
 
 def run_naive(base_path: Path, adapters: dict[str, Path], requests: int, max_tokens: int) -> dict:

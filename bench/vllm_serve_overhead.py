@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_throughput import DEMO, make_store  # noqa: E402
 
-from server.compare.workload import run_workload  # noqa: E402
-from server.config import load_settings  # noqa: E402
-from server.hosting.engine import EngineSpec  # noqa: E402
-from server.models import resolve_base_model  # noqa: E402
-from server.process import ServerProcess  # noqa: E402
-from server.training.demo import build_demo_adapters, demo_store  # noqa: E402
+from adapterserve.compare.workload import run_workload  # noqa: E402
+from adapterserve.config import load_settings  # noqa: E402
+from adapterserve.hosting.engine import EngineSpec  # noqa: E402
+from adapterserve.models import resolve_base_model  # noqa: E402
+from adapterserve.process import ServerProcess  # noqa: E402
+from adapterserve.training.demo import build_demo_adapters, demo_store  # noqa: E402
 
 ADAPTERS = 4
 ENGINE_FLAGS = {"max_loras": 4, "max_lora_rank": 8, "max_cpu_loras": 16}

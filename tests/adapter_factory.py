@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from server.registry.records import BaseModelInfo
+from adapterserve.registry.records import BaseModelInfo
 
 PREFIX = "base_model.model."
 

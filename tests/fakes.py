@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from server.hosting.engine import EngineSpec
+from adapterserve.hosting.engine import EngineSpec
 
 
 class FakeModels:

@@ -76,7 +76,7 @@ def _object(schema: dict, components: dict, depth: int, overrides: dict | None =
     overrides = overrides or {}
 
     def value(name: str, sub: dict) -> st.SearchStrategy:
-        good = overrides.get(name) or _typed(sub, components, depth)
+        good = overrides[name] if name in overrides else _typed(sub, components, depth)
         return st.one_of(good, good, good, JSON)  # mostly the declared type, sometimes anything
 
     required = {k: value(k, properties.get(k, {})) for k in schema.get("required", []) if k in properties}

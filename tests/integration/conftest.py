@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from server.config import load_settings
-from server.models import resolve_base_model
-from server.registry.records import BaseModelInfo
-from server.training.demo import demo_store
+from adapterserve.config import load_settings
+from adapterserve.models import resolve_base_model
+from adapterserve.registry.records import BaseModelInfo
+from adapterserve.training.demo import demo_store
 from tests.adapter_factory import build_broken_corpus, write_lora
-from server.process import ServerProcess
+from adapterserve.process import ServerProcess
 
 ADMIN_KEY = "integration-admin"
 MAX_LORAS = 4

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from server.metrics.memory import folder_bytes
-from server.process import ROOT
-from server.training.merge import merged_store
-from server.config import load_settings
+from adapterserve.metrics.memory import folder_bytes
+from adapterserve.process import ROOT
+from adapterserve.training.merge import merged_store
+from adapterserve.config import load_settings
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from server.process import ServerProcess
+from adapterserve.process import ServerProcess
 from tests.integration.conftest import ADMIN_KEY
 
 pytestmark = pytest.mark.integration

@@ -60,7 +60,7 @@ def test_sentiment_head_on_held_out_reviews(server):
 def test_probabilities_match_transformers_peft(server, base_path, demo_dir):
     from peft import PeftModel
 
-    from server.training.heads import load_classifier
+    from adapterserve.training.heads import load_classifier
 
     texts = [POSITIVE[0], NEGATIVE[0], TOPIC_QUESTIONS["science"]]
     served = classify(server, "sentiment", texts)["data"]

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
 
-from server.process import free_port
+from adapterserve.process import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -132,8 +132,8 @@ def test_every_dashboard_query_returns_data(prometheus, server, dedicated):
 def test_the_engines_memory_agrees_with_the_files(server, base_path, demo_dir):
     """Measured from the live tensors: base weights are the safetensors' (x2 in float32),
     each adapter in the CPU cache is its file's tensors, the slots match the estimate."""
-    from server.hosting.engine import resolve_dtype
-    from server.metrics.collector import slot_estimate
+    from adapterserve.hosting.engine import resolve_dtype
+    from adapterserve.metrics.collector import slot_estimate
 
     body = httpx.get(f"{server.url}/metrics", timeout=30).text
     memory = {}

@@ -9,7 +9,7 @@ import httpx
 import psutil
 import pytest
 
-from server.process import ServerProcess
+from adapterserve.process import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -11,13 +11,13 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from server.app import create_app
-from server.config import Settings
-from server.hosting.shared import SharedBaseHost
-from server.registry.records import BaseModelInfo
-from server.registry.snapshots import SnapshotStore
-from server.registry.store import Registry
-from server.registry.validation import Limits
+from adapterserve.app import create_app
+from adapterserve.config import Settings
+from adapterserve.hosting.shared import SharedBaseHost
+from adapterserve.registry.records import BaseModelInfo
+from adapterserve.registry.snapshots import SnapshotStore
+from adapterserve.registry.store import Registry
+from adapterserve.registry.validation import Limits
 from tests.adapter_factory import write_lora
 from tests.fakes import FakeEngine
 

@@ -104,8 +104,8 @@ def test_unknown_route_is_openai_shaped(client):
 def test_api_key_is_enforced_when_set(settings, registry, tiny_base):
     from fastapi.testclient import TestClient
 
-    from server.app import create_app
-    from server.hosting.shared import SharedBaseHost
+    from adapterserve.app import create_app
+    from adapterserve.hosting.shared import SharedBaseHost
     from tests.fakes import FakeEngine
 
     settings = settings.model_copy(update={"api_key": __import__("pydantic").SecretStr("user-key")})
@@ -158,8 +158,8 @@ class TestAdmin:
     def test_admin_disabled_without_a_configured_key(self, settings, registry, tiny_base):
         from fastapi.testclient import TestClient
 
-        from server.app import create_app
-        from server.hosting.shared import SharedBaseHost
+        from adapterserve.app import create_app
+        from adapterserve.hosting.shared import SharedBaseHost
         from tests.fakes import FakeEngine
 
         app = create_app(settings.model_copy(update={"admin_api_key": None}), host_factory=lambda s: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine))
@@ -170,7 +170,7 @@ class TestAdmin:
 def test_vllm_errors_are_reshaped_with_their_param():
     from vllm.entrypoints.serve import create_error_response
 
-    from server.api.errors import from_vllm_error
+    from adapterserve.api.errors import from_vllm_error
 
     error = from_vllm_error(create_error_response("n must be at least 1, got 0."))
     assert (error.status, error.param, error.body()["error"]["type"]) == (400, "n", "invalid_request_error")

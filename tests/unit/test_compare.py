@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from server.compare.measure import ModeRun, Snapshot, Workload
-from server.compare.report import build, fits, markdown, write
-from server.compare.run import CompareOptions, parse_bytes, server_args
-from server.compare.tasks import ADDED_TASK, choose, fitting_lora_rank, lay_out
-from server.registry.records import AdapterRecord
+from adapterserve.compare.measure import ModeRun, Snapshot, Workload
+from adapterserve.compare.report import build, fits, markdown, write
+from adapterserve.compare.run import CompareOptions, parse_bytes, server_args
+from adapterserve.compare.tasks import ADDED_TASK, choose, fitting_lora_rank, lay_out
+from adapterserve.registry.records import AdapterRecord
 
 MB, GB = 10**6, 10**9
 

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from server.cli import app
-from server.config import Settings, load_settings
+from adapterserve.cli import app
+from adapterserve.config import Settings, load_settings
 
 
 def test_precedence(tmp_path, monkeypatch):

@@ -13,12 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from server.app import create_app
-from server.hosting.shared import SharedBaseHost
-from server.registry.records import is_safe_name
-from server.registry.snapshots import SnapshotStore
-from server.registry.store import Registry
-from server.registry.validation import Limits
+from adapterserve.app import create_app
+from adapterserve.hosting.shared import SharedBaseHost
+from adapterserve.registry.records import is_safe_name
+from adapterserve.registry.snapshots import SnapshotStore
+from adapterserve.registry.store import Registry
+from adapterserve.registry.validation import Limits
 from tests.adapter_factory import build_broken_corpus, write_lora
 from tests.fakes import FakeEngine
 from tests.unit.conftest import ADMIN_KEY
@@ -68,7 +68,7 @@ def test_the_server_starts_with_the_corpus_and_serves_the_good_adapter(settings,
 
 
 def test_adapters_validate_reports_the_corpus_without_a_traceback(corpus, tiny_base, tmp_path):
-    from server.cli import app
+    from adapterserve.cli import app
 
     store, expected = corpus
     result = CliRunner().invoke(app, ["adapters", "validate", str(store), "--base-model", str(tiny_base.path)],
@@ -189,7 +189,7 @@ class _Queue:
 def test_outputs_with_nan_logits_never_reach_their_request():
     from types import SimpleNamespace
 
-    from server.hosting.nonfinite import NonFiniteLogits, watch_nonfinite
+    from adapterserve.hosting.nonfinite import NonFiniteLogits, watch_nonfinite
 
     seen, reported = [], []
     states = {"a": SimpleNamespace(queue=_Queue(), lora_name="bad"), "b": SimpleNamespace(queue=_Queue(), lora_name=None)}

@@ -9,8 +9,8 @@ import pytest
 import torch
 import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
-from server.cpu_lora import punica
-from server.cpu_lora.containment import fix_reference_ops, guard_slots
+from adapterserve.engine_plugins.cpu_lora import punica
+from adapterserve.engine_plugins.cpu_lora.containment import fix_reference_ops, guard_slots
 from tests.unit.test_cpu_lora_fused import VLLMWrapper, layers, reference_ops, wrapper  # noqa: F401 (fixture)
 
 SLICES = (64, 32, 32)

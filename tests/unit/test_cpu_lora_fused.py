@@ -18,8 +18,8 @@ import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 from vllm.lora.layers.utils import LoRAMapping
 from vllm.lora.ops.torch_ops import lora_ops as vllm_ops
 
-from server.cpu_lora import punica
-from server.cpu_lora.layout import fused_slots, lay_out
+from adapterserve.engine_plugins.cpu_lora import punica
+from adapterserve.engine_plugins.cpu_lora.layout import fused_slots, lay_out
 
 # vLLM's class as shipped, whether or not the plugin replaced the module's name for it
 VLLMWrapper = punica.FusedPunicaWrapperCPU.__mro__[1]
@@ -112,7 +112,7 @@ def test_each_form_is_chosen_by_the_size_of_the_batch():
     dense = plan(torch.tensor([3, -1, 5, 3]))
     assert (dense.first, dense.mask.shape) == (3, (4, 3, 1))  # the span of slots 3..5
     assert dense.mask[:, :, 0].tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0]]
-    tokens = punica.DENSE_MAX_WORK // 2 + 1  # over 2 slots: just above the dense limit
+    tokens = punica.SPAN_DENSE_MAX_WORK // 2 + 1  # over 2 slots: just above the dense limit
     grouped = plan(torch.tensor([0, 1] * (tokens // 2 + 1) + [-1]))
     assert grouped.mask is None and [slot for slot, _ in grouped.groups] == [0, 1]
     assert sum(rows.numel() for _, rows in grouped.groups) == 2 * (tokens // 2 + 1)  # not the -1 token

@@ -13,7 +13,7 @@ import pytest
 import torch
 from vllm.lora.ops.torch_ops import lora_ops as reference
 
-from server.cpu_lora import ops as grouped
+from adapterserve.engine_plugins.cpu_lora import ops as grouped
 
 CASES = 24
 
@@ -121,8 +121,8 @@ def test_plugin_installs_into_the_cpu_wrapper(monkeypatch):
     import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
-    from server.cpu_lora import plugin
-    from server.cpu_lora.punica import FusedPunicaWrapperCPU
+    from adapterserve.engine_plugins.cpu_lora import plugin
+    from adapterserve.engine_plugins.cpu_lora.punica import FusedPunicaWrapperCPU
 
     for name in grouped.OPS:  # monkeypatch puts back whatever install replaces
         monkeypatch.setattr(punica_cpu, name, getattr(punica_cpu, name))

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from server.api.errors import APIError
-from server.config import Settings
-from server.hosting.dedicated import BudgetExceeded, DedicatedHost, discover_models
+from adapterserve.errors import APIError
+from adapterserve.config import Settings
+from adapterserve.hosting.dedicated import BudgetExceeded, DedicatedHost, discover_models
 from tests.fakes import FakeEngine
 
 

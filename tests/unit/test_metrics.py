@@ -14,12 +14,12 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
 
-from server.app import create_app
-from server.hosting.shared import SharedBaseHost
-from server.metrics import costs
-from server.metrics.labels import OTHER, ModelLabels
-from server.metrics.memory import folder_bytes
-from server.metrics.traffic import RequestTraffic, observe_client
+from adapterserve.app import create_app
+from adapterserve.hosting.shared import SharedBaseHost
+from adapterserve.metrics import costs
+from adapterserve.metrics.labels import OTHER, ModelLabels
+from adapterserve.metrics.memory import folder_bytes
+from adapterserve.metrics.traffic import RequestTraffic, observe_client
 from tests.fakes import ReportingFakeEngine
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -107,7 +107,7 @@ def test_base_weights_bytes_agree_with_the_safetensors_of_the_base(client, tiny_
         file_bytes = sum(handle.get_tensor(k).nbytes for k in handle.keys())
     weights = memory[(("component", "base_weights"), ("engine", "generate"))]
     # The tiny base is float32 on disk; the engine's dtype scales it.
-    from server.hosting.engine import resolve_dtype
+    from adapterserve.hosting.engine import resolve_dtype
 
     scale = {"float32": 1, "bfloat16": 0.5}[resolve_dtype(settings.dtype)]
     assert weights == file_bytes * scale

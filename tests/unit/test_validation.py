@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from server.registry.store import Registry
-from server.registry.validation import Limits
+from adapterserve.registry.store import Registry
+from adapterserve.registry.validation import Limits
 from tests.adapter_factory import build_broken_corpus, write_lora
 
 

@@ -1,6 +1,0 @@
-"""`python -m server` is `adapterserve` (import-safe: vLLM spawns workers that re-import __main__)."""
-
-from server.cli import main
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,131 @@
+"""Runtime adapter administration, behind the admin API key.
+
+Two shapes: adapterserve's own (`/admin/adapters/...`) and vLLM's
+(`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) so tools written for vLLM work.
+Adapters are found by name in the configured stores. A `lora_path`, when a vLLM-style
+client sends one, must be that adapter's folder inside a store: a client can never make
+the server read an arbitrary path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse
+
+from adapterserve.registry.records import is_safe_name
+
+from .auth import require_admin_key
+from .errors import APIError
+from .serving import read_json_object
+
+router = APIRouter(dependencies=[Depends(require_admin_key)])
+
+
+def _record_json(record) -> dict:
+    data = asdict(record)
+    data["path"] = str(record.path)
+    data["source"] = str(record.source) if record.source else None
+    return data
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "'lora_name' must be provided.", param="lora_name")
+    if not is_safe_name(name):
+        raise APIError(400, f"{name!r} is not a valid adapter name.", param="lora_name")
+    return name
+
+
+def _check_path(raw_request: Request, name: str, lora_path: object) -> None:
+    """A vLLM client's lora_path is accepted only as the store folder of that name."""
+    if lora_path in (None, ""):
+        return
+    registry = _registry(raw_request)
+    found = registry.find_folder(name)
+    try:
+        allowed = (
+            isinstance(lora_path, str) and found is not None
+            and Path(lora_path).resolve() == found[0].resolve()
+        )
+    except (ValueError, OSError, RuntimeError):  # NUL bytes, symlink loops, names too long
+        allowed = False
+    if not allowed:
+        raise APIError(
+            403,
+            "lora_path must be the adapter's folder inside a configured adapter store "
+            "(or be omitted: adapters are found by name).",
+            param="lora_path",
+            code="path_not_allowed",
+        )
+
+
+def _registry(raw_request: Request):
+    registry = getattr(raw_request.app.state.host, "registry", None)
+    if registry is None:
+        raise APIError(400, "The server runs in dedicated mode: it hosts whole models, not adapters.", code="not_supported_in_mode")
+    return registry
+
+
+@router.get("/admin/engines")
+async def list_engines(raw_request: Request):
+    """Each running engine with its processes (for operators and for failure tests)."""
+    host = raw_request.app.state.host
+    return {
+        "mode": host.mode,
+        "engines": [
+            {"name": e.name, "runner": e.spec.runner, "pids": e.process_ids(), "startup_seconds": e.startup_seconds}
+            for e in host.engines()
+        ],
+    }
+
+
+@router.get("/admin/adapters")
+async def list_adapters(raw_request: Request):
+    registry = _registry(raw_request)
+    return {
+        "adapters": [_record_json(r) for r in sorted(registry.adapters.values(), key=lambda r: r.name)],
+        "refused": [{"name": p.name, "path": str(p.path), "reason": p.reason} for p in registry.problems],
+        "stores": [str(s) for s in registry.stores],
+    }
+
+
+@router.post("/admin/adapters/{name}/load")
+async def load(name: str, raw_request: Request):
+    record = await raw_request.app.state.host.load_adapter(_check_name(name))
+    return {"status": "loaded", "adapter": _record_json(record)}
+
+
+@router.post("/admin/adapters/{name}/reload")
+async def reload(name: str, raw_request: Request):
+    record = await raw_request.app.state.host.reload_adapter(_check_name(name))
+    return {"status": "reloaded", "adapter": _record_json(record)}
+
+
+@router.post("/admin/adapters/{name}/unload")
+async def unload(name: str, raw_request: Request):
+    await raw_request.app.state.host.unload_adapter(_check_name(name))
+    return {"status": "unloaded", "name": name}
+
+
+@router.post("/v1/load_lora_adapter")
+async def vllm_load(raw_request: Request):
+    body = await read_json_object(raw_request)
+    name = _check_name(body.get("lora_name"))
+    _check_path(raw_request, name, body.get("lora_path"))
+    host = raw_request.app.state.host
+    if body.get("load_inplace"):
+        await host.reload_adapter(name)
+    else:
+        await host.load_adapter(name)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def vllm_unload(raw_request: Request):
+    body = await read_json_object(raw_request)
+    name = _check_name(body.get("lora_name"))
+    await raw_request.app.state.host.unload_adapter(name)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -1,0 +1,196 @@
+"""Shared plumbing of the OpenAI endpoints: parse the body with vLLM's protocol models,
+route it through the host, hand it to vLLM's serving object, and shape the answer.
+
+The body is parsed as JSON whatever the Content-Type says (`curl -d` sends form
+encoding), so a quick curl works as it does against the OpenAI API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from adapterserve.hosting.protocol import Endpoint, Target
+
+from .errors import APIError, engine_unavailable, from_validation_error, from_vllm_error, reshape_stream_chunk, streaming_error_line
+
+
+async def read_body(raw_request: Request, limit: int) -> bytes:
+    """The body, read up to `limit` bytes: a longer one is a 413, whatever Content-Length said."""
+    declared = raw_request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in raw_request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    raw_request._body = body  # Starlette's cache: later reads (vLLM's handlers) get it
+    return body
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of lists and objects, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in item if isinstance(child, (list, dict)))
+    return deepest
+
+
+async def read_json_object(raw_request: Request) -> dict[str, Any]:
+    """The body as a JSON object within the server's limits (size, nesting, n, max_tokens)."""
+    settings = raw_request.app.state.settings
+    body = await read_body(raw_request, settings.max_request_body_bytes)
+    if not body.strip():
+        raise APIError(400, "The request body is empty; send a JSON object.")
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        raise _too_deep(settings.max_json_depth) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    if json_depth(payload) > settings.max_json_depth:
+        raise _too_deep(settings.max_json_depth)
+    _check_ceilings(payload, settings)
+    return payload
+
+
+def _too_deep(limit: int) -> APIError:
+    return APIError(400, f"The request body is nested deeper than {limit} levels.", code="request_too_deep")
+
+
+def _check_ceilings(payload: dict, settings) -> None:
+    """What one request may cost: the server's ceilings on `n` and on output tokens."""
+    n = payload.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > settings.max_n:
+        raise APIError(400, f"n must be at most {settings.max_n} on this server.", param="n")
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = payload.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > settings.max_output_tokens:
+            raise APIError(400, f"{field} must be at most {settings.max_output_tokens} on this server.", param=field)
+
+
+async def parse_request(raw_request: Request, model_cls: type[BaseModel]) -> BaseModel:
+    return validate(await read_json_object(raw_request), model_cls.model_validate)
+
+
+def validate(payload: dict, validator) -> Any:
+    """Run vLLM's request validation; every failure is a 400 naming the param."""
+    from vllm.exceptions import VLLMError
+
+    try:
+        return validator(payload)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+    except VLLMError as exc:  # vLLM's model validators raise their own errors (with the param)
+        from vllm.entrypoints.serve import create_error_response
+
+        raise from_vllm_error(create_error_response(exc)) from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        # vLLM's "before" validators index the raw body; a field of the wrong type (null
+        # where a list belongs) fails there with a plain exception: the client's mistake.
+        raise APIError(400, f"The request body is not a valid request: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Target:
+    """Resolve the model through the host and point the request at vLLM's name for it."""
+    target = await raw_request.app.state.host.resolve(request.model, endpoint)
+    request.model = target.vllm_model
+    raw_request.state.target = target  # for metrics and logs
+    return target
+
+
+async def serve_generation(raw_request: Request, endpoint: Endpoint) -> JSONResponse | StreamingResponse:
+    """/v1/chat/completions and /v1/completions: vLLM's request model and handler for the endpoint."""
+    if endpoint == "chat":
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as request_cls
+    else:
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest as request_cls
+    request = await parse_request(raw_request, request_cls)
+    target = await route(raw_request, request, endpoint)
+    handler = target.engine.serving(endpoint)
+    create = handler.create_chat_completion if endpoint == "chat" else handler.create_completion
+    return answer(await call_vllm(create(request, raw_request), raw_request, target))
+
+
+async def call_vllm(awaitable, raw_request: Request, target: Target) -> Any:
+    """Await a vLLM serving call; an exception it raises becomes the status vLLM's own
+    server would give it (400 for a client's mistake, 500 for a server fault), and a
+    failure of an engine that has died a 503 with Retry-After.
+
+    The call is cancelled when the client disconnects first, as vLLM's own server does
+    (`with_cancellation`): cancelling it aborts the request in the engine. The body has
+    been read by then, so listening for the disconnect consumes nothing else."""
+    from vllm.entrypoints.serve import create_error_response
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect
+
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(listen_for_disconnect(raw_request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, watch):
+            if not task.done():
+                task.cancel()
+    if not work.done() or work.cancelled():
+        raise APIError(499, "The client closed the request.", code="client_closed_request")
+    try:
+        result = work.result()
+    except APIError:
+        raise
+    except Exception as exc:
+        result = create_error_response(exc)
+    if isinstance(result, ErrorResponse) and _status(result) >= 500:
+        if not target.engine.running:
+            raise engine_unavailable(target.engine.name)
+        if target.record is not None and target.model in getattr(raw_request.app.state.host, "quarantined", {}):
+            raise APIError(
+                500, f"The adapter `{target.model}` produced non-finite values (NaN logits); the request was stopped "
+                "and the adapter quarantined.", param="model", code="adapter_quarantined",
+            )
+    return result
+
+
+def _status(error: Any) -> int:
+    code = error.error.code
+    return int(code) if isinstance(code, int) else 500
+
+
+def answer(result: Any) -> JSONResponse | StreamingResponse:
+    """vLLM's result -> the HTTP answer: an error body, a JSON body or an SSE stream."""
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    if isinstance(result, ErrorResponse):
+        raise from_vllm_error(result)
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump())
+    return StreamingResponse(_openai_stream(result), media_type="text/event-stream")
+
+
+async def _openai_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield reshape_stream_chunk(chunk)
+    except Exception as exc:  # the stream has started: report inside it, then end it
+        yield streaming_error_line(500, f"stream failed: {type(exc).__name__}: {exc}")
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,233 @@
+"""Server configuration: a YAML file < environment (ADAPTERSERVE_*) < CLI flags.
+
+Every field carries a description; the CLI builds its `serve` flags from them, so
+`adapterserve serve --help` always lists exactly what can be set here.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+MiB = 1024 * 1024
+
+
+def default_cache_dir() -> Path:
+    """Where prepared models and built adapters live (never inside the git tree)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "adapterserve"
+
+
+def demo_recipes_path() -> Path:
+    """The demo recipes shipped with the package (the checkout's adapters/ folder in an
+    editable install, adapterserve/demo_recipes in a wheel)."""
+    from importlib.resources import files
+
+    return Path(str(files("adapterserve.demo_recipes")))
+
+
+class Mode(str, Enum):
+    shared = "shared"
+    dedicated = "dedicated"
+
+
+class BaseMismatch(str, Enum):
+    warn = "warn"
+    refuse = "refuse"
+
+
+class Settings(BaseSettings):
+    """Everything `adapterserve serve` can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ADAPTERSERVE_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # --- network -----------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    api_key: SecretStr | None = Field(
+        None, description="If set, every /v1 request needs 'Authorization: Bearer <key>'."
+    )
+    admin_api_key: SecretStr | None = Field(
+        None,
+        description="Bearer key for the admin endpoints (load/unload/reload adapters). "
+        "Unset: the admin endpoints answer 403.",
+    )
+
+    # --- what is served ----------------------------------------------------------
+    mode: Mode = Field(
+        Mode.shared,
+        description="shared: one base + adapters swapped per request; "
+        "dedicated: one engine per fully fine-tuned model.",
+    )
+    base_model: Path | None = Field(
+        None,
+        description="Local Hugging Face-format causal LM folder to serve as the base. "
+        "Unset: the embedded SmolLM2-135M-Instruct (prepared once into the cache).",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use for the base model. Default: the base folder's name."
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Cache for the prepared default model, built adapters and merged models.",
+    )
+    adapter_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Adapter store directories; every valid adapter folder in them is served "
+        "under its folder name. The built demo adapters are added unless --no-demo-adapters.",
+    )
+    demo_adapters: bool = Field(
+        True,
+        description="Serve the demo adapters from adapters/ (built into the cache on first run).",
+    )
+    demo_recipes_dir: Path = Field(
+        default_factory=lambda: demo_recipes_path(),
+        description="Folder of demo adapter recipes (recipe.yaml + data.jsonl per adapter).",
+    )
+    base_mismatch: BaseMismatch = Field(
+        BaseMismatch.warn,
+        description="What to do with an adapter trained for another base: warn and serve, or refuse.",
+    )
+
+    # --- dedicated mode -----------------------------------------------------------
+    dedicated_models: list[Path] = Field(
+        default_factory=list,
+        description="Dedicated mode: full model folders, or directories of them. Default: the demo "
+        "adapters merged into full models (built and merged on first run).",
+    )
+    max_resident_models: int | None = Field(
+        None, gt=0, description="Dedicated mode: engines kept up at once; others are swapped in (LRU). Default: all."
+    )
+    memory_budget_bytes: int | None = Field(
+        None, gt=0, description="Dedicated mode: refuse to start when the resident engines would need more memory."
+    )
+    model_start_wait_s: float = Field(
+        120.0, gt=0, description="Dedicated mode: how long a request waits for its model's engine to start before a 503."
+    )
+
+    # --- engine ------------------------------------------------------------------
+    dtype: str = Field(
+        "auto",
+        description="Weight dtype of the engines (auto, bfloat16, float16, float32). auto: bfloat16 on a GPU "
+        "or a CPU with native bf16 (AVX512-BF16/AMX), else float32 (emulated bf16 is ~4x slower).",
+    )
+    max_model_len: int = Field(2048, gt=0, description="Context length (prompt + output tokens).")
+    max_num_seqs: int = Field(32, gt=0, description="Sequences the engine batches at once.")
+    kv_cache_memory_bytes: int = Field(
+        256 * MiB,
+        gt=0,
+        description="KV cache size per engine in bytes. Set explicitly so memory is deterministic "
+        "(on CPU, vLLM's gpu_memory_utilization is a share of host RAM).",
+    )
+    max_loras: int = Field(4, gt=0, description="LoRA adapters in one batch (engine slots).")
+    max_lora_rank: int = Field(
+        64, gt=0, description="Largest LoRA rank accepted; smaller ranks are padded to it."
+    )
+    max_cpu_loras: int = Field(
+        16, gt=0, description="LoRA adapters kept in the engine's CPU cache (LRU) beyond the slots."
+    )
+    max_cls_labels: int = Field(
+        16, gt=0, description="Most labels a head adapter may have (vLLM's max_lora_cls_labels)."
+    )
+    grouped_lora_ops: bool = Field(
+        True,
+        description="On the CPU, replace vLLM's per-token LoRA path by adapterserve's: copy-free ops, "
+        "fused layer slots, one call per layer (a vLLM plugin active in every engine process).",
+    )
+    enforce_eager: bool = Field(True, description="Skip graph compilation (faster start-up on CPU).")
+    engine_start_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds to wait for an engine to become ready."
+    )
+
+    # --- request limits and recovery -------------------------------------------------
+    max_request_body_bytes: int = Field(
+        8 * MiB, gt=0, description="Largest request body in bytes; larger bodies get a 413."
+    )
+    max_json_depth: int = Field(
+        32, gt=0, description="Deepest nesting of lists and objects in a request body; deeper gets a 400."
+    )
+    max_n: int = Field(8, gt=0, description="Most choices (`n`) one request may ask for.")
+    max_output_tokens: int = Field(
+        4096, gt=0, description="Most tokens (`max_tokens`, `max_completion_tokens`) one request may ask for."
+    )
+    engine_restart_backoff_s: float = Field(
+        2.0, gt=0, description="First wait before restarting an engine that died; doubled after each failed restart."
+    )
+    engine_restart_backoff_max_s: float = Field(
+        120.0, gt=0, description="Longest wait between restarts of an engine that keeps dying."
+    )
+
+    # --- metrics -----------------------------------------------------------------
+    metrics_max_models: int = Field(
+        50,
+        gt=0,
+        description="Most model names with series of their own in the per-model metrics; the "
+        "busiest by traffic get them, the rest count as `other`.",
+    )
+    # Each read costs CPU: an engine process's USS walks its page tables (~160 ms for a
+    # 1.6 GB worker on a 2-core machine), taken from the engines on small machines.
+    metrics_refresh_s: float = Field(
+        15.0, gt=0, description="Seconds between reads of the engines' memory and adapter tiers."
+    )
+
+    # --- logging -----------------------------------------------------------------
+    log_level: str = Field("info", description="Log level of the server (debug, info, warning).")
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _no_colon(cls, value: str | None) -> str | None:
+        if value is not None and (":" in value or not value.strip()):
+            raise ValueError("served_model_name must be non-empty and must not contain ':'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: CLI flags (passed as init kwargs) > environment > YAML file.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    # --- derived -----------------------------------------------------------------
+    @property
+    def models_dir(self) -> Path:
+        return self.cache_dir / "models"
+
+    @property
+    def built_adapters_dir(self) -> Path:
+        return self.cache_dir / "adapters"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """Server-owned, validated copies of the adapters the engines load."""
+        return self.cache_dir / "snapshots"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from the YAML file, then the environment, then the non-None overrides."""
+    if config_file is not None and not Path(config_file).is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": config_file})
+
+    explicit = {key: value for key, value in overrides.items() if value is not None}
+    return _FromFile(**explicit)

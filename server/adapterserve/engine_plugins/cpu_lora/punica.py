@@ -1,0 +1,177 @@
+"""vLLM's CPU punica wrapper with each LoRA linear layer applied in a few matmuls.
+
+vLLM's `PunicaWrapperCPU` reaches the ops through five Python frames per slice (add_shrink,
+_apply_shrink, _shrink_prefill, sgmv_shrink, bgmv_shrink, and the same for expand), the
+sgmv forms rebuild the per-token mapping (`repeat_interleave`) in every call, and every
+op gathers or selects weights again: ~420 op calls and a few thousand small tensor
+operations per decode step of a 30-layer model, which cost far more than the LoRA
+arithmetic (rank 8: ~2 ms of matmuls in a ~90 ms step). This wrapper
+
+- makes the plan for the step's token-to-adapter mapping once, when vLLM updates the
+  mapping (one adapter for the batch, dense for small batches, grouped for large ones);
+- applies a whole layer (every slice) from one call on the fused slot layout of
+  `layout.py`: one shrink matmul for every slice (and, in the dense form, every slot),
+  then one `addmm_` per slice straight into the layer's output.
+
+Semantics are those of vLLM's wrapper with index -1 meaning no adapter (see `ops.py`).
+Layers whose slots are not laid out fused and the embedding go to vLLM's implementation
+(which calls the copy-free ops of `ops.py`); the logits use those ops too, and skip the
+expand over the vocabulary when it would add nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from .layout import FusedSlots, fused_slots
+from .ops import bgmv_expand, bgmv_shrink
+
+log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")  # configured by vLLM in its processes
+
+# Dense form: every token times every slot of the span of slots present, in one matmul per
+# side, a 0/1 mask keeping each token's own slot. Its work grows with tokens x slots in
+# the span; above this the tokens are grouped by adapter instead (one matmul per adapter
+# present). Measured per decoder layer on 2 AVX2 cores, rank 8, fp32 (bench/cpu_lora_layers.py).
+SPAN_DENSE_MAX_WORK = 1024  # tokens x slots in the span (ops.py's DENSE_MAX_WORK counts slots present)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How the layers of one forward pass apply their adapters."""
+
+    tokens: int
+    single: int | None = None  # the slot every token uses (-1: no token has an adapter)
+    first: int = 0  # dense: the span of slots is first .. first + mask.shape[1] - 1
+    mask: torch.Tensor | None = None  # dense: [tokens, span, 1], True where the token uses the slot
+    groups: tuple[tuple[int, torch.Tensor], ...] = ()  # grouped: (slot, rows) per adapter present
+
+
+def make_step_plan(indices: torch.Tensor) -> StepPlan:
+    """The plan for a token-to-slot mapping (-1: no adapter)."""
+    tokens = indices.shape[0]
+    present = torch.unique(indices)  # sorted
+    if present.numel() == 0:
+        return StepPlan(0, single=-1)
+    if present.numel() == 1:
+        return StepPlan(tokens, single=max(int(present[0]), -1))
+    used = present[present >= 0]
+    first, last = int(used[0]), int(used[-1])
+    span = last - first + 1
+    if tokens * span <= SPAN_DENSE_MAX_WORK:
+        slots = torch.arange(first, last + 1, dtype=indices.dtype)
+        mask = (indices.unsqueeze(1) == slots.unsqueeze(0)).unsqueeze(2)
+        return StepPlan(tokens, first=first, mask=mask)
+    order = torch.argsort(indices, stable=True)
+    counts = torch.bincount(indices[order] + 1)  # +1: -1 counts at 0
+    groups, start = [], int(counts[0])  # the -1 tokens come first in the order
+    for slot, count in enumerate(counts[1:].tolist()):
+        if count:
+            groups.append((slot, order[start : start + count]))
+            start += count
+    return StepPlan(tokens, groups=tuple(groups))
+
+
+def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSlots,
+                scale: float, output_slices: tuple[int, ...]) -> None:
+    """y[:, slice i] += scale * x @ A_i[slot].T @ B_i[slot].T per token, for every slice.
+
+    Written for few tensor operations per call: this runs ~120 times per forward pass."""
+    if slots.a.dtype != x.dtype or slots.a.dtype != y.dtype:
+        slots = _converted(slots, y.dtype)
+        x = x.to(y.dtype)
+    if plan.single is not None:
+        if plan.single >= 0:
+            _apply_span(y, x, slots, plan.single, None, scale, output_slices)
+        return
+    if plan.mask is None:
+        for slot, rows in plan.groups:
+            part = torch.zeros(rows.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
+            _apply_span(part, x.index_select(0, rows), slots, slot, None, scale, output_slices)
+            y.index_add_(0, rows, part)
+        return
+    _apply_span(y, x, slots, plan.first, plan.mask, scale, output_slices)
+
+
+def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int, mask: torch.Tensor | None,
+                scale: float, output_slices: tuple[int, ...]) -> None:
+    """Every row of x through the A of every slot of the span (from `first`, `mask.shape[1]`
+    slots; one slot without a mask), `mask` keeping each row's own slot; then one `addmm_`
+    per slice over the span's B: the routed input is zero outside each row's slot, so each
+    row gets only its own adapter."""
+    rows, span, rank_sum = x.shape[0], 1 if mask is None else mask.shape[1], slots.rank_sum
+    every = F.linear(x, slots.a[first * rank_sum : (first + span) * rank_sum])  # [rows, span * sum of ranks]
+    routed = every.view(rows, span, rank_sum)
+    if mask is not None:
+        # select, not multiply: 0 * NaN is NaN, so a multiply would carry one slot's
+        # non-finite values into every other token of the batch
+        routed = torch.where(mask, routed, 0.0)
+    if scale != 1.0:
+        routed.mul_(scale)  # a tensor of its own (or a view of `every`, which is)
+    rank_start, out_start = 0, 0
+    for b, rank, size in zip(slots.b, slots.ranks, output_slices):
+        part = routed if len(slots.ranks) == 1 else routed[:, :, rank_start : rank_start + rank]
+        y[:, out_start : out_start + size].addmm_(part.reshape(rows, span * rank), b[first * rank : (first + span) * rank])
+        rank_start += rank
+        out_start += size
+
+
+def _converted(slots: FusedSlots, dtype: torch.dtype) -> FusedSlots:
+    """The slots in the model's dtype (when vLLM keeps LoRA weights in another one)."""
+    return FusedSlots(slots.a.to(dtype), tuple(b.to(dtype) for b in slots.b), slots.ranks, slots.rank_sum)
+
+
+class FusedPunicaWrapperCPU(PunicaWrapperCPU):
+    """`PunicaWrapperCPU` whose linear layers take one plan per mapping and the fused layout."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plan: StepPlan | None = None
+        # the fused tensors of each layer, by the identity of its (persistent) tuple of A
+        # slots; the tuple is kept so that its identity cannot be reused
+        self._fused: dict[int, tuple[tuple, FusedSlots | None]] = {}
+
+    def update_metadata(self, *args: Any, **kwargs: Any) -> None:
+        super().update_metadata(*args, **kwargs)
+        self._plan = None  # the mapping changed: the next layer makes the new plan
+
+    def _fused_slots(self, lora_a_stacked: tuple, lora_b_stacked: tuple) -> FusedSlots | None:
+        known = self._fused.get(id(lora_a_stacked))
+        if known is None or known[0] is not lora_a_stacked:
+            slots = fused_slots(lora_a_stacked, lora_b_stacked)
+            if not self._fused:
+                log.info("fused CPU LoRA layers: %s in pid %d", "active" if slots else "NOT laid out, vLLM's wrapper applies them", os.getpid())
+            elif slots is None:
+                log.debug("fused CPU LoRA layers: a layer is not laid out (A %s)", tuple(lora_a_stacked[0].shape))
+            known = self._fused[id(lora_a_stacked)] = (lora_a_stacked, slots)
+        return known[1]
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
+        x2 = x.view(-1, x.shape[-1])
+        tokens = self.indices_len[0]  # of the mapping (a plain int: cheaper than the indices' view)
+        slots = self._fused_slots(lora_a_stacked, lora_b_stacked)
+        if slots is None or tokens != x2.shape[0]:
+            return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
+        if self._plan is None or self._plan.tokens != tokens:
+            self._plan = make_step_plan(self.token_lora_indices)
+        apply_layer(self._plan, y.view(-1, y.shape[-1]), x2, slots, scale, output_slices)
+        return None
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+        """y += scale * x @ A[slot].T @ B[slot].T per sequence, as vLLM's wrapper does, except
+        that the expand over the vocabulary (the costly half: [sequences, vocab] per slot) is
+        skipped when the shrink is all zeros, i.e. when no sequence's adapter has lm_head
+        weights: vLLM wraps the logits whether or not any adapter trains lm_head."""
+        y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        indices = self.sampler_indices
+        shrunk = torch.zeros((x2.size(0), lora_b_stacked.size(-1)), dtype=torch.float32, device=x.device)
+        bgmv_shrink(x2, lora_a_stacked, shrunk, indices, scale)
+        if shrunk.any():
+            bgmv_expand(shrunk, lora_b_stacked, y2, indices, add_inputs=True)
+        return None

@@ -1,0 +1,58 @@
+"""Start-up composition in one place: the host (and what it needs) for a set of settings.
+
+Shared mode: the base (the embedded model prepared on first use, or a local folder), the
+adapter stores (plus the demo adapters, trained on first use) opened through the
+registry's own constructor, with server-owned snapshots. Dedicated mode: the given full
+model folders, or the demo adapters merged into full models on first use. The engines are
+started later, by the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from adapterserve.config import Settings
+
+from .protocol import Host
+
+
+def build_host(settings: Settings) -> Host:
+    """The real host for these settings: prepares the base, builds and validates adapters."""
+    from adapterserve.engine_plugins.cpu_lora.plugin import ENV_SWITCH
+
+    # vLLM loads the CPU LoRA plugin in each engine process; they inherit this switch
+    # (vLLM passes no per-engine setting to its plugins).
+    os.environ[ENV_SWITCH] = "1" if settings.grouped_lora_ops else "0"
+    if settings.mode.value == "dedicated" and settings.dedicated_models:
+        from .dedicated import DedicatedHost, discover_models
+
+        return DedicatedHost(settings, discover_models(settings.dedicated_models))
+
+    from adapterserve.models import resolve_base_model
+    from adapterserve.registry.records import BaseModelInfo
+    from adapterserve.registry.store import open_registry
+
+    base_path = resolve_base_model(settings.base_model, settings.models_dir)
+    base_name = settings.served_model_name or Path(base_path).name
+    stores = [Path(p) for p in settings.adapter_dirs]
+    if settings.demo_adapters:
+        from adapterserve.training.demo import ensure_demo_adapters
+
+        stores.append(ensure_demo_adapters(settings, base_path))
+    registry = open_registry(settings, stores, base=BaseModelInfo.read(base_name, base_path), serving=True)
+    if settings.mode.value == "dedicated":
+        return _merged_demo_host(settings, base_path, registry)
+    from .shared import SharedBaseHost
+
+    return SharedBaseHost(settings, base_path, base_name, registry)
+
+
+def _merged_demo_host(settings: Settings, base_path: Path, registry) -> Host:
+    """Dedicated mode without model folders: every adapter merged into a full model."""
+    from adapterserve.training.merge import merge_adapters, merged_store
+
+    from .dedicated import DedicatedHost, discover_models
+
+    merged = merge_adapters(base_path, list(registry.adapters.values()), merged_store(settings.cache_dir, base_path))
+    return DedicatedHost(settings, discover_models(list(merged.values())))

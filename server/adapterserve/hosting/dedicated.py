@@ -1,0 +1,289 @@
+"""Dedicated mode: every fully fine-tuned model on its own vLLM engine, behind the same API.
+
+The honest other column of the hosting table. Each model is a full folder with its own
+engine processes, weights and KV cache. With `max_resident_models`, only that many engines
+run; a request for another model swaps the least recently used one out and starts the
+one it needs, and waits for it (bounded, then a 503 with Retry-After). An engine that dies
+is reported by /health, restarted, and the other models keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapterserve.errors import APIError, model_not_found
+from adapterserve.config import Settings
+
+from .protocol import Endpoint, ModelCard, Target, missing_model, wrong_endpoint
+from .engine import Engine, EngineSpec
+
+log = logging.getLogger(__name__)
+
+GiB = 1024**3
+# What one engine holds beyond its weights and KV cache: the torch runtime, the engine core
+# and worker processes, activations. Measured on this project's 2-core CPU machine with
+# SmolLM2-135M: ~1.6 GiB USS per engine = 0.25 weights + 0.25 KV cache + ~1.1 the rest.
+ENGINE_RUNTIME_BYTES = int(1.1 * GiB)
+RETRY_AFTER_SECONDS = 10
+
+
+class BudgetExceeded(RuntimeError):
+    """The configured models do not fit the memory budget."""
+
+
+@dataclass
+class FullModel:
+    """One fully fine-tuned model folder."""
+
+    name: str
+    path: Path
+    kind: str  # "full" (generation) or "head" (classification)
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.glob("*.safetensors"))
+
+    @classmethod
+    def read(cls, folder: Path) -> "FullModel":
+        config = json.loads((folder / "config.json").read_text())
+        architectures = config.get("architectures") or []
+        if any(a.endswith("ForSequenceClassification") for a in architectures):
+            id2label = config.get("id2label") or {}
+            labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(len(id2label))]
+            return cls(folder.name, folder.resolve(), "head", labels)
+        return cls(folder.name, folder.resolve(), "full")
+
+
+def discover_models(paths: list[Path]) -> list[FullModel]:
+    """Each path is a model folder, or a directory of model folders."""
+    models: list[FullModel] = []
+    for path in paths:
+        path = Path(path).expanduser()
+        folders = [path] if (path / "config.json").is_file() else sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+        models += [FullModel.read(folder) for folder in folders]
+    names = [m.name for m in models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"two model folders share a name: {', '.join(duplicates)}")
+    return models
+
+
+class DedicatedHost:
+    mode = "dedicated"
+    registry = None  # no adapters: every task is a whole model
+
+    def __init__(self, settings: Settings, models: list[FullModel], engine_factory=Engine):
+        if not models:
+            raise ValueError("dedicated mode needs at least one model folder")
+        self.settings = settings
+        self.models = {m.name: m for m in models}
+        self.engine_factory = engine_factory
+        self.base_name = models[0].name
+        self.resident: OrderedDict[str, Engine] = OrderedDict()  # least recently used first
+        self.starting: dict[str, asyncio.Task] = {}
+        self.down: dict[str, str] = {}  # model -> why its engine is down
+        self.swap_count = 0
+        self.swap_seconds: list[float] = []
+        self.observe_swap = lambda model, seconds: None  # set by the metrics
+        self.observe_load = lambda kind, seconds: None  # no adapters here: never called
+        self.observe_restart = lambda engine: None  # set by the metrics
+        self.restarts: dict[str, int] = {}
+        self.created = int(time.time())
+        self._lock = asyncio.Lock()
+        self._monitor: asyncio.Task | None = None
+
+    @property
+    def max_resident(self) -> int:
+        return self.settings.max_resident_models or len(self.models)
+
+    # --- memory budget -----------------------------------------------------------
+    def engine_bytes(self, model: FullModel) -> int:
+        """What one engine for this model needs, by the measured decomposition above."""
+        return model.weights_bytes + self.settings.kv_cache_memory_bytes + ENGINE_RUNTIME_BYTES
+
+    def check_budget(self) -> None:
+        budget = self.settings.memory_budget_bytes
+        if budget is None:
+            return
+        largest = sorted((self.engine_bytes(m) for m in self.models.values()), reverse=True)[: self.max_resident]
+        needed = sum(largest)
+        if needed > budget:
+            per = ", ".join(f"{m.name} {self.engine_bytes(m) / GiB:.2f} GiB" for m in self.models.values())
+            raise BudgetExceeded(
+                f"{self.max_resident} resident engine(s) need up to {needed / GiB:.2f} GiB "
+                f"(weights + KV cache {self.settings.kv_cache_memory_bytes / GiB:.2f} GiB + runtime "
+                f"{ENGINE_RUNTIME_BYTES / GiB:.2f} GiB each: {per}), over the budget of {budget / GiB:.2f} GiB. "
+                "Lower --max-resident-models or the KV cache, or raise --memory-budget-bytes."
+            )
+
+    # --- life cycle --------------------------------------------------------------
+    def _spec(self, model: FullModel) -> EngineSpec:
+        return EngineSpec.from_settings(
+            self.settings, model.name, model.path, model.name,
+            runner="pooling" if model.kind == "head" else "generate",
+            log_stats=False,  # vLLM's stats logger would unregister the other engines' metrics
+        )
+
+    async def start(self) -> None:
+        self.check_budget()
+        for model in list(self.models.values())[: self.max_resident]:
+            await self._start_engine(model)
+        self._monitor = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for task in self.starting.values():
+            task.cancel()
+        for engine in list(self.resident.values()):
+            engine.stop()
+        self.resident.clear()
+
+    def engines(self) -> list[Engine]:
+        return list(self.resident.values())
+
+    async def _start_engine(self, model: FullModel) -> Engine:
+        engine = self.engine_factory(self._spec(model))
+        try:
+            await engine.start()
+        except BaseException:
+            engine.stop()
+            raise
+        self.resident[model.name] = engine
+        self.down.pop(model.name, None)
+        return engine
+
+    async def _swap_in(self, model: FullModel) -> Engine:
+        """Make room (stop the least recently used engine) and start `model`'s engine."""
+        began = time.perf_counter()
+        async with self._lock:
+            while len(self.resident) >= self.max_resident:
+                victim_name, victim = next(iter(self.resident.items()))
+                await self._drain(victim)
+                log.info("swapping out %s for %s", victim_name, model.name)
+                victim.stop()
+                del self.resident[victim_name]
+            engine = await self._start_engine(model)
+        seconds = time.perf_counter() - began
+        self.swap_count += 1
+        self.swap_seconds.append(seconds)
+        self.observe_swap(model.name, seconds)
+        log.info("swapped in %s in %.1f s", model.name, seconds)
+        return engine
+
+    @staticmethod
+    async def _drain(engine: Engine, timeout: float = 30.0) -> None:
+        """Let the engine's running requests finish before it is stopped (bounded)."""
+        deadline = time.monotonic() + timeout
+        processor = getattr(engine.client, "output_processor", None)
+        while processor is not None and processor.get_num_unfinished_requests() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+
+    async def _engine_for(self, model: FullModel) -> Engine:
+        engine = self.resident.get(model.name)
+        if engine is not None:
+            if not engine.running:
+                raise APIError(
+                    503, f"The engine serving `{model.name}` is down and is being restarted.",
+                    code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                )
+            self.resident.move_to_end(model.name)
+            return engine
+        task = self.starting.get(model.name)
+        if task is None:
+            task = asyncio.create_task(self._swap_in(model))
+            self.starting[model.name] = task
+            task.add_done_callback(lambda _: self.starting.pop(model.name, None))
+        try:
+            # shield: a request that gives up does not cancel the start others wait for
+            return await asyncio.wait_for(asyncio.shield(task), timeout=self.settings.model_start_wait_s)
+        except asyncio.TimeoutError:
+            raise APIError(
+                503, f"The model `{model.name}` is being loaded; retry shortly.",
+                code="model_loading", headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            ) from None
+
+    async def _watch(self, interval: float = 2.0) -> None:
+        """Restart engines that died; the other models keep serving meanwhile."""
+        while True:
+            await asyncio.sleep(interval)
+            for name, engine in list(self.resident.items()):
+                if engine.running or name in self.starting:
+                    continue
+                reason = await engine.check_health() or "engine stopped"
+                self.down[name] = reason
+                log.error("engine for %s is down (%s); restarting it", name, reason)
+                engine.stop()
+                self.resident.pop(name, None)
+                task = asyncio.create_task(self._restart(self.models[name]))
+                self.starting[name] = task
+                task.add_done_callback(lambda _, n=name: self.starting.pop(n, None))
+
+    async def _restart(self, model: FullModel) -> None:
+        try:
+            async with self._lock:
+                await self._start_engine(model)
+            self.restarts[model.name] = self.restarts.get(model.name, 0) + 1
+            self.observe_restart(model.name)
+        except Exception as exc:  # keep reporting it as down; the next request retries
+            self.down[model.name] = f"restart failed: {exc}"
+            log.exception("restart of %s failed", model.name)
+
+    async def health(self) -> dict[str, str | None]:
+        report: dict[str, str | None] = {name: self.down[name] for name in self.models if name in self.down}
+        resident = [(n, e) for n, e in self.resident.items() if n not in report]
+        results = await asyncio.gather(*(engine.check_health() for _, engine in resident))
+        report.update({name: result for (name, _), result in zip(resident, results)})
+        return report
+
+    # --- routing -----------------------------------------------------------------
+    async def resolve(self, model: str | None, endpoint: Endpoint) -> Target:
+        if not model:
+            raise missing_model()
+        entry = self.models.get(model)
+        if entry is None:
+            raise model_not_found(model)
+        if (entry.kind == "head") != (endpoint == "classify"):
+            raise wrong_endpoint(model, entry.kind, endpoint)
+        engine = await self._engine_for(entry)
+        return Target(engine=engine, vllm_model=model, model=model, record=_labels_only(entry))
+
+    def model_cards(self) -> list[ModelCard]:
+        return [
+            ModelCard(
+                id=m.name, root=m.name, parent=None, kind=m.kind, created=self.created,
+                max_model_len=self.settings.max_model_len, size_bytes=m.weights_bytes,
+                labels=m.labels or None,
+            )
+            for m in self.models.values()
+        ]
+
+    # --- adapters: not in this mode ------------------------------------------------
+    async def load_adapter(self, name: str):
+        raise _no_adapters()
+
+    async def unload_adapter(self, name: str):
+        raise _no_adapters()
+
+    async def reload_adapter(self, name: str):
+        raise _no_adapters()
+
+
+def _no_adapters() -> APIError:
+    return APIError(400, "The server runs in dedicated mode: it hosts whole models, not adapters.", code="not_supported_in_mode")
+
+
+@dataclass
+class _LabelsOnly:
+    labels: list[str]
+
+
+def _labels_only(model: FullModel):
+    return _LabelsOnly(model.labels) if model.kind == "head" else None

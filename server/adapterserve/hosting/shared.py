@@ -1,0 +1,320 @@
+"""Shared mode: one base loaded by vLLM, many adapters swapped per request.
+
+LoRA adapters go to the generate engine; head adapters (a trained classification layer
+over the frozen base) go to a pooling engine over the same base, started only when heads
+are registered. vLLM runs one runner per engine, so with heads the base is held twice;
+the memory metrics count it twice.
+
+Adapters live in three tiers: an engine slot (`max_loras`, per batch), the engine's CPU
+LRU (`max_cpu_loras`), and the store on disk, loaded on first use. vLLM manages the first
+two; this host keeps the name -> LoRARequest table that makes every registered adapter
+servable.
+
+An engine that dies (its process killed, or a fatal error inside a step) is detected
+within a second: requests for it get a 503 with Retry-After at once, it is restarted
+(with a back-off when it keeps dying) and its adapters are registered again, while the
+other engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+from adapterserve.errors import APIError, engine_unavailable, model_not_found
+from adapterserve.config import Settings
+from adapterserve.registry.records import AdapterInvalid, AdapterRecord
+from adapterserve.registry.store import Registry
+
+from .protocol import Endpoint, ModelCard, Target, missing_model, wrong_endpoint
+from .engine import Engine, EngineSpec
+
+log = logging.getLogger(__name__)
+
+
+class SharedBaseHost:
+    mode = "shared"
+
+    def __init__(self, settings: Settings, base_path, base_name: str, registry: Registry, engine_factory=Engine):
+        self.settings = settings
+        self.base_path = base_path
+        self.base_name = base_name
+        self.registry = registry
+        self.engine_factory = engine_factory  # tests pass a fake with Engine's interface
+        self.generate: Engine | None = None
+        self.classify: Engine | None = None
+        self._lora_ids = itertools.count(1)
+        self.created = int(time.time())
+        self.observe_load = lambda kind, seconds: None  # set by the metrics
+        self.observe_restart = lambda engine: None  # set by the metrics
+        self.observe_quarantine = lambda kind: None  # set by the metrics
+        self.quarantined: dict[str, str] = {}  # adapter -> why it no longer serves (until reloaded)
+        self.down: dict[str, str] = {}  # engine name -> why it is down while it restarts
+        self.restarts: dict[str, int] = {}
+        self._watcher: asyncio.Task | None = None
+
+    # --- life cycle --------------------------------------------------------------
+    def _spec(self, name: str, runner: str, **extra) -> EngineSpec:
+        return EngineSpec.from_settings(
+            self.settings, name, self.base_path, self.base_name, runner=runner, enable_lora=True, **extra
+        )
+
+    def _new_engine(self, spec: EngineSpec) -> Engine:
+        engine = self.engine_factory(spec)
+        engine.on_nonfinite = self._quarantine
+        return engine
+
+    async def start(self) -> None:
+        self.generate = self._new_engine(self._spec("generate", "generate"))
+        await self.generate.start()
+        heads = [r for r in self.registry.adapters.values() if r.kind == "head"]
+        if heads:
+            widest = max(len(r.labels) for r in heads)
+            self.classify = self._new_engine(
+                self._spec(
+                    "classify",
+                    "pooling",
+                    num_labels=widest,
+                    max_lora_cls_labels=self.settings.max_cls_labels,
+                    log_stats=False,  # the generate engine keeps reporting vLLM's metrics
+                )
+            )
+            await self.classify.start()
+        for record in list(self.registry.adapters.values()):
+            try:
+                await self._register(record)
+            except AdapterInvalid as exc:
+                self._refuse(record, exc.reason)
+        self._watcher = asyncio.create_task(self._watch())
+
+    def _refuse(self, record: AdapterRecord, reason: str) -> None:
+        self.registry.remove(record.name)
+        self.registry.problems.append(_problem(record, reason))
+        log.warning("adapter %r refused by the engine: %s", record.name, reason)
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        for engine in (self.classify, self.generate):
+            if engine is not None:
+                engine.stop()
+
+    # --- recovery ----------------------------------------------------------------
+    async def _watch(self, interval: float = 1.0) -> None:
+        """Restart engines that died, one at a time; the other keeps serving meanwhile."""
+        backoff: dict[str, tuple[float, float]] = {}  # engine -> (next delay, last restart)
+        while True:
+            await asyncio.sleep(interval)
+            for role in ("generate", "classify"):
+                dead = getattr(self, role)
+                if dead is None or dead.running:
+                    continue
+                try:
+                    await self._restart(role, dead, backoff)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # keep watching whatever happened
+                    log.exception("restarting engine %s failed", dead.name)
+
+    async def _restart(self, role: str, dead: Engine, backoff: dict[str, tuple[float, float]]) -> None:
+        name = dead.name
+        self.down[name] = (await dead.check_health()) or "engine stopped"
+        log.error("engine %s is down (%s); restarting it", name, self.down[name])
+        dead.stop()
+        first, most = self.settings.engine_restart_backoff_s, self.settings.engine_restart_backoff_max_s
+        delay, last = backoff.get(name, (first, 0.0))
+        if time.monotonic() - last > most:  # it stayed up a while: start over from the first delay
+            delay = first
+        while True:
+            if time.monotonic() - last < most:  # died soon after its last restart: wait first
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, most)
+            last = time.monotonic()
+            engine = self._new_engine(dead.spec)
+            try:
+                await engine.start()
+                break
+            except Exception as exc:
+                engine.stop()
+                self.down[name] = f"restart failed: {exc}"
+                log.error("engine %s did not restart: %s", name, exc)
+        backoff[name] = (delay, last)
+        for record in [r for r in self.registry.adapters.values() if self._role_for(r) == role]:
+            try:
+                await self._register(record, engine)
+            except AdapterInvalid as exc:
+                self._refuse(record, exc.reason)
+        setattr(self, role, engine)  # requests reach it only now, with its adapters published
+        self.down.pop(name, None)
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        self.observe_restart(name)
+        log.info("engine %s restarted (%d restarts)", name, self.restarts[name])
+
+    def engines(self) -> list[Engine]:
+        return [e for e in (self.generate, self.classify) if e is not None]
+
+    async def health(self) -> dict[str, str | None]:
+        return {engine.name: self.down.get(engine.name) or await engine.check_health() for engine in self.engines()}
+
+    def _quarantine(self, adapter: str | None, request_id: str) -> None:
+        """An adapter whose request produced NaN logits stops serving until it is reloaded;
+        its request has already been ended with an error."""
+        if adapter is None:
+            log.error("request %s: the base model produced NaN logits", request_id)
+            return
+        record = self.registry.adapters.get(adapter)
+        if record is None or adapter in self.quarantined:
+            return
+        reason = "quarantined: it produced non-finite values (NaN logits) while serving; fix it, then reload it"
+        self.quarantined[adapter] = reason
+        self._unpublish(adapter)
+        self.registry.remove(adapter)
+        self.registry.problems.append(_problem(record, reason))
+        self.observe_quarantine(record.kind)
+        log.error("adapter %r %s (request %s)", adapter, reason, request_id)
+
+    # --- adapters in the engines ------------------------------------------------
+    @staticmethod
+    def _role_for(record: AdapterRecord) -> str:
+        return "classify" if record.kind == "head" else "generate"
+
+    def _engine_for(self, record: AdapterRecord) -> Engine | None:
+        return getattr(self, self._role_for(record))
+
+    async def _register(self, record: AdapterRecord, engine: Engine | None = None) -> None:
+        """Make the adapter servable: load it once in its engine (which checks it for real
+        and leaves it in the CPU LRU), then publish it under its name."""
+        from vllm.lora.request import LoRARequest
+
+        engine = engine or self._engine_for(record)
+        if engine is None:
+            raise AdapterInvalid(record.name, "heads are served by the pooling engine, which is not running; restart the server to start it")
+        request = LoRARequest(
+            lora_name=record.name,
+            lora_int_id=next(self._lora_ids),  # a fresh id per load: reloads never reuse cached weights
+            lora_path=str(record.path),
+            base_model_name=self.base_name,
+        )
+        began = time.perf_counter()
+        try:
+            await engine.client.add_lora(request)
+        except Exception as exc:  # the engine's own loader refused it
+            raise AdapterInvalid(record.name, f"the engine could not load it: {exc}") from None
+        self.observe_load(record.kind, time.perf_counter() - began)
+        # Replacing the table entry is atomic for new requests; requests already running
+        # keep the old id. vLLM's CPU LRU evicts the old weights in time, as vLLM's own
+        # unload does (it never removes adapters from the engine under running requests).
+        engine.serving("models").lora_requests[record.name] = request
+
+    def _unpublish(self, name: str) -> None:
+        for engine in self.engines():
+            engine.serving("models").lora_requests.pop(name, None)
+
+    async def load_adapter(self, name: str) -> AdapterRecord:
+        if name in self.registry.adapters and self._published(name):
+            raise APIError(409, f"The adapter `{name}` is already loaded; use reload to pick up new weights.", param="lora_name", code="adapter_already_loaded")
+        return await self.reload_adapter(name)
+
+    async def reload_adapter(self, name: str) -> AdapterRecord:
+        """Validate the store's folder again and serve it; when the new version is refused,
+        the last good version (if any) keeps serving and the answer says why."""
+        previous = self.registry.adapters.get(name) if self._published(name) else None
+        try:
+            record = self.registry.validate(name)
+            await self._register(record)
+        except AdapterInvalid as exc:
+            missing = "no such folder" in exc.reason
+            if previous is None:
+                self.registry.remove(name)
+                self._unpublish(name)
+                raise APIError(
+                    404 if missing else 400, str(exc), param="lora_name",
+                    code="adapter_not_found" if missing else "adapter_invalid",
+                ) from None
+            self.registry.problems = [p for p in self.registry.problems if p.name != name]
+            self.registry.problems.append(_problem(previous, f"new version refused, the last good one serves: {exc.reason}"))
+            raise APIError(
+                404 if missing else 400, f"{exc}; the last good version of `{name}` keeps serving.",
+                param="lora_name", code="adapter_not_found" if missing else "adapter_invalid",
+            ) from None
+        self.registry.register(record)
+        self.quarantined.pop(name, None)
+        return record
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.registry.remove(name) is None:
+            raise APIError(404, f"The adapter `{name}` is not loaded.", param="lora_name", code="adapter_not_found")
+        self._unpublish(name)
+
+    def _published(self, name: str) -> bool:
+        return any(name in e.serving("models").lora_requests for e in self.engines())
+
+    # --- routing -----------------------------------------------------------------
+    async def resolve(self, model: str | None, endpoint: Endpoint) -> Target:
+        if not model:
+            raise missing_model()
+        name = model
+        prefix = f"{self.base_name}:"
+        if model.startswith(prefix) and len(model) > len(prefix):
+            name = model[len(prefix):]
+        if name == self.base_name:
+            if endpoint == "classify":
+                raise wrong_endpoint(model, "base", endpoint)
+            return Target(engine=_live(self.generate), vllm_model=self.base_name, model=self.base_name)
+        record = self.registry.adapters.get(name)
+        if record is None and name in self.quarantined:
+            raise APIError(
+                400, f"The model `{model}` is quarantined: it produced non-finite values (NaN logits). "
+                "An administrator must fix and reload it.", param="model", code="model_quarantined",
+            )
+        if record is None or not self._published(name):
+            raise model_not_found(model)
+        wants_head = endpoint == "classify"
+        if (record.kind == "head") != wants_head:
+            raise wrong_endpoint(model, record.kind, endpoint)
+        return Target(engine=_live(self._engine_for(record)), vllm_model=name, model=name, record=record)
+
+    def model_cards(self) -> list[ModelCard]:
+        cards = [
+            ModelCard(
+                id=self.base_name,
+                root=self.base_name,
+                parent=None,
+                kind="base",
+                created=self.created,
+                max_model_len=self.settings.max_model_len,
+            )
+        ]
+        for record in sorted(self.registry.adapters.values(), key=lambda r: r.name):
+            if not self._published(record.name):
+                continue
+            cards.append(
+                ModelCard(
+                    id=record.name,
+                    root=record.name,  # never leak server paths to clients
+                    parent=self.base_name,
+                    kind=record.kind,
+                    created=self.created,
+                    max_model_len=self.settings.max_model_len,
+                    rank=record.rank,
+                    size_bytes=record.size_bytes,
+                    labels=record.labels or None,
+                )
+            )
+        return cards
+
+
+def _live(engine: Engine) -> Engine:
+    """The engine, if it can serve now; a 503 with Retry-After while it is down."""
+    if not engine.running:
+        raise engine_unavailable(engine.name)
+    return engine
+
+
+def _problem(record: AdapterRecord, reason: str):
+    from adapterserve.registry.store import Problem
+
+    return Problem(record.name, record.path, reason)

@@ -1,0 +1,216 @@
+"""Prometheus metrics: adapterserve's own collectors beside vLLM's, on one /metrics page.
+
+adapterserve's collectors live in a registry of their own, made per app (tests create many
+apps in one process), and /metrics serves it together with the process-wide default
+registry where vLLM's engines report. The names, types and labels are listed in the
+README; the Grafana dashboard in deploy/ reads them.
+
+- Traffic: requests and end-to-end time per model and endpoint (HTTP middleware); tokens
+  and time to first token per model and endpoint (server/adapterserve/metrics/traffic.py).
+- Memory: engines by component, their processes, adapters by tier, storage, hosting cost;
+  refreshed every `metrics_refresh_s` in the background (server/adapterserve/metrics/memory.py).
+- Adapter loads and evictions: the engines' CPU caches compared between refreshes; load
+  time of every load the host asks for; model swaps in dedicated mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+
+from .collector import HostCollector
+from .labels import OTHER, ModelLabels
+from .memory import EngineMemory, measure_engine
+from .traffic import RequestTraffic, current_endpoint, observe_client
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/classify": "classify"}
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Adapter loads take tens of ms on CPU; engine swaps tens of seconds.
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+SWAP_BUCKETS = (1, 5, 10, 20, 30, 45, 60, 90, 120, 300)
+
+
+class Metrics:
+    def __init__(self, max_models: int = 50, refresh_seconds: float = 5.0) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.refresh_seconds = refresh_seconds
+        self.models = ModelLabels(max_models, on_displaced=self._drop_model_series)
+        per_model = ["model", "endpoint"]
+        self.requests = Counter(
+            "adapterserve_requests", "HTTP requests by model, endpoint and status code.",
+            ["model", "endpoint", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "adapterserve_request_duration_seconds",
+            "End-to-end request time by model and endpoint (streams: until the last byte).",
+            per_model, registry=self.registry, buckets=LATENCY_BUCKETS,
+        )
+        self.ttft = Histogram(
+            "adapterserve_time_to_first_token_seconds",
+            "Time from the engine receiving a request to its first generated token.",
+            per_model, registry=self.registry, buckets=TOKEN_BUCKETS,
+        )
+        self.prompt_tokens = Counter(
+            "adapterserve_prompt_tokens", "Prompt tokens processed, by model and endpoint.", per_model, registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "adapterserve_generation_tokens", "Tokens generated, by model and endpoint.", per_model, registry=self.registry
+        )
+        self.adapter_load_seconds = Histogram(
+            "adapterserve_adapter_load_seconds",
+            "Time to load an adapter into its engine (registration, reload, admin load).",
+            ["kind"], registry=self.registry, buckets=LOAD_BUCKETS,
+        )
+        self.adapter_loads = Counter(
+            "adapterserve_adapter_loads", "Adapters that entered an engine's CPU cache.", ["kind"], registry=self.registry
+        )
+        self.adapter_evictions = Counter(
+            "adapterserve_adapter_evictions", "Adapters that left an engine's CPU cache (LRU eviction or replacement).",
+            ["kind"], registry=self.registry,
+        )
+        self.swap_seconds = Histogram(
+            "adapterserve_model_swap_seconds",
+            "Dedicated mode: time to swap a model's engine in (stop the LRU engine, start this one).",
+            ["model"], registry=self.registry, buckets=SWAP_BUCKETS,
+        )
+        self.engine_restarts = Counter(
+            "adapterserve_engine_restarts", "Engines restarted after they died, by engine.", ["engine"], registry=self.registry
+        )
+        self.adapter_quarantines = Counter(
+            "adapterserve_adapter_quarantines", "Adapters quarantined after their requests produced NaN logits.",
+            ["kind"], registry=self.registry,
+        )
+        for kind in ("lora", "head"):  # zero series from the start: rate() needs a first sample
+            self.adapter_loads.labels(kind)
+            self.adapter_evictions.labels(kind)
+            self.adapter_quarantines.labels(kind)
+        self.host = None
+        self.memory: list[EngineMemory] = []
+        self.measured_at = 0.0
+        self._cached: dict[str, set[int]] = {}  # engine -> adapter ids in its CPU cache
+        self._refresher: asyncio.Task | None = None
+        self._refresh_lock = asyncio.Lock()
+        self.registry.register(HostCollector(self))
+
+    @classmethod
+    def from_settings(cls, settings) -> "Metrics":
+        return cls(max_models=settings.metrics_max_models, refresh_seconds=settings.metrics_refresh_s)
+
+    # --- binding to the host ---------------------------------------------------
+    def instrument(self, host) -> None:
+        """Before the host starts: every engine it starts reports its traffic here."""
+        make_engine = host.engine_factory
+
+        def observed_engine(spec):
+            engine = make_engine(spec)
+            engine.on_started = lambda e: observe_client(e.client, e.spec.served_model_name, self.observe_traffic)
+            return engine
+
+        host.engine_factory = observed_engine
+        if hasattr(host, "observe_swap"):
+            host.observe_swap = lambda model, seconds: self.swap_seconds.labels(self.models.label(model)).observe(seconds)
+        if hasattr(host, "observe_restart"):
+            host.observe_restart = lambda engine: self.engine_restarts.labels(engine).inc()  # few engines: no cap needed
+        if hasattr(host, "observe_quarantine"):
+            host.observe_quarantine = lambda kind: self.adapter_quarantines.labels(kind).inc()
+        if hasattr(host, "observe_load"):
+            host.observe_load = lambda kind, seconds: self.adapter_load_seconds.labels(kind).observe(seconds)
+
+    async def bind_host(self, host) -> None:
+        """After the host started: measure now, then every `refresh_seconds`."""
+        self.host = host
+        for engine in host.engines():  # zero series from the start, as for the loads
+            self.engine_restarts.labels(engine.name)
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def unbind_host(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+        self.host = None
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_seconds)
+            try:
+                await self.refresh()
+            except Exception:  # never let a failed reading stop the readings
+                log.exception("reading the engines' memory failed")
+
+    async def refresh(self) -> None:
+        """Read every engine's memory; count adapters that entered or left a CPU cache."""
+        host = self.host
+        if host is None:
+            return
+        async with self._refresh_lock:
+            from .inventory import weights_elements
+
+            readings = []
+            for engine in host.engines():
+                readings.append(await measure_engine(engine, host.settings, weights_elements(host, engine)))
+            for memory in readings:
+                if not memory.measured:
+                    continue
+                kind = "head" if memory.runner == "pooling" else "lora"
+                now, before = set(memory.cached_adapters), self._cached.get(memory.name, set())
+                self.adapter_loads.labels(kind).inc(len(now - before))
+                self.adapter_evictions.labels(kind).inc(len(before - now))
+                self._cached[memory.name] = now
+            self.memory = readings
+            self.measured_at = time.time()
+
+    # --- traffic -----------------------------------------------------------------
+    def observe_traffic(self, traffic: RequestTraffic) -> None:
+        model = self.models.label(traffic.model)
+        self.prompt_tokens.labels(model, traffic.endpoint).inc(traffic.prompt_tokens)
+        self.generation_tokens.labels(model, traffic.endpoint).inc(traffic.generation_tokens)
+        if traffic.time_to_first_token is not None:
+            self.ttft.labels(model, traffic.endpoint).observe(traffic.time_to_first_token)
+
+    def _drop_model_series(self, model: str) -> None:
+        for metric in (self.requests, self.latency, self.ttft, self.prompt_tokens, self.generation_tokens, self.swap_seconds):
+            metric.remove_by_labels({"model": model})
+
+    def attach(self, app: FastAPI) -> None:
+        @app.middleware("http")
+        async def _count(request: Request, call_next):
+            endpoint = ENDPOINTS.get(request.url.path)
+            if endpoint is None:
+                return await call_next(request)
+            current_endpoint.set(endpoint)  # copied into the request's task: traffic.py reads it
+            began = time.perf_counter()
+            response = await call_next(request)
+            target = getattr(request.state, "target", None)
+            model = self.models.count(target.model) if target is not None else OTHER
+            self.requests.labels(model, endpoint, str(response.status_code)).inc()
+            body = response.body_iterator
+
+            async def timed_body():  # the request ends with its last byte, streams included
+                try:
+                    async for chunk in body:
+                        yield chunk
+                finally:
+                    self.latency.labels(model, endpoint).observe(time.perf_counter() - began)
+
+            response.body_iterator = timed_body()
+            return response
+
+        @app.get("/metrics", include_in_schema=False)
+        async def _metrics() -> Response:
+            # The readings refresh in the background; a scrape reads them itself only when
+            # they are stale (the refresher is behind), so scrapes stay fast.
+            if time.time() - self.measured_at > 2 * self.refresh_seconds:
+                try:
+                    await self.refresh()
+                except Exception:
+                    log.exception("reading the engines' memory failed")
+            body = generate_latest(REGISTRY) + generate_latest(self.registry)
+            return Response(body, media_type=CONTENT_TYPE_LATEST)
