@@ -133,49 +133,34 @@ def test_a_nul_byte_in_lora_path_is_refused(client):
     assert_error(response, 403, param="lora_path")
 
 
-def test_a_dead_engine_is_503_then_restarted_with_its_adapters(settings, registry, tiny_base):
-    settings = settings.model_copy(update={"engine_restart_backoff_s": 0.1})
-    host_box = {}
-
-    def factory(s):
-        host_box["host"] = SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine)
-        return host_box["host"]
-
-    with TestClient(create_app(settings, host_factory=factory)) as client:
-        host = host_box["host"]
-        before = host.generate
-        before.client.errored = True  # what vLLM sets when its engine core dies
-        response = client.post(CHAT, json={"model": "alpha", "messages": MESSAGES})
-        assert_error(response, 503, code="engine_unavailable")
-        assert response.headers["retry-after"].isdigit()
-        assert client.get("/health").status_code == 503
-        deadline = time.monotonic() + 10
-        while host.generate is before and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert host.generate is not before and host.restarts == {"generate": 1}
-        assert client.get("/health").status_code == 200
-        assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}).json()["choices"][0]["message"]["content"] == "answer from alpha"
-        assert 'adapterserve_engine_restarts_total{engine="generate"} 1.0' in client.get("/metrics").text
+def test_a_dead_engine_is_503_then_restarted_with_its_adapters(client):
+    host = client.app.state.host
+    before = host.generate
+    before.client.errored = True  # what vLLM sets when its engine core dies
+    response = client.post(CHAT, json={"model": "alpha", "messages": MESSAGES})
+    assert_error(response, 503, code="engine_unavailable")
+    assert response.headers["retry-after"].isdigit()
+    assert client.get("/health").status_code == 503
+    deadline = time.monotonic() + 10  # the first restart of an engine starts at once
+    while host.generate is before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert host.generate is not before and host.restarts == {"generate": 1}
+    assert client.get("/health").status_code == 200
+    assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}).json()["choices"][0]["message"]["content"] == "answer from alpha"
+    assert 'adapterserve_engine_restarts_total{engine="generate"} 1.0' in client.get("/metrics").text
 
 
-def test_an_adapter_whose_request_gave_nan_logits_is_quarantined_until_reloaded(settings, registry, tiny_base):
-    host_box = {}
-
-    def factory(s):
-        host_box["host"] = SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine)
-        return host_box["host"]
-
-    with TestClient(create_app(settings, host_factory=factory)) as client:
-        host = host_box["host"]
-        host.generate.on_nonfinite("alpha", "request-1")  # what the engine's output watch reports
-        assert_error(client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}), 400, "model", "model_quarantined")
-        assert client.post(CHAT, json={"model": "beta", "messages": MESSAGES}).status_code == 200
-        refused = {r["name"]: r["reason"] for r in client.get("/admin/adapters", headers=AUTH).json()["refused"]}
-        assert "non-finite" in refused["alpha"]
-        assert 'adapterserve_adapter_quarantines_total{kind="lora"} 1.0' in client.get("/metrics").text
-        assert "alpha" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
-        assert client.post("/admin/adapters/alpha/reload", headers=AUTH).status_code == 200
-        assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}).status_code == 200
+def test_an_adapter_whose_request_gave_nan_logits_is_quarantined_until_reloaded(client):
+    host = client.app.state.host
+    host.generate.on_nonfinite("alpha", "request-1")  # what the engine's output watch reports
+    assert_error(client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}), 400, "model", "model_quarantined")
+    assert client.post(CHAT, json={"model": "beta", "messages": MESSAGES}).status_code == 200
+    refused = {r["name"]: r["reason"] for r in client.get("/admin/adapters", headers=AUTH).json()["refused"]}
+    assert "non-finite" in refused["alpha"]
+    assert 'adapterserve_adapter_quarantines_total{kind="lora"} 1.0' in client.get("/metrics").text
+    assert "alpha" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert client.post("/admin/adapters/alpha/reload", headers=AUTH).status_code == 200
+    assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}).status_code == 200
 
 
 class _Queue:
