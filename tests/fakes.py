@@ -120,6 +120,9 @@ class FakeEngine:
     def stop(self):
         self.client = None
 
+    async def stop_async(self):
+        self.stop()
+
     @property
     def running(self):
         return self.client is not None and not self.client.errored

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapterserve.errors import APIError, model_not_found
+from adapterserve.errors import APIError, engine_unavailable, model_not_found
 from adapterserve.config import Settings
 
 from .protocol import Endpoint, ModelCard, Target, missing_model, wrong_endpoint
@@ -154,7 +154,7 @@ class DedicatedHost:
         try:
             await engine.start()
         except BaseException:
-            engine.stop()
+            await engine.stop_async()
             raise
         self.resident[model.name] = engine
         self.down.pop(model.name, None)
@@ -168,8 +168,10 @@ class DedicatedHost:
                 victim_name, victim = next(iter(self.resident.items()))
                 await self._drain(victim)
                 log.info("swapping out %s for %s", victim_name, model.name)
-                victim.stop()
+                # out of the resident set before it stops: the watcher must not take a
+                # stopping engine for a dead one and restart it
                 del self.resident[victim_name]
+                await victim.stop_async()
             engine = await self._start_engine(model)
         seconds = time.perf_counter() - began
         self.swap_count += 1
@@ -220,21 +222,27 @@ class DedicatedHost:
                 reason = await engine.check_health() or "engine stopped"
                 self.down[name] = reason
                 log.error("engine for %s is down (%s); restarting it", name, reason)
-                engine.stop()
+                # out of the resident set and marked as starting at once, with no await in
+                # between: a request meanwhile waits for this restart instead of its own
                 self.resident.pop(name, None)
-                task = asyncio.create_task(self._restart(self.models[name]))
+                task = asyncio.create_task(self._restart(self.models[name], engine))
                 self.starting[name] = task
                 task.add_done_callback(lambda _, n=name: self.starting.pop(n, None))
 
-    async def _restart(self, model: FullModel) -> None:
+    async def _restart(self, model: FullModel, dead: Engine) -> Engine:
+        """Stop what is left of the dead engine and start a new one; requests for the model
+        wait for this task (see `_engine_for`)."""
         try:
+            await dead.stop_async()
             async with self._lock:
-                await self._start_engine(model)
-            self.restarts[model.name] = self.restarts.get(model.name, 0) + 1
-            self.observe_restart(model.name)
-        except Exception as exc:  # keep reporting it as down; the next request retries
+                engine = await self._start_engine(model)
+        except Exception as exc:  # keep reporting it as down; the next request tries again
             self.down[model.name] = f"restart failed: {exc}"
             log.exception("restart of %s failed", model.name)
+            raise engine_unavailable(model.name) from None
+        self.restarts[model.name] = self.restarts.get(model.name, 0) + 1
+        self.observe_restart(model.name)
+        return engine
 
     async def health(self) -> dict[str, str | None]:
         report: dict[str, str | None] = {name: self.down[name] for name in self.models if name in self.down}

@@ -131,6 +131,24 @@ def parse_vllm_args(cli_args: list[str]):
     return parser.parse_args(cli_args)
 
 
+def _reap(name: str, pids: list[int], wait_s: float) -> None:
+    """Wait for the processes to exit; kill (by process id) those that outlive `wait_s`."""
+    processes = []
+    for pid in pids:
+        try:
+            processes.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=wait_s)
+    for process in alive:
+        log.warning("engine %s: process %d outlived the shutdown; killing it", name, process.pid)
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
 class Engine:
     """A started vLLM engine with its serving objects; `start()` then `stop()`."""
 
@@ -192,29 +210,26 @@ class Engine:
         vLLM's shutdown signals the engine core and returns; the core then stops its
         workers. Waiting here (and killing, by process id, what outlives `wait_s`) is what
         lets the server's own process exit last, with no engine process left behind."""
+        _reap(self.name, self._shut_down(), wait_s)
+
+    async def stop_async(self, wait_s: float = 30.0) -> None:
+        """`stop()` for a running server: the wait for the processes runs in a thread, so
+        the other engines keep serving meanwhile."""
+        await asyncio.to_thread(_reap, self.name, self._shut_down(), wait_s)
+
+    def _shut_down(self) -> list[int]:
+        """vLLM's shutdown of the client (in the event loop's thread: it cancels tasks of
+        that loop); returns the process ids it had."""
         pids = self.process_ids()
         client, self.client = self.client, None
         if client is None:
-            return
+            return []
         log.info("stopping engine %s", self.name)
         try:
             client.shutdown(timeout=self.vllm_config.shutdown_timeout if self.vllm_config else None)
-        except Exception:  # a dead engine may fail to shut down cleanly; its processes are handled below
+        except Exception:  # a dead engine may fail to shut down cleanly; its processes are reaped next
             log.exception("engine %s did not shut down cleanly", self.name)
-        processes = []
-        for pid in pids:
-            try:
-                processes.append(psutil.Process(pid))
-            except psutil.NoSuchProcess:
-                continue
-        _, alive = psutil.wait_procs(processes, timeout=wait_s)
-        for process in alive:
-            log.warning("engine %s: process %d outlived the shutdown; killing it", self.name, process.pid)
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        return pids
 
     # --- state -------------------------------------------------------------------
     @property

@@ -123,7 +123,7 @@ class SharedBaseHost:
         name = dead.name
         self.down[name] = (await dead.check_health()) or "engine stopped"
         log.error("engine %s is down (%s); restarting it", name, self.down[name])
-        dead.stop()
+        await dead.stop_async()
         first, most = self.settings.engine_restart_backoff_s, self.settings.engine_restart_backoff_max_s
         delay, last = backoff.get(name, (first, 0.0))
         if time.monotonic() - last > most:  # it stayed up a while: start over from the first delay
@@ -138,7 +138,7 @@ class SharedBaseHost:
                 await engine.start()
                 break
             except Exception as exc:
-                engine.stop()
+                await engine.stop_async()
                 self.down[name] = f"restart failed: {exc}"
                 log.error("engine %s did not restart: %s", name, exc)
         backoff[name] = (delay, last)
