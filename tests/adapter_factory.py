@@ -158,6 +158,7 @@ def _hostile_values(store: Path, base: BaseModelInfo, max_rank: int) -> dict[str
         "modules-to-save-causal": ({"modules_to_save": ["lm_head"]}, "only served for SEQ_CLS"),
         "peft-type-list": ({"peft_type": ["LORA"]}, "not a PEFT LoRA adapter"),
         "base-name-int": ({"base_model_name_or_path": 7}, "'base_model_name_or_path' must be a string"),
+        "base-name-markup": ({"base_model_name_or_path": "[/bold]x[/red]"}, "trained for base '[/bold]x[/red]'"),
     }
     for name, (overrides, fragment) in cases.items():
         write_lora(store / name, base, targets=("q_proj",), config_overrides=overrides)

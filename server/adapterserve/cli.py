@@ -183,10 +183,10 @@ def _table(registry) -> Table:
     for column in ("name", "kind", "rank", "target modules", "trainable % of base", "size", "base it was trained for"):
         table.add_column(column)
     for record in sorted(registry.adapters.values(), key=lambda r: r.name):
-        table.add_row(
-            record.name, record.kind, str(record.rank), ",".join(record.target_modules),
+        table.add_row(  # cells from adapter configs are text, never markup
+            escape(record.name), record.kind, str(record.rank), escape(",".join(record.target_modules)),
             f"{100 * record.share_of_base(registry.base.parameter_count):.3f}",
-            f"{record.size_bytes / 1e6:.2f} MB", str(record.base_model or "?"),
+            f"{record.size_bytes / 1e6:.2f} MB", escape(str(record.base_model or "?")),
         )
     return table
 

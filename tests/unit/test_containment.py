@@ -184,3 +184,14 @@ def test_outputs_with_nan_logits_never_reach_their_request():
     processor.process_outputs([good, bad], 0.0, None)
     assert seen == [good] and reported == [("bad", "a")]
     assert isinstance(states["a"].queue.items[0], NonFiniteLogits) and not states["b"].queue.items
+
+
+def test_adapter_listings_print_config_text_as_text(tmp_path, tiny_base):
+    """A served adapter's config strings reach the CLI's table: never read as markup."""
+    from adapterserve.cli import app
+
+    write_lora(tmp_path / "store" / "marked", tiny_base, rank=4, config_overrides={"base_model_name_or_path": "[/bold]x[/red]"})
+    result = CliRunner().invoke(app, ["adapters", "list", "--adapter-dir", str(tmp_path / "store"), "--base-model", str(tiny_base.path)],
+                                env={"ADAPTERSERVE_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "400"})
+    assert result.exit_code == 0 and result.exception is None, (result.output, result.exception)
+    assert "[/bold]x[/red]" in result.output
