@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from adapterserve.metrics.memory import folder_bytes
-from adapterserve.process import ROOT
 from adapterserve.training.merge import merged_store
 from adapterserve.config import load_settings
 
@@ -25,10 +24,10 @@ REQUESTS, MAX_TOKENS = 4, 8
 def report(tmp_path_factory, demo_dir):
     out = tmp_path_factory.mktemp("compare")
     command = [
-        sys.executable, "-m", "server", "compare", "--tasks", "2", "--kind", "lora", "--requests", str(REQUESTS),
+        sys.executable, "-m", "adapterserve", "compare", "--tasks", "2", "--kind", "lora", "--requests", str(REQUESTS),
         "--concurrency", "2", "--max-tokens", str(MAX_TOKENS), "--budget", "16GiB", "--out", str(out),
     ]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = process.communicate(timeout=1200)
     except subprocess.TimeoutExpired:
