@@ -33,11 +33,19 @@ def register() -> None:
     setattr(EngineCore, ENGINE_UTILITY, _engine_report)
 
 
+REPORT_TIMEOUT_S = 10.0  # a report takes milliseconds; an engine that died never answers
+
+
 async def engine_report(client) -> dict | None:
-    """From the API process: the report of one engine (an AsyncLLM), or None if it has none."""
+    """From the API process: the report of one engine (an AsyncLLM), or None if it has none.
+
+    Bounded in time: a utility call to an engine core that has died is never answered, and
+    the metrics hold their refresh lock while they wait (every later scrape would hang)."""
+    import asyncio
+
     try:
-        return await client.engine_core.call_utility_async(ENGINE_UTILITY)
-    except Exception as exc:  # an engine without the plugin, or one shutting down
+        return await asyncio.wait_for(client.engine_core.call_utility_async(ENGINE_UTILITY), REPORT_TIMEOUT_S)
+    except Exception as exc:  # an engine without the plugin, one shutting down, or dead
         log.debug("no memory report: %s", exc)
         return None
 
