@@ -1,10 +1,12 @@
 """Dedicated mode against real engines: parity with the shared mode, LRU swaps with fewer
-resident engines than models, and a killed engine that is reported and restarted."""
+resident engines than models (a resident model answers while another swaps in), and a
+killed engine that is reported and restarted while the others keep serving."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -81,6 +83,22 @@ def test_cycling_through_more_models_than_resident_engines(dedicated, dedicated_
     assert "adapterserve_model_swap_seconds_sum" in metrics
 
 
+def test_a_resident_model_answers_while_another_swaps_in(dedicated, dedicated_client):
+    tokens(dedicated_client, "pirate")
+    tokens(dedicated_client, "french")  # resident now: pirate, then french (the most recent)
+    swapped_in = {}
+    swap = threading.Thread(target=lambda: swapped_in.setdefault("json", tokens(dedicated_client, "json")))
+    swap.start()  # evicts pirate, then starts json's engine (~30 s)
+    quick = dedicated_client.with_options(timeout=20)
+    answered_meanwhile = 0
+    while swap.is_alive():
+        assert tokens(quick, "french")
+        answered_meanwhile += 1
+    swap.join()
+    assert swapped_in.get("json"), "the swapped-in model answered"
+    assert answered_meanwhile >= 3, "french answered at once while json's engine started"
+
+
 def test_a_killed_engine_is_reported_restarted_and_others_keep_serving(dedicated, dedicated_client):
     engines = {e["name"]: e for e in httpx.get(f"{dedicated.url}/admin/engines", headers=ADMIN).json()["engines"]}
     assert len(engines) == 2
@@ -100,12 +118,10 @@ def test_a_killed_engine_is_reported_restarted_and_others_keep_serving(dedicated
     assert tokens(dedicated_client, survivor)  # the other model answers meanwhile
 
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{dedicated.url}/health", timeout=30).status_code == 200:
-                break
-        except httpx.TimeoutException:
-            pass
+    while time.monotonic() < deadline:  # throughout the restart, the server answers at once
+        if httpx.get(f"{dedicated.url}/health", timeout=10).status_code == 200:
+            break
+        assert tokens(dedicated_client.with_options(timeout=20), survivor)
         time.sleep(2)
     assert httpx.get(f"{dedicated.url}/health").json()["engines"][victim] == "ok"
     assert tokens(dedicated_client, victim)

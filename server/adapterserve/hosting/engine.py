@@ -9,6 +9,7 @@ only decides which engine and which adapter a request goes to.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -131,6 +132,25 @@ def parse_vllm_args(cli_args: list[str]):
     return parser.parse_args(cli_args)
 
 
+async def _off_the_event_loop(construct, on_abandoned):
+    """Run vLLM's engine construction in a thread and return what it built.
+
+    `AsyncLLM.from_vllm_config` starts the engine core and waits for it to be ready
+    (~30 s on 2 cores): on the event loop that would stall every other engine, /health and
+    /metrics while an engine restarts or swaps in. Built outside a running loop, vLLM
+    starts its output tasks lazily, at the first request or utility call.
+    If the awaiting task is cancelled, the construction still finishes in its thread; what
+    it built is handed to `on_abandoned` so no engine process is left behind."""
+    construction = asyncio.ensure_future(asyncio.to_thread(construct))
+    try:
+        return await asyncio.shield(construction)
+    except asyncio.CancelledError:
+        construction.add_done_callback(
+            lambda done: on_abandoned(done.result()) if not done.cancelled() and done.exception() is None else None
+        )
+        raise
+
+
 def _reap(name: str, pids: list[int], wait_s: float) -> None:
     """Wait for the processes to exit; kill (by process id) those that outlive `wait_s`."""
     processes = []
@@ -184,11 +204,15 @@ class Engine:
         if self.spec.runner == "generate":
             # the engine's workers count NaN logits per request (inherited by its processes)
             os.environ[ENV_COUNT_NANS] = "1"
-        self.client = AsyncLLM.from_vllm_config(
-            vllm_config=self.vllm_config,
-            usage_context=UsageContext.OPENAI_API_SERVER,
-            enable_log_requests=False,
-            disable_log_stats=not self.spec.log_stats,
+        self.client = await _off_the_event_loop(
+            functools.partial(
+                AsyncLLM.from_vllm_config,
+                vllm_config=self.vllm_config,
+                usage_context=UsageContext.OPENAI_API_SERVER,
+                enable_log_requests=False,
+                disable_log_stats=not self.spec.log_stats,
+            ),
+            on_abandoned=lambda client: self._stop_abandoned(client),
         )
         if self.spec.runner == "generate":
             watch_nonfinite(self.client, lambda adapter, request_id: self.on_nonfinite(adapter, request_id))
@@ -203,6 +227,11 @@ class Engine:
         self.started_at = time.time()
         self.startup_seconds = time.monotonic() - began
         log.info("engine %s ready in %.1f s", self.name, self.startup_seconds)
+
+    def _stop_abandoned(self, client) -> None:
+        """Stop a client whose start was cancelled (the server shut down meanwhile)."""
+        self.client = client
+        self.stop()
 
     def stop(self, wait_s: float = 30.0) -> None:
         """Shut the engine down and return only once its processes are gone (idempotent).
