@@ -12,8 +12,14 @@ from adapterserve.hosting.engine import EngineSpec
 
 
 class FakeModels:
+    """vLLM's serving models as the hosts use them: the table and its per-name locks."""
+
     def __init__(self):
+        import asyncio
+        from collections import defaultdict
+
         self.lora_requests = {}
+        self.lora_resolver_lock = defaultdict(asyncio.Lock)
 
 
 class FakeEngineCore:
@@ -96,7 +102,7 @@ class FakeChat:
 
 
 class FakeEngine:
-    """Honours the Engine interface the hosts and the API use."""
+    """Implements the Engine protocol (hosting/protocol.py) without processes."""
 
     started_count = 0  # across instances: how many engine starts a test caused
 
@@ -107,6 +113,8 @@ class FakeEngine:
         self._chat = FakeChat(self)
         self.started = False
         self.startup_seconds = 0.0
+        self.on_started = None  # the fake client has no generate() for the metrics to wrap
+        self.on_nonfinite = lambda adapter, request_id: None
 
     @property
     def name(self):
@@ -117,10 +125,10 @@ class FakeEngine:
         self.started = True
         FakeEngine.started_count += 1
 
-    def stop(self):
+    def stop(self, wait_s=30.0):
         self.client = None
 
-    async def stop_async(self):
+    async def stop_async(self, wait_s=30.0):
         self.stop()
 
     @property

@@ -30,7 +30,7 @@ NEAR_TIE = {"float32": 0.5, "bfloat16": 1.25}
 def served_dtype() -> str:
     """The dtype the server computes in with the default settings on this machine."""
     from adapterserve.config import load_settings
-    from adapterserve.hosting.engine import resolve_dtype
+    from adapterserve.dtypes import resolve_dtype
 
     return resolve_dtype(load_settings().dtype)
 

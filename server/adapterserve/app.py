@@ -18,23 +18,23 @@ from .api.auth import require_api_key
 from .api.errors import install_error_handlers
 from .api.openapi import install_openapi
 from .config import Settings
-from .hosting.protocol import Host
+from .hosting.protocol import Host, HostObserver
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-HostFactory = Callable[[Settings], Host]
+# (settings, the observer the metrics give the host) -> the host
+HostFactory = Callable[[Settings, HostObserver], Host]
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     factory: HostFactory = app.state.host_factory
     try:
-        host = factory(app.state.settings)
+        host = factory(app.state.settings, app.state.metrics.observer())
     except Exception as exc:
         log.error("adapterserve cannot start: %s", exc)
         raise
-    app.state.metrics.instrument(host)
     try:
         await host.start()
         app.state.host = host

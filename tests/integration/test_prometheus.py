@@ -132,7 +132,7 @@ def test_every_dashboard_query_returns_data(prometheus, server, dedicated):
 def test_the_engines_memory_agrees_with_the_files(server, base_path, demo_dir):
     """Measured from the live tensors: base weights are the safetensors' (x2 in float32),
     each adapter in the CPU cache is its file's tensors, the slots match the estimate."""
-    from adapterserve.hosting.engine import resolve_dtype
+    from adapterserve.dtypes import resolve_dtype
     from adapterserve.metrics.collector import slot_estimate
 
     body = httpx.get(f"{server.url}/metrics", timeout=30).text

@@ -68,8 +68,8 @@ def settings(tmp_path) -> Settings:
 
 @pytest.fixture
 def client(settings, registry, tiny_base):
-    def factory(s):
-        return SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine)
+    def factory(s, observer):
+        return SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer)
 
     with TestClient(create_app(settings, host_factory=factory)) as test_client:
         yield test_client

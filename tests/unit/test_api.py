@@ -109,7 +109,7 @@ def test_api_key_is_enforced_when_set(settings, registry, tiny_base):
     from tests.fakes import FakeEngine
 
     settings = settings.model_copy(update={"api_key": __import__("pydantic").SecretStr("user-key")})
-    app = create_app(settings, host_factory=lambda s: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine))
+    app = create_app(settings, host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
     with TestClient(app) as client:
         assert_error(client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}), 401, code="invalid_api_key")
         ok = client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}, headers={"authorization": "Bearer user-key"})
@@ -162,7 +162,7 @@ class TestAdmin:
         from adapterserve.hosting.shared import SharedBaseHost
         from tests.fakes import FakeEngine
 
-        app = create_app(settings.model_copy(update={"admin_api_key": None}), host_factory=lambda s: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine))
+        app = create_app(settings.model_copy(update={"admin_api_key": None}), host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
         with TestClient(app) as client:
             assert_error(client.post("/admin/adapters/alpha/unload", headers=self.auth), 403)
 

@@ -39,7 +39,7 @@ def app_client(settings, tiny_base, stores, tmp_path):
     registry = Registry(base=tiny_base, stores=stores, limits=Limits(max_lora_rank=16, refuse_other_base=True),
                         snapshots=SnapshotStore(tmp_path / "snapshots"))
     registry.scan()
-    host = lambda s: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine)  # noqa: E731
+    host = lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer)  # noqa: E731
     return TestClient(create_app(settings, host_factory=host))
 
 

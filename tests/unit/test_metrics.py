@@ -66,8 +66,8 @@ def metrics_settings(settings):
 
 @pytest.fixture
 def reporting_client(metrics_settings, registry, tiny_base):
-    def factory(s):
-        return SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=ReportingFakeEngine)
+    def factory(s, observer):
+        return SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=ReportingFakeEngine, observer=observer)
 
     with TestClient(create_app(metrics_settings, host_factory=factory)) as test_client:
         yield test_client
@@ -107,7 +107,7 @@ def test_base_weights_bytes_agree_with_the_safetensors_of_the_base(client, tiny_
         file_bytes = sum(handle.get_tensor(k).nbytes for k in handle.keys())
     weights = memory[(("component", "base_weights"), ("engine", "generate"))]
     # The tiny base is float32 on disk; the engine's dtype scales it.
-    from adapterserve.hosting.engine import resolve_dtype
+    from adapterserve.dtypes import resolve_dtype
 
     scale = {"float32": 1, "bfloat16": 0.5}[resolve_dtype(settings.dtype)]
     assert weights == file_bytes * scale

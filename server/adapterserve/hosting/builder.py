@@ -14,10 +14,10 @@ from pathlib import Path
 
 from adapterserve.config import Settings
 
-from .protocol import Host
+from .protocol import Host, HostObserver
 
 
-def build_host(settings: Settings) -> Host:
+def build_host(settings: Settings, observer: HostObserver | None = None) -> Host:
     """The real host for these settings: prepares the base, builds and validates adapters."""
     from adapterserve.engine_plugins.cpu_lora.plugin import ENV_SWITCH
 
@@ -27,7 +27,7 @@ def build_host(settings: Settings) -> Host:
     if settings.mode.value == "dedicated" and settings.dedicated_models:
         from .dedicated import DedicatedHost, discover_models
 
-        return DedicatedHost(settings, discover_models(settings.dedicated_models))
+        return DedicatedHost(settings, discover_models(settings.dedicated_models), observer=observer)
 
     from adapterserve.models import resolve_base_model
     from adapterserve.registry.records import BaseModelInfo
@@ -42,17 +42,17 @@ def build_host(settings: Settings) -> Host:
         stores.append(ensure_demo_adapters(settings, base_path))
     registry = open_registry(settings, stores, base=BaseModelInfo.read(base_name, base_path), serving=True)
     if settings.mode.value == "dedicated":
-        return _merged_demo_host(settings, base_path, registry)
+        return _merged_demo_host(settings, base_path, registry, observer)
     from .shared import SharedBaseHost
 
-    return SharedBaseHost(settings, base_path, base_name, registry)
+    return SharedBaseHost(settings, base_path, base_name, registry, observer=observer)
 
 
-def _merged_demo_host(settings: Settings, base_path: Path, registry) -> Host:
+def _merged_demo_host(settings: Settings, base_path: Path, registry, observer: HostObserver | None) -> Host:
     """Dedicated mode without model folders: every adapter merged into a full model."""
     from adapterserve.training.merge import merge_adapters, merged_store
 
     from .dedicated import DedicatedHost, discover_models
 
     merged = merge_adapters(base_path, list(registry.adapters.values()), merged_store(settings.cache_dir, base_path))
-    return DedicatedHost(settings, discover_models(list(merged.values())))
+    return DedicatedHost(settings, discover_models(list(merged.values())), observer=observer)

@@ -17,19 +17,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapterserve.errors import APIError, engine_unavailable, model_not_found
 from adapterserve.config import Settings
+from adapterserve.errors import APIError, engine_unavailable, model_not_found
 
-from .protocol import Endpoint, ModelCard, Target, missing_model, wrong_endpoint
-from .engine import Engine, EngineSpec
+from .engine import EngineSpec, VllmEngine
+from .protocol import (
+    ENGINE_RUNTIME_BYTES, GiB, Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, missing_model, wrong_endpoint,
+)
 
 log = logging.getLogger(__name__)
 
-GiB = 1024**3
-# What one engine holds beyond its weights and KV cache: the torch runtime, the engine core
-# and worker processes, activations. Measured on this project's 2-core CPU machine with
-# SmolLM2-135M: ~1.6 GiB USS per engine = 0.25 weights + 0.25 KV cache + ~1.1 the rest.
-ENGINE_RUNTIME_BYTES = int(1.1 * GiB)
 RETRY_AFTER_SECONDS = 10
 
 
@@ -79,21 +76,24 @@ class DedicatedHost:
     mode = "dedicated"
     registry = None  # no adapters: every task is a whole model
 
-    def __init__(self, settings: Settings, models: list[FullModel], engine_factory=Engine):
+    def __init__(
+        self, settings: Settings, models: list[FullModel], engine_factory=VllmEngine, observer: HostObserver | None = None,
+    ):
         if not models:
             raise ValueError("dedicated mode needs at least one model folder")
         self.settings = settings
         self.models = {m.name: m for m in models}
         self.engine_factory = engine_factory
+        self.observer = observer or HostObserver()
+        self.base_path = None  # no shared base: every model holds its own weights
+        self.weights_path = models[0].path
+        self._tasks = [HostedTask(m.name, m.kind, "full_model", _folder_bytes(m.path), _merged_adapter_elements(m.path)) for m in models]
         self.base_name = models[0].name
         self.resident: OrderedDict[str, Engine] = OrderedDict()  # least recently used first
         self.starting: dict[str, asyncio.Task] = {}
         self.down: dict[str, str] = {}  # model -> why its engine is down
         self.swap_count = 0
         self.swap_seconds: list[float] = []
-        self.observe_swap = lambda model, seconds: None  # set by the metrics
-        self.observe_load = lambda kind, seconds: None  # no adapters here: never called
-        self.observe_restart = lambda engine: None  # set by the metrics
         self.restarts: dict[str, int] = {}
         self.created = int(time.time())
         self._lock = asyncio.Lock()
@@ -151,6 +151,7 @@ class DedicatedHost:
 
     async def _start_engine(self, model: FullModel) -> Engine:
         engine = self.engine_factory(self._spec(model))
+        engine.on_started = self.observer.engine_started
         try:
             await engine.start()
         except BaseException:
@@ -176,7 +177,7 @@ class DedicatedHost:
         seconds = time.perf_counter() - began
         self.swap_count += 1
         self.swap_seconds.append(seconds)
-        self.observe_swap(model.name, seconds)
+        self.observer.model_swapped(model.name, seconds)
         log.info("swapped in %s in %.1f s", model.name, seconds)
         return engine
 
@@ -241,8 +242,14 @@ class DedicatedHost:
             log.exception("restart of %s failed", model.name)
             raise engine_unavailable(model.name) from None
         self.restarts[model.name] = self.restarts.get(model.name, 0) + 1
-        self.observe_restart(model.name)
+        self.observer.engine_restarted(model.name)
         return engine
+
+    def tasks(self) -> list[HostedTask]:
+        return list(self._tasks)
+
+    def published_adapters(self, engine: Engine) -> dict[int, str]:
+        return {}  # full models: no adapters
 
     async def health(self) -> dict[str, str | None]:
         report: dict[str, str | None] = {name: self.down[name] for name in self.models if name in self.down}
@@ -295,3 +302,22 @@ class _LabelsOnly:
 
 def _labels_only(model: FullModel):
     return _LabelsOnly(model.labels) if model.kind == "head" else None
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _merged_adapter_elements(model_path: Path) -> int:
+    """A merged full model records the adapter it came from: its weights' elements (0 if unknown)."""
+    from adapterserve.registry.safetensors_header import element_count, read_header
+    from adapterserve.training.merge import MERGE_INFO
+
+    try:
+        source = json.loads((Path(model_path) / MERGE_INFO).read_text()).get("source", "")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    adapter = Path(str(source).rsplit(":", 2)[0])
+    if not adapter.is_dir():
+        return 0
+    return sum(element_count(read_header(file)) for file in sorted(adapter.glob("*.safetensors")))

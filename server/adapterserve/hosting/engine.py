@@ -20,6 +20,8 @@ from typing import Any, Literal
 import psutil
 from starlette.datastructures import State
 
+from adapterserve.dtypes import resolve_dtype
+
 from .nonfinite import ENV_COUNT_NANS, watch_nonfinite
 
 log = logging.getLogger(__name__)
@@ -99,30 +101,6 @@ class EngineSpec:
         return args + self.extra_args
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them bf16 matmuls are emulated on the CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(requested: str) -> str:
-    """'auto' -> bfloat16 where it is native, float32 elsewhere. Measured on a 2-core AVX2
-    machine with SmolLM2-135M, 16 concurrent streams: bf16 22 tok/s, float32 83 tok/s."""
-    if requested != "auto":
-        return requested
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return "bfloat16"
-    except ImportError:
-        pass
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
-
-
 def parse_vllm_args(cli_args: list[str]):
     """vLLM's own server argument namespace for these flags (all defaults filled in)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -169,8 +147,8 @@ def _reap(name: str, pids: list[int], wait_s: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-class Engine:
-    """A started vLLM engine with its serving objects; `start()` then `stop()`."""
+class VllmEngine:
+    """A vLLM engine with its serving objects (the `Engine` protocol); `start()` then `stop()`."""
 
     def __init__(self, spec: EngineSpec):
         self.spec = spec

@@ -1,24 +1,34 @@
-"""The Host interface: where a model name goes, whatever the hosting mode.
+"""The interfaces between the hosts and the rest: Host, Engine, HostObserver, HostedTask.
 
 A request names a model; the host answers with a Target (the engine that serves it and
 the name that engine knows it by), or raises an APIError: 404 for an unknown model, 400
-for a model that exists but is served by another endpoint.
+for a model that exists but is served by another endpoint. The API, the admin endpoints
+and the metrics use the hosts only through these; the metrics observe a host through the
+HostObserver it is given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from adapterserve.errors import APIError
 from adapterserve.registry.records import AdapterRecord
 
-from .engine import Engine, EngineSpec
+from .engine import EngineSpec
 
 if TYPE_CHECKING:
     from adapterserve.config import Settings
     from adapterserve.registry.store import Registry
+
+GiB = 1024**3
+# What one engine holds beyond its weights and KV cache: the torch runtime, the engine core
+# and worker processes, activations. Measured on this project's 2-core CPU machine with
+# SmolLM2-135M: ~1.6 GiB USS per engine = 0.25 weights + 0.25 KV cache + ~1.1 the rest.
+# The dedicated mode's memory budget and the metrics' estimates both use it.
+ENGINE_RUNTIME_BYTES = int(1.1 * GiB)
 
 Endpoint = Literal["chat", "completion", "classify"]
 ENDPOINT_PATHS = {
@@ -26,6 +36,64 @@ ENDPOINT_PATHS = {
     "completion": "/v1/completions",
     "classify": "/v1/classify",
 }
+
+
+class Engine(Protocol):
+    """One engine as the hosts, the API and the metrics use it (VllmEngine in engine.py;
+    the tests' FakeEngine)."""
+
+    spec: EngineSpec
+    client: Any  # vLLM's AsyncLLM once started, else None
+    startup_seconds: float | None
+    on_started: Callable[["Engine"], None] | None  # called once the client exists
+    on_nonfinite: Callable[[str | None, str], None]  # (adapter or None, request id)
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    def stop(self, wait_s: float = 30.0) -> None: ...
+
+    async def stop_async(self, wait_s: float = 30.0) -> None: ...
+
+    async def check_health(self) -> str | None: ...
+
+    def process_ids(self) -> list[int]: ...
+
+    def serving(self, kind: str) -> Any:
+        """vLLM's serving object of that kind ("chat", "completion", "classify", "models")."""
+        ...
+
+
+def _ignore(*args) -> None:
+    return None
+
+
+@dataclass
+class HostObserver:
+    """What a host reports while it runs; the metrics pass one in (the default ignores all)."""
+
+    engine_started: Callable[[Engine], None] = _ignore  # every start, restarts and swaps included
+    adapter_loaded: Callable[[str, float], None] = _ignore  # (adapter kind, seconds)
+    adapter_quarantined: Callable[[str], None] = _ignore  # (adapter kind)
+    engine_restarted: Callable[[str], None] = _ignore  # (engine name)
+    model_swapped: Callable[[str, float], None] = _ignore  # (model, seconds)
+
+
+@dataclass(frozen=True)
+class HostedTask:
+    """A model a client can name, as the metrics account for it: an adapter (shared mode)
+    or a full model (dedicated mode). Sizes are read once, when the task is registered."""
+
+    name: str
+    kind: str  # "lora", "head" or "full"
+    storage: str  # "adapter" (its folder) or "full_model" (the whole model's folder)
+    storage_bytes: int
+    adapter_elements: int  # elements of its adapter weights (dedicated: of the merged adapter; 0 if unknown)
 
 
 @dataclass
@@ -72,9 +140,8 @@ class ModelCard:
 class Host(Protocol):
     """What the API, the admin endpoints and the metrics use of a hosting mode.
 
-    The metrics install their observers before `start()` by setting the `observe_*`
-    callables and wrapping `engine_factory` (every engine the host starts, restarts
-    included, reports its traffic)."""
+    A host is made with its settings and a HostObserver (the app factory passes the
+    metrics' one); the host calls the observer, nobody patches the host."""
 
     mode: str  # "shared" or "dedicated"
     base_name: str
@@ -82,9 +149,14 @@ class Host(Protocol):
     created: int  # when the host was made (the `created` of /v1/models)
     registry: Registry | None  # the adapter registry (shared mode), None in dedicated mode
     restarts: dict[str, int]  # engine name -> restarts after it died
-    engine_factory: Callable[[EngineSpec], Engine]
-    observe_load: Callable[[str, float], None]  # (adapter kind, seconds)
-    observe_restart: Callable[[str], None]  # (engine name)
+    base_path: Path | None  # the shared base's folder; None in dedicated mode
+    weights_path: Path  # a folder one engine of this host loads (for estimates)
+
+    def tasks(self) -> list[HostedTask]: ...
+
+    def published_adapters(self, engine: Engine) -> dict[int, str]:
+        """Adapter id -> name for the adapters the engine serves now."""
+        ...
 
     async def start(self) -> None: ...
 

@@ -8,7 +8,7 @@ the memory metrics count it twice.
 Adapters live in three tiers: an engine slot (`max_loras`, per batch), the engine's CPU
 LRU (`max_cpu_loras`), and the store on disk, loaded on first use. vLLM manages the first
 two; this host keeps the name -> LoRARequest table that makes every registered adapter
-servable.
+servable (hosting/lora_table.py: vLLM's table, with vLLM's per-name locking).
 
 An engine that dies (its process killed, or a fatal error inside a step) is detected
 within a second: requests for it get a 503 with Retry-After at once, it is restarted
@@ -23,13 +23,16 @@ import itertools
 import logging
 import time
 
-from adapterserve.errors import APIError, engine_unavailable, model_not_found
+from pathlib import Path
+
 from adapterserve.config import Settings
+from adapterserve.errors import APIError, engine_unavailable, model_not_found
 from adapterserve.registry.records import AdapterInvalid, AdapterRecord
 from adapterserve.registry.store import Registry
 
-from .protocol import Endpoint, ModelCard, Target, missing_model, wrong_endpoint
-from .engine import Engine, EngineSpec
+from . import lora_table
+from .engine import EngineSpec, VllmEngine
+from .protocol import Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, missing_model, wrong_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,13 @@ log = logging.getLogger(__name__)
 class SharedBaseHost:
     mode = "shared"
 
-    def __init__(self, settings: Settings, base_path, base_name: str, registry: Registry, engine_factory=Engine):
+    def __init__(
+        self, settings: Settings, base_path, base_name: str, registry: Registry,
+        engine_factory=VllmEngine, observer: HostObserver | None = None,
+    ):
         self.settings = settings
-        self.base_path = base_path
+        self.base_path = Path(base_path)
+        self.weights_path = self.base_path
         self.base_name = base_name
         self.registry = registry
         self.engine_factory = engine_factory  # tests pass a fake with Engine's interface
@@ -47,9 +54,7 @@ class SharedBaseHost:
         self.classify: Engine | None = None
         self._lora_ids = itertools.count(1)
         self.created = int(time.time())
-        self.observe_load = lambda kind, seconds: None  # set by the metrics
-        self.observe_restart = lambda engine: None  # set by the metrics
-        self.observe_quarantine = lambda kind: None  # set by the metrics
+        self.observer = observer or HostObserver()
         self.quarantined: dict[str, str] = {}  # adapter -> why it no longer serves (until reloaded)
         self.down: dict[str, str] = {}  # engine name -> why it is down while it restarts
         self.restarts: dict[str, int] = {}
@@ -64,6 +69,7 @@ class SharedBaseHost:
     def _new_engine(self, spec: EngineSpec) -> Engine:
         engine = self.engine_factory(spec)
         engine.on_nonfinite = self._quarantine
+        engine.on_started = self.observer.engine_started
         return engine
 
     async def start(self) -> None:
@@ -110,8 +116,9 @@ class SharedBaseHost:
             await asyncio.sleep(interval)
             for role in ("generate", "classify"):
                 dead = getattr(self, role)
-                if dead is None or dead.running:
+                if dead is None or dead.running:  # `running` reads the process table: here, not per request
                     continue
+                self.down[dead.name] = "engine stopped"  # requests get 503 from now on
                 try:
                     await self._restart(role, dead, backoff)
                 except asyncio.CancelledError:
@@ -150,7 +157,7 @@ class SharedBaseHost:
         setattr(self, role, engine)  # requests reach it only now, with its adapters published
         self.down.pop(name, None)
         self.restarts[name] = self.restarts.get(name, 0) + 1
-        self.observe_restart(name)
+        self.observer.engine_restarted(name)
         log.info("engine %s restarted (%d restarts)", name, self.restarts[name])
 
     def engines(self) -> list[Engine]:
@@ -170,10 +177,11 @@ class SharedBaseHost:
             return
         reason = "quarantined: it produced non-finite values (NaN logits) while serving; fix it, then reload it"
         self.quarantined[adapter] = reason
-        self._unpublish(adapter)
-        self.registry.remove(adapter)
+        self.registry.remove(adapter)  # requests for it are refused from now on
+        for engine in self.engines():
+            lora_table.withdraw(engine, adapter)
         self.registry.problems.append(_problem(record, reason))
-        self.observe_quarantine(record.kind)
+        self.observer.adapter_quarantined(record.kind)
         log.error("adapter %r %s (request %s)", adapter, reason, request_id)
 
     # --- adapters in the engines ------------------------------------------------
@@ -198,20 +206,20 @@ class SharedBaseHost:
             lora_path=str(record.path),
             base_model_name=self.base_name,
         )
-        began = time.perf_counter()
-        try:
-            await engine.client.add_lora(request)
-        except Exception as exc:  # the engine's own loader refused it
-            raise AdapterInvalid(record.name, f"the engine could not load it: {exc}") from None
-        self.observe_load(record.kind, time.perf_counter() - began)
-        # Replacing the table entry is atomic for new requests; requests already running
-        # keep the old id. vLLM's CPU LRU evicts the old weights in time, as vLLM's own
-        # unload does (it never removes adapters from the engine under running requests).
-        engine.serving("models").lora_requests[record.name] = request
 
-    def _unpublish(self, name: str) -> None:
+        async def load(request) -> None:
+            began = time.perf_counter()
+            try:
+                await engine.client.add_lora(request)
+            except Exception as exc:  # the engine's own loader refused it
+                raise AdapterInvalid(record.name, f"the engine could not load it: {exc}") from None
+            self.observer.adapter_loaded(record.kind, time.perf_counter() - began)
+
+        await lora_table.publish(engine, request, load)
+
+    async def _unpublish(self, name: str) -> None:
         for engine in self.engines():
-            engine.serving("models").lora_requests.pop(name, None)
+            await lora_table.unpublish(engine, name)
 
     async def load_adapter(self, name: str) -> AdapterRecord:
         if name in self.registry.adapters and self._published(name):
@@ -229,7 +237,7 @@ class SharedBaseHost:
             missing = "no such folder" in exc.reason
             if previous is None:
                 self.registry.remove(name)
-                self._unpublish(name)
+                await self._unpublish(name)
                 raise APIError(
                     404 if missing else 400, str(exc), param="lora_name",
                     code="adapter_not_found" if missing else "adapter_invalid",
@@ -247,10 +255,20 @@ class SharedBaseHost:
     async def unload_adapter(self, name: str) -> None:
         if self.registry.remove(name) is None:
             raise APIError(404, f"The adapter `{name}` is not loaded.", param="lora_name", code="adapter_not_found")
-        self._unpublish(name)
+        await self._unpublish(name)
 
     def _published(self, name: str) -> bool:
-        return any(name in e.serving("models").lora_requests for e in self.engines())
+        return any(lora_table.is_published(e, name) for e in self.engines())
+
+    # --- what the metrics read ---------------------------------------------------
+    def tasks(self) -> list[HostedTask]:
+        return [
+            HostedTask(r.name, r.kind, "adapter", r.size_bytes, r.trainable_params)
+            for r in self.registry.adapters.values()
+        ]
+
+    def published_adapters(self, engine: Engine) -> dict[int, str]:
+        return lora_table.published(engine)
 
     # --- routing -----------------------------------------------------------------
     async def resolve(self, model: str | None, endpoint: Endpoint) -> Target:
@@ -263,7 +281,7 @@ class SharedBaseHost:
         if name == self.base_name:
             if endpoint == "classify":
                 raise wrong_endpoint(model, "base", endpoint)
-            return Target(engine=_live(self.generate), vllm_model=self.base_name, model=self.base_name)
+            return Target(engine=self._live(self.generate), vllm_model=self.base_name, model=self.base_name)
         record = self.registry.adapters.get(name)
         if record is None and name in self.quarantined:
             raise APIError(
@@ -275,7 +293,7 @@ class SharedBaseHost:
         wants_head = endpoint == "classify"
         if (record.kind == "head") != wants_head:
             raise wrong_endpoint(model, record.kind, endpoint)
-        return Target(engine=_live(self._engine_for(record)), vllm_model=name, model=name, record=record)
+        return Target(engine=self._live(self._engine_for(record)), vllm_model=name, model=name, record=record)
 
     def model_cards(self) -> list[ModelCard]:
         cards = [
@@ -307,11 +325,13 @@ class SharedBaseHost:
         return cards
 
 
-def _live(engine: Engine) -> Engine:
-    """The engine, if it can serve now; a 503 with Retry-After while it is down."""
-    if not engine.running:
-        raise engine_unavailable(engine.name)
-    return engine
+    def _live(self, engine: Engine) -> Engine:
+        """The engine, if it can serve now; a 503 with Retry-After while it is down. Per
+        request, so no process-table reads: the watcher marks dead engines down within a
+        second, and vLLM marks its client errored when its engine core dies."""
+        if engine.name in self.down or engine.client is None or engine.client.errored:
+            raise engine_unavailable(engine.name)
+        return engine
 
 
 def _problem(record: AdapterRecord, reason: str):

@@ -16,15 +16,18 @@ README; the Grafana dashboard in deploy/ reads them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 
+from adapterserve.hosting.protocol import HostObserver
+
 from .collector import HostCollector
 from .labels import OTHER, ModelLabels
-from .memory import EngineMemory, measure_engine
+from .memory import EngineMemory, folder_bytes, measure_engine, safetensors_elements
 from .traffic import RequestTraffic, current_endpoint, observe_client
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,7 @@ class Metrics:
             self.adapter_evictions.labels(kind)
             self.adapter_quarantines.labels(kind)
         self.host = None
+        self.base_storage_bytes = 0
         self.memory: list[EngineMemory] = []
         self.measured_at = 0.0
         self._cached: dict[str, set[int]] = {}  # engine -> adapter ids in its CPU cache
@@ -104,28 +108,22 @@ class Metrics:
         return cls(max_models=settings.metrics_max_models, refresh_seconds=settings.metrics_refresh_s)
 
     # --- binding to the host ---------------------------------------------------
-    def instrument(self, host) -> None:
-        """Before the host starts: every engine it starts reports its traffic here."""
-        make_engine = host.engine_factory
-
-        def observed_engine(spec):
-            engine = make_engine(spec)
-            engine.on_started = lambda e: observe_client(e.client, e.spec.served_model_name, self.observe_traffic)
-            return engine
-
-        host.engine_factory = observed_engine
-        if hasattr(host, "observe_swap"):
-            host.observe_swap = lambda model, seconds: self.swap_seconds.labels(self.models.label(model)).observe(seconds)
-        if hasattr(host, "observe_restart"):
-            host.observe_restart = lambda engine: self.engine_restarts.labels(engine).inc()  # few engines: no cap needed
-        if hasattr(host, "observe_quarantine"):
-            host.observe_quarantine = lambda kind: self.adapter_quarantines.labels(kind).inc()
-        if hasattr(host, "observe_load"):
-            host.observe_load = lambda kind, seconds: self.adapter_load_seconds.labels(kind).observe(seconds)
+    def observer(self) -> HostObserver:
+        """What the host reports to, passed to it when it is made: every engine it starts
+        (restarts and swaps included) reports its traffic here."""
+        return HostObserver(
+            engine_started=lambda engine: observe_client(engine.client, engine.spec.served_model_name, self.observe_traffic),
+            adapter_loaded=lambda kind, seconds: self.adapter_load_seconds.labels(kind).observe(seconds),
+            adapter_quarantined=lambda kind: self.adapter_quarantines.labels(kind).inc(),
+            engine_restarted=lambda engine: self.engine_restarts.labels(engine).inc(),  # few engines: no cap needed
+            model_swapped=lambda model, seconds: self.swap_seconds.labels(self.models.label(model)).observe(seconds),
+        )
 
     async def bind_host(self, host) -> None:
         """After the host started: measure now, then every `refresh_seconds`."""
         self.host = host
+        # the base does not change while the host runs: its folder is read once
+        self.base_storage_bytes = folder_bytes(host.base_path) if host.base_path is not None else 0
         for engine in host.engines():  # zero series from the start, as for the loads
             self.engine_restarts.labels(engine.name)
         await self.refresh()
@@ -151,11 +149,9 @@ class Metrics:
         if host is None:
             return
         async with self._refresh_lock:
-            from .inventory import weights_elements
-
             readings = []
             for engine in host.engines():
-                readings.append(await measure_engine(engine, host.settings, weights_elements(host, engine)))
+                readings.append(await measure_engine(engine, host.settings, self._weights_elements(engine.spec.model_path)))
             for memory in readings:
                 if not memory.measured:
                     continue
@@ -166,6 +162,13 @@ class Metrics:
                 self._cached[memory.name] = now
             self.memory = readings
             self.measured_at = time.time()
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def _weights_elements(model_path) -> int:
+        """Elements of the weights an engine loads, from its safetensors headers (read once
+        per folder: an engine's weights do not change while it runs)."""
+        return safetensors_elements(model_path)
 
     # --- traffic -----------------------------------------------------------------
     def observe_traffic(self, traffic: RequestTraffic) -> None:

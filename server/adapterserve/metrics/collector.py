@@ -10,8 +10,13 @@ from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
 
+from adapterserve.dtypes import dtype_bytes
+from adapterserve.hosting.protocol import ENGINE_RUNTIME_BYTES
+from adapterserve.registry.records import BaseModelInfo
+
 from . import costs, inventory
 from .labels import OTHER
+from .memory import safetensors_elements
 
 COMPONENTS = ("base_weights", "adapter_slots", "adapter_cpu_cache", "kv_cache")
 
@@ -101,7 +106,7 @@ class HostCollector:
             if engine is None or not reading.measured:
                 continue
             kind = "head" if reading.runner == "pooling" else "lora"
-            published = inventory.adapter_names(engine)  # adapters of earlier loads are not counted
+            published = host.published_adapters(engine)  # adapters of earlier loads are not counted
             counts[(kind, "cpu_cache")] += sum(1 for i in reading.cached_adapters if i in published)
             counts[(kind, "engine_slot")] += sum(1 for i in reading.slot_adapters if i in published)
         for (kind, tier), count in counts.items():
@@ -118,7 +123,7 @@ class HostCollector:
                 families["task_storage"].add_metric([item.task, item.kind], item.bytes)
         for kind, total in rest.items():
             families["task_storage"].add_metric([OTHER, kind], total)
-        families["storage"].add_metric(["base"], inventory.base_storage_bytes(host))
+        families["storage"].add_metric(["base"], self.metrics.base_storage_bytes)
         for kind, component in (("adapter", "adapters"), ("full_model", "full_models")):
             families["storage"].add_metric([component], sum(s.bytes for s in stored if s.kind == kind))
         families["tasks"].add_metric([host.mode], len(stored))
@@ -134,8 +139,6 @@ class HostCollector:
 
 def per_engine_costs(host, memory) -> tuple[dict[str, int], dict[str, int]]:
     """(LoRA-free engine bytes, LoRA slot bytes) per runner, from the readings (see costs.py)."""
-    from .memory import dtype_bytes
-
     engine_bytes: dict[str, list[int]] = {}
     slot_bytes: dict[str, int] = {}
     for reading in memory:
@@ -143,7 +146,7 @@ def per_engine_costs(host, memory) -> tuple[dict[str, int], dict[str, int]]:
         if host.mode == "shared":
             slot_bytes[reading.runner] = reading.lora_slot_bytes
     means = {runner: sum(values) // len(values) for runner, values in engine_bytes.items()}
-    model_path = Path(host.base_path if host.mode == "shared" else next(iter(host.models.values())).path)
+    model_path = Path(host.weights_path)
     fallback = means.get(costs.GENERATE) or next(iter(means.values()), 0) or estimated_engine_bytes(host.settings, model_path)
     for runner in (costs.GENERATE, costs.POOLING):
         means.setdefault(runner, fallback)
@@ -154,17 +157,11 @@ def per_engine_costs(host, memory) -> tuple[dict[str, int], dict[str, int]]:
 
 def estimated_engine_bytes(settings, model_path: Path) -> int:
     """An engine never measured: weights + KV cache + the measured runtime overhead."""
-    from adapterserve.hosting.dedicated import ENGINE_RUNTIME_BYTES
-
-    from .memory import dtype_bytes, safetensors_elements
-
     return safetensors_elements(model_path) * dtype_bytes(settings.dtype) + settings.kv_cache_memory_bytes + ENGINE_RUNTIME_BYTES
 
 
 @lru_cache(maxsize=8)
 def slot_estimate(model_path: Path, max_loras: int, max_rank: int, element_bytes: int) -> int:
-    from adapterserve.registry.records import BaseModelInfo
-
     info = BaseModelInfo.read(model_path.name, model_path)
     config = json.loads((model_path / "config.json").read_text())
     tied = bool(config.get("tie_word_embeddings")) and not any(k.endswith("lm_head.weight") for k in info.shapes)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import psutil
 
+from adapterserve.dtypes import dtype_bytes
+
 from adapterserve.engine_plugins.worker_report import engine_report
 
 
@@ -47,13 +49,6 @@ class EngineMemory:
     def lora_bytes(self) -> int:
         """What LoRA support adds to the engine: its slots and the adapters it caches."""
         return self.lora_slot_bytes + self.adapter_cache_bytes
-
-
-def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of the dtype the engines run in ('auto' resolved)."""
-    from adapterserve.hosting.engine import resolve_dtype
-
-    return {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}.get(resolve_dtype(dtype), 2)
 
 
 def folder_bytes(path: Path) -> int:

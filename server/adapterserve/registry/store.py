@@ -116,7 +116,7 @@ def base_info(settings) -> BaseModelInfo:
 
 
 def limits_from(settings) -> Limits:
-    from adapterserve.hosting.engine import resolve_dtype
+    from adapterserve.dtypes import resolve_dtype
 
     return Limits(
         max_lora_rank=settings.max_lora_rank,

@@ -1,0 +1,115 @@
+"""The layout's rules, checked on the source: which package may import which, the Engine
+protocol implemented by the real engine and the tests' fake, and no `server` import name."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+import adapterserve
+from adapterserve.hosting import protocol
+from adapterserve.hosting.engine import VllmEngine
+from tests.fakes import FakeEngine
+
+PACKAGE = Path(adapterserve.__file__).parent
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module `path` imports, absolute (relative imports resolved), lazy ones included."""
+    module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            found.add(name)
+            found |= {f"{name}.{alias.name}" for alias in node.names}  # `from . import x` names a module
+    return found
+
+
+def modules_under(folder: str) -> list[Path]:
+    return sorted((PACKAGE / folder).rglob("*.py"))
+
+
+def offending(folder: str, allowed) -> dict[str, list[str]]:
+    bad = {}
+    for path in modules_under(folder):
+        wrong = sorted(name for name in imports_of(path) if name.startswith("adapterserve.") and not allowed(name))
+        if wrong:
+            bad[str(path.relative_to(PACKAGE))] = wrong
+    return bad
+
+
+def test_hosting_does_not_import_the_api_or_the_metrics():
+    assert offending("hosting", lambda name: not name.startswith(("adapterserve.api", "adapterserve.metrics"))) == {}
+
+
+def test_api_uses_the_hosts_only_through_the_protocol():
+    def allowed(name):
+        return not name.startswith("adapterserve.hosting") or name.startswith("adapterserve.hosting.protocol")
+
+    assert offending("api", allowed) == {}
+
+
+def test_metrics_use_the_hosts_only_through_the_protocol():
+    def allowed(name):
+        if name.startswith(("adapterserve.training", "adapterserve.api", "adapterserve.compare")):
+            return False
+        return not name.startswith("adapterserve.hosting") or name.startswith("adapterserve.hosting.protocol")
+
+    assert offending("metrics", allowed) == {}
+
+
+def test_errors_is_a_leaf():
+    assert {n for n in imports_of(PACKAGE / "errors.py") if n.startswith("adapterserve")} == set()
+
+
+def test_the_rules_catch_a_forbidden_import(tmp_path):
+    # the checker itself must see a lazy import inside a function
+    module = PACKAGE / "metrics" / "collector.py"
+    assert "adapterserve.hosting.protocol" in imports_of(module)
+    assert "adapterserve.hosting.protocol.ENGINE_RUNTIME_BYTES" in imports_of(module)
+
+
+def test_nothing_imports_the_old_server_name():
+    root = PACKAGE.parents[1]
+    sources = [*PACKAGE.rglob("*.py"), *(root / "tests").rglob("*.py"), *(root / "bench").rglob("*.py")]
+    users = [str(p) for p in sources if any(n == "server" or n.startswith("server.") for n in imports_of_anywhere(p))]
+    assert users == []
+
+
+def imports_of_anywhere(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def protocol_members(cls) -> set[str]:
+    members = set(getattr(cls, "__annotations__", {}))
+    members |= {name for name, _ in inspect.getmembers(cls) if not name.startswith("_")}
+    return members - set(dir(object))
+
+
+@pytest.mark.parametrize("implementation", [VllmEngine, FakeEngine])
+def test_engines_implement_the_engine_protocol(implementation, tmp_path):
+    from adapterserve.hosting.engine import EngineSpec
+
+    spec = EngineSpec(name="e", model_path=tmp_path, served_model_name="m", runner="generate")
+    engine = implementation(spec)
+    missing = sorted(m for m in protocol_members(protocol.Engine) if not hasattr(engine, m))
+    assert missing == []
+    for name in ("start", "stop_async", "check_health"):
+        assert inspect.iscoroutinefunction(getattr(engine, name)), name
