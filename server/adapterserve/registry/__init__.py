@@ -1,0 +1,1 @@
+"""The adapter registry: validated adapter folders, their records and server-owned snapshots."""
