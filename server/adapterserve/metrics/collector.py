@@ -115,9 +115,11 @@ class HostCollector:
     def _storage(self, host, families) -> None:
         stored = inventory.storage(host)
         rest: dict[str, int] = {}
-        for item in stored:
-            label = self.metrics.models.label(item.task)
-            if label == OTHER:
+        # the largest tasks get series of their own, up to the label cap, the rest sum
+        # under `other`; a scrape reads, it never hands out the traffic labels' slots
+        by_size = sorted(stored, key=lambda item: (-item.bytes, item.task))
+        for rank, item in enumerate(by_size):
+            if rank >= self.metrics.models.limit:
                 rest[item.kind] = rest.get(item.kind, 0) + item.bytes
             else:
                 families["task_storage"].add_metric([item.task, item.kind], item.bytes)
