@@ -62,6 +62,13 @@ class FakeClient:
         self.loaded[request.lora_int_id] = request
         return True
 
+    async def remove_lora(self, lora_id):
+        return self.loaded.pop(lora_id, None) is not None
+
+    async def pin_lora(self, lora_id):
+        self.pinned = getattr(self, "pinned", set()) | {lora_id}
+        return True
+
 
 class FakeChat:
     def __init__(self, engine):

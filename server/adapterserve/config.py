@@ -19,6 +19,15 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+# vLLM's LoRAConfig accepts only these max ranks (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def fitted_lora_rank(largest: int) -> int:
+    """The smallest vLLM rank that holds `largest` (at least 8: vLLM's smallest practical slot)."""
+    return next((r for r in VLLM_LORA_RANKS if r >= max(largest, 8)), VLLM_LORA_RANKS[-1])
+
+
 MiB = 1024 * 1024
 
 
@@ -90,6 +99,18 @@ class Settings(BaseSettings):
         description="Adapter store directories; every valid adapter folder in them is served "
         "under its folder name. The built demo adapters are added unless --no-demo-adapters.",
     )
+    adapter_scan_interval_s: float = Field(
+        30.0, ge=0, description="Seconds between scans of the stores for new, changed and removed adapter "
+        "folders (0: no periodic scan).",
+    )
+    discover_on_request: bool = Field(
+        True, description="A request naming an adapter folder that is in a store but not registered yet "
+        "validates and registers it on the spot.",
+    )
+    pinned_adapters: list[str] = Field(
+        default_factory=list, description="Adapters kept in the engine (a slot and the CPU cache), never "
+        "evicted; fewer than max_loras, so other adapters keep a slot.",
+    )
     demo_adapters: bool = Field(
         True,
         description="Serve the demo adapters from adapters/ (built into the cache on first run).",
@@ -134,8 +155,10 @@ class Settings(BaseSettings):
         "(on CPU, vLLM's gpu_memory_utilization is a share of host RAM).",
     )
     max_loras: int = Field(4, gt=0, description="LoRA adapters in one batch (engine slots).")
-    max_lora_rank: int = Field(
-        64, gt=0, description="Largest LoRA rank accepted; smaller ranks are padded to it."
+    max_lora_rank: str = Field(
+        "auto",
+        description="Largest LoRA rank the engine's slots hold (smaller ranks are padded to it): auto fits "
+        "it to the largest rank in the stores at start-up, or one of vLLM's ranks (8, 16, 32, 64, 128, 256, 320, 512).",
     )
     max_cpu_loras: int = Field(
         16, gt=0, description="LoRA adapters kept in the engine's CPU cache (LRU) beyond the slots."
@@ -186,6 +209,19 @@ class Settings(BaseSettings):
 
     # --- logging -----------------------------------------------------------------
     log_level: str = Field("info", description="Log level of the server (debug, info, warning).")
+
+    @field_validator("max_lora_rank", mode="before")
+    @classmethod
+    def _known_rank(cls, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text != "auto" and (not text.isdigit() or int(text) not in VLLM_LORA_RANKS):
+            raise ValueError(f"max_lora_rank must be auto or one of vLLM's ranks {VLLM_LORA_RANKS}, not {value!r}")
+        return text
+
+    @property
+    def fixed_lora_rank(self) -> int | None:
+        """The configured max LoRA rank, or None for auto (fitted by the host at start-up)."""
+        return None if self.max_lora_rank == "auto" else int(self.max_lora_rank)
 
     @field_validator("served_model_name")
     @classmethod

@@ -133,14 +133,22 @@ class TestAdmin:
         assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}).status_code == 200
         assert_error(client.post("/admin/adapters/alpha/load", headers=self.auth), 409)
 
-    def test_load_of_a_folder_added_later(self, client, store, tiny_base):
-        from tests.adapter_factory import write_lora
+    def test_load_of_a_folder_added_later_without_discovery(self, settings, registry, store, tiny_base):
+        from fastapi.testclient import TestClient
 
-        write_lora(store / "gamma", tiny_base, rank=4)
-        assert_error(client.post(CHAT, json={"model": "gamma", "messages": MESSAGES}), 404)
-        response = client.post("/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(store / "gamma")}, headers=self.auth)
-        assert response.status_code == 200, response.text
-        assert client.post(CHAT, json={"model": "gamma", "messages": MESSAGES}).json()["choices"][0]["message"]["content"] == "answer from gamma"
+        from adapterserve.app import create_app
+        from adapterserve.hosting.shared import SharedBaseHost
+        from tests.adapter_factory import write_lora
+        from tests.fakes import FakeEngine
+
+        settings = settings.model_copy(update={"discover_on_request": False})
+        app = create_app(settings, host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
+        with TestClient(app) as client:
+            write_lora(store / "gamma", tiny_base, rank=4)
+            assert_error(client.post(CHAT, json={"model": "gamma", "messages": MESSAGES}), 404)
+            response = client.post("/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(store / "gamma")}, headers=self.auth)
+            assert response.status_code == 200, response.text
+            assert client.post(CHAT, json={"model": "gamma", "messages": MESSAGES}).json()["choices"][0]["message"]["content"] == "answer from gamma"
 
     def test_a_path_outside_the_stores_is_refused(self, client, tmp_path, tiny_base):
         from tests.adapter_factory import write_lora

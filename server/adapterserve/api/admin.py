@@ -85,8 +85,9 @@ async def list_engines(raw_request: Request):
 @router.get("/admin/adapters")
 async def list_adapters(raw_request: Request):
     registry = _registry(raw_request)
+    pinned = getattr(raw_request.app.state.host, "pinned", set())
     return {
-        "adapters": [_record_json(r) for r in sorted(registry.adapters.values(), key=lambda r: r.name)],
+        "adapters": [{**_record_json(r), "pinned": r.name in pinned} for r in sorted(registry.adapters.values(), key=lambda r: r.name)],
         "refused": [{"name": p.name, "path": str(p.path), "reason": p.reason} for p in registry.problems],
         "stores": [str(s) for s in registry.stores],
     }
@@ -108,6 +109,25 @@ async def reload(name: str, raw_request: Request):
 async def unload(name: str, raw_request: Request):
     await raw_request.app.state.host.unload_adapter(_check_name(name))
     return {"status": "unloaded", "name": name}
+
+
+@router.post("/admin/adapters/{name}/pin")
+async def pin(name: str, raw_request: Request):
+    record = await raw_request.app.state.host.pin_adapter(_check_name(name))
+    return {"status": "pinned", "adapter": _record_json(record)}
+
+
+@router.post("/admin/adapters/{name}/unpin")
+async def unpin(name: str, raw_request: Request):
+    record = await raw_request.app.state.host.unpin_adapter(_check_name(name))
+    return {"status": "unpinned", "adapter": _record_json(record)}
+
+
+@router.post("/admin/adapters/scan")
+async def scan(raw_request: Request):
+    """Scan the stores now (the server also does it every adapter_scan_interval_s)."""
+    changes = await raw_request.app.state.host.rescan()
+    return {"added": changes.added, "changed": changes.changed, "removed": changes.removed}
 
 
 @router.post("/v1/load_lora_adapter")

@@ -86,6 +86,9 @@ class DedicatedHost:
         self.engine_factory = engine_factory
         self.observer = observer or HostObserver()
         self.base_path = None  # no shared base: every model holds its own weights
+        self.pinned: set[str] = set()
+        # what the shared mode's slots would hold for these tasks (the metrics' estimate)
+        self.lora_rank = settings.fixed_lora_rank or 16
         self.weights_path = models[0].path
         self._tasks = [HostedTask(m.name, m.kind, "full_model", _folder_bytes(m.path), _merged_adapter_elements(m.path)) for m in models]
         self.base_name = models[0].name
@@ -288,6 +291,15 @@ class DedicatedHost:
         raise _no_adapters()
 
     async def reload_adapter(self, name: str):
+        raise _no_adapters()
+
+    async def pin_adapter(self, name: str):
+        raise _no_adapters()
+
+    async def unpin_adapter(self, name: str):
+        raise _no_adapters()
+
+    async def rescan(self):
         raise _no_adapters()
 
 

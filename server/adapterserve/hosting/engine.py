@@ -56,8 +56,9 @@ class EngineSpec:
 
     @classmethod
     def from_settings(cls, settings, name: str, model_path: Path, served_model_name: str, **extra) -> "EngineSpec":
-        """The engine-wide settings (dtype, context, KV cache, LoRA limits) plus `extra`."""
-        return cls(
+        """The engine-wide settings (dtype, context, KV cache, LoRA limits), then `extra`
+        (which wins: the shared host passes the LoRA rank it fitted to the stores)."""
+        values = dict(
             name=name,
             model_path=model_path,
             served_model_name=served_model_name,
@@ -67,10 +68,10 @@ class EngineSpec:
             kv_cache_memory_bytes=settings.kv_cache_memory_bytes,
             enforce_eager=settings.enforce_eager,
             max_loras=settings.max_loras,
-            max_lora_rank=settings.max_lora_rank,
+            max_lora_rank=settings.fixed_lora_rank or 64,
             max_cpu_loras=settings.max_cpu_loras,
-            **extra,
         )
+        return cls(**{**values, **extra})
 
     def cli_args(self) -> list[str]:
         """The same flags `vllm serve` would take for this engine."""

@@ -94,6 +94,8 @@ class HostedTask:
     storage: str  # "adapter" (its folder) or "full_model" (the whole model's folder)
     storage_bytes: int
     adapter_elements: int  # elements of its adapter weights (dedicated: of the merged adapter; 0 if unknown)
+    rank: int = 0  # the LoRA rank its engine slot holds (0: a full model)
+    pinned: bool = False  # kept in its engine, never evicted
 
 
 @dataclass
@@ -151,6 +153,8 @@ class Host(Protocol):
     restarts: dict[str, int]  # engine name -> restarts after it died
     base_path: Path | None  # the shared base's folder; None in dedicated mode
     weights_path: Path  # a folder one engine of this host loads (for estimates)
+    lora_rank: int  # the max LoRA rank of the engines' slots (fitted to the stores, or as set)
+    pinned: set[str]  # adapters kept in their engine, never evicted
 
     def tasks(self) -> list[HostedTask]: ...
 
@@ -177,6 +181,14 @@ class Host(Protocol):
     async def unload_adapter(self, name: str) -> None: ...
 
     async def reload_adapter(self, name: str) -> AdapterRecord: ...
+
+    async def pin_adapter(self, name: str) -> AdapterRecord: ...
+
+    async def unpin_adapter(self, name: str) -> AdapterRecord: ...
+
+    async def rescan(self):
+        """Scan the stores now: register new folders, reload changed ones, drop removed ones."""
+        ...
 
 
 def wrong_endpoint(model: str, kind: str, endpoint: Endpoint) -> APIError:

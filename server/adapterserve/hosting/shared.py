@@ -10,6 +10,13 @@ LRU (`max_cpu_loras`), and the store on disk, loaded on first use. vLLM manages 
 two; this host keeps the name -> LoRARequest table that makes every registered adapter
 servable (hosting/lora_table.py: vLLM's table, with vLLM's per-name locking).
 
+Adapters are discovered while the server runs (hosting/discovery.py): a request naming a
+folder that is in a store registers it on the spot, and a periodic scan registers new
+folders, reloads changed ones and unregisters removed ones. A version that stops serving
+(unload, reload, removal) is freed from the engine's slots and CPU cache once its
+requests end. Pinned adapters stay in the engine. The engines' slots are fitted to the
+largest rank in the stores (`max_lora_rank` auto).
+
 An engine that dies (its process killed, or a fatal error inside a step) is detected
 within a second: requests for it get a 503 with Retry-After at once, it is restarted
 (with a back-off when it keeps dying) and its adapters are registered again, while the
@@ -25,12 +32,12 @@ import time
 
 from pathlib import Path
 
-from adapterserve.config import Settings
+from adapterserve.config import Settings, fitted_lora_rank
 from adapterserve.errors import APIError, engine_unavailable, model_not_found
-from adapterserve.registry.records import AdapterInvalid, AdapterRecord
+from adapterserve.registry.records import AdapterInvalid, AdapterRecord, is_safe_name
 from adapterserve.registry.store import Registry
 
-from . import lora_table
+from . import discovery, lora_table
 from .engine import EngineSpec, VllmEngine
 from .protocol import Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, missing_model, wrong_endpoint
 
@@ -59,11 +66,29 @@ class SharedBaseHost:
         self.down: dict[str, str] = {}  # engine name -> why it is down while it restarts
         self.restarts: dict[str, int] = {}
         self._watcher: asyncio.Task | None = None
+        self._scanner: asyncio.Task | None = None
+        # the engines' slots hold the largest rank in the stores (auto), or the fixed rank;
+        # adapters validated later are checked against it
+        largest = max((r.rank for r in registry.adapters.values()), default=0)
+        self.lora_rank = settings.fixed_lora_rank or fitted_lora_rank(largest)
+        registry.limits.max_lora_rank = self.lora_rank
+        self.pinned: set[str] = set(settings.pinned_adapters)
+        if len(self.pinned) >= settings.max_loras:
+            raise ValueError(
+                f"{len(self.pinned)} pinned adapters need more than max_loras {settings.max_loras} slots: "
+                "pin fewer than max_loras, so other adapters keep a slot"
+            )
+        self._signatures: dict[str, discovery.Signature | None] = {}  # name -> folder at its last validation
+        self._name_locks: dict[str, asyncio.Lock] = {}  # one discovery or reload of a name at a time
+        self._freeing: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the host runs on (set by start)
+        self.unloaded: set[str] = set()  # unloaded by an admin: not discovered again until loaded or changed
 
     # --- life cycle --------------------------------------------------------------
     def _spec(self, name: str, runner: str, **extra) -> EngineSpec:
         return EngineSpec.from_settings(
-            self.settings, name, self.base_path, self.base_name, runner=runner, enable_lora=True, **extra
+            self.settings, name, self.base_path, self.base_name, runner=runner, enable_lora=True,
+            max_lora_rank=self.lora_rank, **extra,
         )
 
     def _new_engine(self, spec: EngineSpec) -> Engine:
@@ -73,6 +98,7 @@ class SharedBaseHost:
         return engine
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.generate = self._new_engine(self._spec("generate", "generate"))
         await self.generate.start()
         heads = [r for r in self.registry.adapters.values() if r.kind == "head"]
@@ -88,12 +114,17 @@ class SharedBaseHost:
                 )
             )
             await self.classify.start()
+        for name in sorted(self.pinned - set(self.registry.adapters)):
+            log.warning("pinned adapter %r is not in the stores (or was refused); nothing to pin", name)
+        self._signatures = await asyncio.to_thread(discovery.store_signatures, self.registry.stores)
         for record in list(self.registry.adapters.values()):
             try:
                 await self._register(record)
             except AdapterInvalid as exc:
                 self._refuse(record, exc.reason)
         self._watcher = asyncio.create_task(self._watch())
+        if self.settings.adapter_scan_interval_s > 0:
+            self._scanner = asyncio.create_task(self._scan_forever(self.settings.adapter_scan_interval_s))
 
     def _refuse(self, record: AdapterRecord, reason: str) -> None:
         self.registry.remove(record.name)
@@ -101,9 +132,10 @@ class SharedBaseHost:
         log.warning("adapter %r refused by the engine: %s", record.name, reason)
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        for task in (self._watcher, self._scanner, *self._freeing):
+            if task is not None:
+                task.cancel()
+        self._watcher = self._scanner = None
         for engine in (self.classify, self.generate):
             if engine is not None:
                 engine.stop()
@@ -179,7 +211,9 @@ class SharedBaseHost:
         self.quarantined[adapter] = reason
         self.registry.remove(adapter)  # requests for it are refused from now on
         for engine in self.engines():
-            lora_table.withdraw(engine, adapter)
+            removed = lora_table.withdraw(engine, adapter)
+            if removed is not None:
+                self._free_later(engine, removed)
         self.registry.problems.append(_problem(record, reason))
         self.observer.adapter_quarantined(record.kind)
         log.error("adapter %r %s (request %s)", adapter, reason, request_id)
@@ -215,29 +249,68 @@ class SharedBaseHost:
                 raise AdapterInvalid(record.name, f"the engine could not load it: {exc}") from None
             self.observer.adapter_loaded(record.kind, time.perf_counter() - began)
 
-        await lora_table.publish(engine, request, load)
+        previous = await lora_table.publish(engine, request, load)
+        if record.name in self.pinned:
+            await lora_table.pin(engine, request)
+        if previous is not None:
+            self._free_later(engine, previous)
+
+    def _free_later(self, engine: Engine, request) -> None:
+        """Free a version that stopped serving once its requests end (see lora_table.free)."""
+        def schedule() -> None:
+            task = self._loop.create_task(lora_table.free(engine, request))
+            self._freeing.add(task)
+            task.add_done_callback(self._freeing.discard)
+
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            schedule()
+        else:  # a callback from another thread (the engine's output watch may report from one)
+            self._loop.call_soon_threadsafe(schedule)
 
     async def _unpublish(self, name: str) -> None:
+        """Stop serving `name` and free it from the engines once its requests end."""
         for engine in self.engines():
-            await lora_table.unpublish(engine, name)
+            removed = await lora_table.unpublish(engine, name)
+            if removed is not None:
+                self._free_later(engine, removed)
 
     async def load_adapter(self, name: str) -> AdapterRecord:
         if name in self.registry.adapters and self._published(name):
             raise APIError(409, f"The adapter `{name}` is already loaded; use reload to pick up new weights.", param="lora_name", code="adapter_already_loaded")
+        self.unloaded.discard(name)
         return await self.reload_adapter(name)
+
+    def _name_lock(self, name: str) -> asyncio.Lock:
+        return self._name_locks.setdefault(name, asyncio.Lock())
 
     async def reload_adapter(self, name: str) -> AdapterRecord:
         """Validate the store's folder again and serve it; when the new version is refused,
         the last good version (if any) keeps serving and the answer says why."""
+        async with self._name_lock(name):
+            return await self._reload(name)
+
+    async def _reload(self, name: str) -> AdapterRecord:
         previous = self.registry.adapters.get(name) if self._published(name) else None
+        found = self.registry.find_folder(name)
+        self._signatures[name] = discovery.folder_signature(found[0]) if found else None
         try:
-            record = self.registry.validate(name)
+            # validation reads and checks every weight: off the event loop
+            record = await asyncio.to_thread(self.registry.validate, name)
             await self._register(record)
         except AdapterInvalid as exc:
             missing = "no such folder" in exc.reason
             if previous is None:
                 self.registry.remove(name)
                 await self._unpublish(name)
+                if found is not None:  # the reason, for the admins (/admin/adapters, `adapters list`)
+                    from adapterserve.registry.store import Problem
+
+                    self.registry.problems = [p for p in self.registry.problems if p.name != name]
+                    self.registry.problems.append(Problem(name, found[0], exc.reason))
                 raise APIError(
                     404 if missing else 400, str(exc), param="lora_name",
                     code="adapter_not_found" if missing else "adapter_invalid",
@@ -253,9 +326,98 @@ class SharedBaseHost:
         return record
 
     async def unload_adapter(self, name: str) -> None:
+        """Stop serving `name` now; its weights leave the engine once its requests end."""
+        await self._unregister(name)
+        self.unloaded.add(name)
+
+    async def _unregister(self, name: str) -> None:
         if self.registry.remove(name) is None:
             raise APIError(404, f"The adapter `{name}` is not loaded.", param="lora_name", code="adapter_not_found")
+        self.pinned.discard(name)
         await self._unpublish(name)
+
+    # --- pinning -----------------------------------------------------------------
+    async def pin_adapter(self, name: str) -> AdapterRecord:
+        """Keep `name` in its engine (a slot and the CPU cache), never evicted."""
+        record = self.registry.adapters.get(name)
+        if record is None or not self._published(name):
+            raise APIError(404, f"The adapter `{name}` is not loaded.", param="lora_name", code="adapter_not_found")
+        if name not in self.pinned:
+            if len(self.pinned) + 1 >= self.settings.max_loras:
+                raise APIError(
+                    409, f"Pinning `{name}` would leave no engine slot (max_loras {self.settings.max_loras}) for the "
+                    "other adapters; unpin one first.", param="lora_name", code="too_many_pinned",
+                )
+            self.pinned.add(name)
+            engine = self._engine_for(record)
+            await lora_table.pin(engine, lora_table.current(engine, name))
+        return record
+
+    async def unpin_adapter(self, name: str) -> AdapterRecord:
+        """Let `name` be evicted again: vLLM cannot unpin, so it is loaded again, unpinned,
+        under a fresh id (the pinned version is freed once its requests end)."""
+        record = self.registry.adapters.get(name)
+        if record is None or name not in self.pinned:
+            raise APIError(404, f"The adapter `{name}` is not pinned.", param="lora_name", code="adapter_not_pinned")
+        self.pinned.discard(name)
+        async with self._name_lock(name):
+            await self._register(record)
+        return record
+
+    # --- discovery -----------------------------------------------------------------
+    async def _discover(self, name: str) -> AdapterRecord | None:
+        """A request names an adapter that is not registered: if its folder is in a store,
+        validate and register it now (under the same rules as every other adapter)."""
+        if not is_safe_name(name) or name in self.unloaded or self.registry.find_folder(name) is None:
+            return None
+        async with self._name_lock(name):
+            record = self.registry.adapters.get(name)
+            if record is not None and self._published(name):
+                return record  # registered by a request that came first
+            found = self.registry.find_folder(name)
+            signature = discovery.folder_signature(found[0]) if found else None
+            refused = any(p.name == name for p in self.registry.problems)
+            if refused and self._signatures.get(name) == signature:
+                return None  # refused before and unchanged since (the reason: /admin/adapters)
+            try:
+                record = await self._reload(name)
+            except APIError:
+                # refused now: recorded with its reason for the admins; to the client it is
+                # a model that does not exist (a reason may name server paths)
+                return None
+            log.info("adapter %r discovered on request and registered", name)
+            return record
+
+    async def _scan_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.rescan()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep scanning whatever one scan met
+                log.exception("scanning the adapter stores failed")
+
+    async def rescan(self) -> discovery.Changes:
+        """Register new folders, reload changed ones, unregister removed ones."""
+        now = await asyncio.to_thread(discovery.store_signatures, self.registry.stores)
+        changes = discovery.compare(self._signatures, now, set(self.registry.adapters))
+        for name in changes.removed:
+            log.info("adapter %r: its folder is gone; unregistering it", name)
+            self._signatures.pop(name, None)
+            await self._unregister(name)
+        for name in changes.added + changes.changed:
+            self.unloaded.discard(name)  # a changed folder is served again
+            try:
+                await self.reload_adapter(name)
+                log.info("adapter %r: %s folder registered", name, "new" if name in changes.added else "changed")
+            except APIError as exc:  # refused: recorded as a problem; a last good version keeps serving
+                log.warning("adapter %r from the scan: %s", name, exc.message)
+        for name in [n for n in self._signatures if n not in now]:
+            self._signatures.pop(name)
+            self.unloaded.discard(name)
+            self.registry.problems = [p for p in self.registry.problems if p.name != name]
+        return changes
 
     def _published(self, name: str) -> bool:
         return any(lora_table.is_published(e, name) for e in self.engines())
@@ -263,7 +425,7 @@ class SharedBaseHost:
     # --- what the metrics read ---------------------------------------------------
     def tasks(self) -> list[HostedTask]:
         return [
-            HostedTask(r.name, r.kind, "adapter", r.size_bytes, r.trainable_params)
+            HostedTask(r.name, r.kind, "adapter", r.size_bytes, r.trainable_params, rank=r.rank, pinned=r.name in self.pinned)
             for r in self.registry.adapters.values()
         ]
 
@@ -283,6 +445,8 @@ class SharedBaseHost:
                 raise wrong_endpoint(model, "base", endpoint)
             return Target(engine=self._live(self.generate), vllm_model=self.base_name, model=self.base_name)
         record = self.registry.adapters.get(name)
+        if record is None and name not in self.quarantined and self.settings.discover_on_request:
+            record = await self._discover(name)
         if record is None and name in self.quarantined:
             raise APIError(
                 400, f"The model `{model}` is quarantined: it produced non-finite values (NaN logits). "

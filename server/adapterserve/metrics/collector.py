@@ -153,7 +153,7 @@ def per_engine_costs(host, memory) -> tuple[dict[str, int], dict[str, int]]:
     for runner in (costs.GENERATE, costs.POOLING):
         means.setdefault(runner, fallback)
         if host.mode != "shared":
-            slot_bytes[runner] = slot_estimate(model_path, host.settings.max_loras, host.settings.max_lora_rank, dtype_bytes(host.settings.dtype))
+            slot_bytes[runner] = slot_estimate(model_path, host.settings.max_loras, host.lora_rank, dtype_bytes(host.settings.dtype))
     return means, slot_bytes
 
 

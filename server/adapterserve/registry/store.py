@@ -116,10 +116,13 @@ def base_info(settings) -> BaseModelInfo:
 
 
 def limits_from(settings) -> Limits:
+    from adapterserve.config import VLLM_LORA_RANKS
     from adapterserve.dtypes import resolve_dtype
 
     return Limits(
-        max_lora_rank=settings.max_lora_rank,
+        # auto: any rank vLLM can serve; the host then fits the engine to the stores and
+        # tightens this limit to the fitted rank (hosting/shared.py)
+        max_lora_rank=settings.fixed_lora_rank or VLLM_LORA_RANKS[-1],
         max_cls_labels=settings.max_cls_labels,
         refuse_other_base=settings.base_mismatch.value == "refuse",
         served_dtype=resolve_dtype(settings.dtype),

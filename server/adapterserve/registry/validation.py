@@ -139,7 +139,7 @@ def _validate_contents(files: Path, source: Path, base: BaseModelInfo, limits: L
         name=name,
         kind=kind,
         path=source.resolve(),
-        rank=rank,
+        rank=max([rank, *(config.get("rank_pattern") or {}).values()]),  # what an engine slot must hold
         target_modules=targets,
         trainable_params=trainable,
         size_bytes=size,
@@ -190,7 +190,12 @@ def _check_rank(config: dict, limits: Limits, name: str) -> int:
         raise AdapterInvalid(name, "'rank_pattern' must map module names to positive integers")
     largest = max([rank, *pattern.values()])
     if largest > limits.max_lora_rank:
-        raise AdapterInvalid(name, f"rank {largest} is above the engine's max_lora_rank {limits.max_lora_rank}")
+        from adapterserve.config import fitted_lora_rank
+
+        raise AdapterInvalid(
+            name, f"rank {largest} is above the engine's max_lora_rank {limits.max_lora_rank}; serve it with "
+            f"--max-lora-rank {fitted_lora_rank(largest)} or more (auto fits the slots to the stores at start-up)",
+        )
     return rank
 
 

@@ -1,0 +1,168 @@
+"""The adapter lifecycle over fake engines: discovery on request and by scan, unload that
+frees the engine, pinning, and engine slots fitted to the stores' largest rank."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from adapterserve.app import create_app
+from adapterserve.hosting.shared import SharedBaseHost
+from tests.adapter_factory import write_lora
+from tests.fakes import FakeEngine
+from tests.unit.conftest import ADMIN_KEY
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture
+def make_client(settings, registry, tiny_base):
+    clients = []
+
+    def make(**updates):
+        app = create_app(
+            settings.model_copy(update=updates),
+            host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer),
+        )
+        client = TestClient(app)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def chat(client, model):
+    return client.post(CHAT, json={"model": model, "messages": MESSAGES})
+
+
+def served(client) -> set[str]:
+    return {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+
+def engine_of(client):
+    return client.app.state.host.generate
+
+
+def until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_a_folder_added_while_serving_answers_its_first_request(client, store, tiny_base):
+    write_lora(store / "gamma", tiny_base, rank=4, seed=7)
+    assert "gamma" not in served(client)
+    response = chat(client, "gamma")
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "answer from gamma"
+    assert "gamma" in served(client)
+
+
+def test_a_broken_folder_named_by_a_request_is_404_and_reported_to_admins(client, store, tiny_base):
+    write_lora(store / "broken", tiny_base, rank=4)
+    (store / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    for _ in range(2):  # the second time answers from the recorded refusal
+        response = chat(client, "broken")
+        assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    refused = {p["name"]: p["reason"] for p in client.get("/admin/adapters", headers=ADMIN).json()["refused"]}
+    assert "broken" in refused
+    assert chat(client, "../store/alpha").status_code == 404  # never a path
+
+
+def test_the_scan_registers_new_reloads_changed_and_drops_removed_folders(client, store, tiny_base):
+    before = engine_of(client).serving("models").lora_requests["alpha"].lora_int_id
+    write_lora(store / "delta", tiny_base, rank=4, seed=11)
+    write_lora(store / "alpha", tiny_base, rank=4, seed=12)  # new weights
+    shutil.rmtree(store / "beta")
+    changes = client.post("/admin/adapters/scan", headers=ADMIN).json()
+    assert changes == {"added": ["delta"], "changed": ["alpha"], "removed": ["beta"]}
+    assert served(client) >= {"alpha", "delta"} and "beta" not in served(client)
+    assert chat(client, "beta").status_code == 404
+    assert engine_of(client).serving("models").lora_requests["alpha"].lora_int_id != before
+    until(lambda: before not in engine_of(client).client.loaded)  # the old version was freed
+    # nothing changed: nothing to do
+    assert client.post("/admin/adapters/scan", headers=ADMIN).json() == {"added": [], "changed": [], "removed": []}
+
+
+def test_a_changed_folder_that_breaks_keeps_the_last_good_version(client, store):
+    weights = store / "alpha" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert client.post("/admin/adapters/scan", headers=ADMIN).json()["changed"] == ["alpha"]
+    assert chat(client, "alpha").status_code == 200
+    refused = {p["name"]: p["reason"] for p in client.get("/admin/adapters", headers=ADMIN).json()["refused"]}
+    assert "last good one serves" in refused["alpha"]
+
+
+def test_unload_frees_the_engine_and_stays_unloaded(client):
+    engine = engine_of(client)
+    alpha = engine.serving("models").lora_requests["alpha"].lora_int_id
+    assert alpha in engine.client.loaded
+    assert client.post("/admin/adapters/alpha/unload", headers=ADMIN).status_code == 200
+    until(lambda: alpha not in engine.client.loaded)
+    assert chat(client, "alpha").status_code == 404  # not discovered again by a request
+    assert client.post("/admin/adapters/scan", headers=ADMIN).json()["added"] == []  # nor by the scan
+    assert client.post("/admin/adapters/alpha/load", headers=ADMIN).status_code == 200
+    assert chat(client, "alpha").status_code == 200
+
+
+def test_pinning_through_the_admin_api_and_its_limit(make_client):
+    client = make_client(max_loras=2)
+    engine = engine_of(client)
+    response = client.post("/admin/adapters/alpha/pin", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    alpha = engine.serving("models").lora_requests["alpha"].lora_int_id
+    assert alpha in engine.client.pinned
+    listed = {a["name"]: a["pinned"] for a in client.get("/admin/adapters", headers=ADMIN).json()["adapters"]}
+    assert listed == {"alpha": True, "beta": False}
+    refused = client.post("/admin/adapters/beta/pin", headers=ADMIN)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "too_many_pinned"
+    assert client.post("/admin/adapters/alpha/unpin", headers=ADMIN).status_code == 200
+    until(lambda: alpha not in engine.client.loaded)  # the pinned version is freed
+    assert engine.serving("models").lora_requests["alpha"].lora_int_id not in engine.client.pinned
+    assert client.post("/admin/adapters/alpha/unpin", headers=ADMIN).status_code == 404
+
+
+def test_pinned_in_the_settings_are_pinned_at_start(make_client):
+    client = make_client(pinned_adapters=["beta"], max_loras=2)
+    engine = engine_of(client)
+    assert engine.serving("models").lora_requests["beta"].lora_int_id in engine.client.pinned
+
+
+def test_pinning_every_slot_is_refused_at_start(make_client):
+    with pytest.raises(ValueError, match="pin fewer than max_loras"):
+        make_client(pinned_adapters=["alpha", "beta"], max_loras=2)
+
+
+def test_slots_fit_the_largest_rank_and_a_larger_adapter_is_refused_with_the_setting(client, store, tiny_base):
+    host = client.app.state.host
+    assert host.lora_rank == 8  # rank-4 adapters: vLLM's smallest slot that holds them
+    assert engine_of(client).spec.max_lora_rank == 8
+    write_lora(store / "wide", tiny_base, rank=16)
+    assert chat(client, "wide").status_code == 404
+    refused = {p["name"]: p["reason"] for p in client.get("/admin/adapters", headers=ADMIN).json()["refused"]}
+    assert "above the engine's max_lora_rank 8" in refused["wide"] and "--max-lora-rank 16" in refused["wide"]
+
+
+def test_a_fixed_rank_is_used_as_set(make_client):
+    client = make_client(max_lora_rank="32")
+    assert engine_of(client).spec.max_lora_rank == 32
+
+
+def test_max_lora_rank_must_be_auto_or_a_vllm_rank():
+    from pydantic import ValidationError
+
+    from adapterserve.config import Settings
+
+    with pytest.raises(ValidationError):
+        Settings(max_lora_rank="12")
+    assert Settings(max_lora_rank=64).fixed_lora_rank == 64
+    assert Settings().fixed_lora_rank is None
