@@ -8,6 +8,7 @@ cache usage and, from each worker's live tensors:
 - the model's weights (deduplicated, so tied embeddings count once),
 - the preallocated LoRA slots (vLLM's stacked A/B tensors in every LoRA-wrapped layer),
 - each adapter in the engine's CPU cache (its LoRA weights) and which slot holds which,
+- the adapter loads and evictions counted in the worker (lora_events.py),
 - the KV cache tensors.
 
 Only tensor bytes are read; nothing is copied or changed.
@@ -29,8 +30,11 @@ def register() -> None:
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
+    from .lora_events import install
+
     setattr(WorkerWrapperBase, REPORT_METHOD, _worker_report)
     setattr(EngineCore, ENGINE_UTILITY, _engine_report)
+    install()  # adapter loads and evictions counted in the worker
 
 
 REPORT_TIMEOUT_S = 10.0  # a report takes milliseconds; an engine that died never answers
@@ -78,7 +82,12 @@ def memory_report(runner) -> dict:
         "cpu_cache": {},  # adapter id -> bytes of its weights
         "slots": [],  # adapter id (or None) per engine slot
     }
-    manager = getattr(getattr(runner, "lora_manager", None), "_adapter_manager", None)
+    worker_manager = getattr(runner, "lora_manager", None)
+    manager = getattr(worker_manager, "_adapter_manager", None)
+    if worker_manager is not None:
+        from .lora_events import counts_of
+
+        report["lora_counts"] = counts_of(worker_manager).as_report()
     if manager is not None:
         for adapter_id, lora_model in manager.list_adapters().items():
             report["cpu_cache"][int(adapter_id)] = _lora_model_bytes(lora_model)

@@ -27,6 +27,7 @@ from adapterserve.hosting.protocol import HostObserver
 
 from .collector import HostCollector
 from .labels import OTHER, ModelLabels
+from .lora_routing import LoraRoutingCollector, WithoutVllmLoraInfo, WorkerLoadCounts
 from .memory import EngineMemory, folder_bytes, measure_engine, safetensors_elements
 from .traffic import RequestTraffic, current_endpoint, observe_client
 
@@ -99,9 +100,11 @@ class Metrics:
         self.memory: list[EngineMemory] = []
         self.measured_at = 0.0
         self._cached: dict[str, set[int]] = {}  # engine -> adapter ids in its CPU cache
+        self.worker_loads = WorkerLoadCounts()
         self._refresher: asyncio.Task | None = None
         self._refresh_lock = asyncio.Lock()
         self.registry.register(HostCollector(self))
+        self.registry.register(LoraRoutingCollector(self))
 
     @classmethod
     def from_settings(cls, settings) -> "Metrics":
@@ -149,16 +152,21 @@ class Metrics:
         if host is None:
             return
         async with self._refresh_lock:
-            readings = []
+            readings, clients = [], {}
             for engine in host.engines():
                 readings.append(await measure_engine(engine, host.settings, self._weights_elements(engine.spec.model_path)))
+                clients[engine.name] = id(engine.client)
             for memory in readings:
                 if not memory.measured:
                     continue
                 kind = "head" if memory.runner == "pooling" else "lora"
                 now, before = set(memory.cached_adapters), self._cached.get(memory.name, set())
-                self.adapter_loads.labels(kind).inc(len(now - before))
-                self.adapter_evictions.labels(kind).inc(len(before - now))
+                if memory.lora_counts is not None:  # counted in the worker: nothing missed between readings
+                    loads, evictions = self.worker_loads.increments(memory.name, clients[memory.name], memory.lora_counts)
+                else:  # an engine without the counts: what changed since the last reading
+                    loads, evictions = len(now - before), len(before - now)
+                self.adapter_loads.labels(kind).inc(loads)
+                self.adapter_evictions.labels(kind).inc(evictions)
                 self._cached[memory.name] = now
             self.memory = readings
             self.measured_at = time.time()
@@ -215,5 +223,6 @@ class Metrics:
                     await self.refresh()
                 except Exception:
                     log.exception("reading the engines' memory failed")
-            body = generate_latest(REGISTRY) + generate_latest(self.registry)
+            # vLLM's own vllm:lora_requests_info is replaced by a bounded one (lora_routing.py)
+            body = generate_latest(WithoutVllmLoraInfo(REGISTRY)) + generate_latest(self.registry)
             return Response(body, media_type=CONTENT_TYPE_LATEST)

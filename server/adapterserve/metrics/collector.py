@@ -56,7 +56,7 @@ class HostCollector:
             "adapters": GaugeMetricFamily(
                 "adapterserve_adapters",
                 "Adapters by kind and tier: registered (servable), cpu_cache (in an engine's CPU cache), "
-                "engine_slot (in one of an engine's preallocated slots).",
+                "engine_slot (in one of an engine's preallocated slots), pinned (never evicted).",
                 labels=["kind", "tier"],
             ),
             "task_storage": GaugeMetricFamily(
@@ -96,10 +96,12 @@ class HostCollector:
 
     def _adapters(self, host, memory, family) -> None:
         registry = getattr(host, "registry", None)
-        counts = {(kind, tier): 0 for kind in ("lora", "head") for tier in ("registered", "cpu_cache", "engine_slot")}
+        counts = {(kind, tier): 0 for kind in ("lora", "head") for tier in ("registered", "cpu_cache", "engine_slot", "pinned")}
         if registry is not None:
             for record in registry.adapters.values():
                 counts[(record.kind, "registered")] += 1
+                if record.name in host.pinned:
+                    counts[(record.kind, "pinned")] += 1
         engines = {engine.name: engine for engine in host.engines()}
         for reading in memory:
             engine = engines.get(reading.name)

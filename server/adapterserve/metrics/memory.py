@@ -36,6 +36,9 @@ class EngineMemory:
     slot_adapters: list[int] = field(default_factory=list)  # adapter ids in engine slots
     processes: dict[int, tuple[str, int]] = field(default_factory=dict)  # pid -> (name, USS)
     gpu_bytes: dict[str, int] = field(default_factory=dict)  # GPU index -> bytes
+    # adapter loads and evictions the workers counted since the engine started (lora_events.py);
+    # None when the engine reports none
+    lora_counts: dict | None = None
 
     @property
     def adapter_cache_bytes(self) -> int:
@@ -77,6 +80,8 @@ async def measure_engine(engine, settings, weights_elements: int) -> EngineMemor
             memory.kv_cache_bytes += worker["kv_cache_bytes"]
             memory.cached_adapters.update({int(k): v for k, v in worker["cpu_cache"].items()})
             memory.slot_adapters += [i for i in worker["slots"] if i is not None]
+            if "lora_counts" in worker:
+                memory.lora_counts = _add_counts(memory.lora_counts, worker["lora_counts"])
         memory.kv_cache_used_bytes = int(report.get("kv_cache_usage", 0.0) * memory.kv_cache_bytes)
     else:
         memory.weights_bytes = weights_elements * dtype_bytes(settings.dtype)
@@ -85,6 +90,17 @@ async def measure_engine(engine, settings, weights_elements: int) -> EngineMemor
     memory.processes = await asyncio.to_thread(process_memory, engine.process_ids())
     memory.gpu_bytes = gpu_memory(set(memory.processes))
     return memory
+
+
+def _add_counts(total: dict | None, worker: dict) -> dict:
+    if total is None:
+        return {**worker, "load_buckets": list(worker["load_buckets"])}
+    return {
+        "loads": total["loads"] + worker["loads"],
+        "evictions": total["evictions"] + worker["evictions"],
+        "load_seconds_sum": total["load_seconds_sum"] + worker["load_seconds_sum"],
+        "load_buckets": [a + b for a, b in zip(total["load_buckets"], worker["load_buckets"])],
+    }
 
 
 def process_memory(pids) -> dict[int, tuple[str, int]]:
