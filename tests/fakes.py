@@ -26,14 +26,19 @@ class FakeEngineCore:
     """Answers the worker-report utility in its real format: every loaded adapter in the
     CPU cache at its tensor bytes, the first `slots` of them in slots."""
 
-    def __init__(self, client, slots=2):
+    def __init__(self, client, slots=2, answers_reports=True):
         self.client = client
         self.slots = slots
+        self.answers_reports = answers_reports
 
     async def call_utility_async(self, method, *args):
         from safetensors import safe_open
 
+        if method == "adapterserve_pin_lora":
+            return [await self.client.pin_lora(*args)]
         assert method == "adapterserve_engine_report"
+        if not self.answers_reports:
+            raise RuntimeError("this fake engine has no memory report")
         cache = {}
         for lora_id, request in self.client.loaded.items():
             with safe_open(f"{request.lora_path}/adapter_model.safetensors", "pt") as handle:
@@ -53,8 +58,7 @@ class FakeClient:
         self.loaded = {}
         self.fail_names = set(fail_names)
         self.errored = False
-        if reports:
-            self.engine_core = FakeEngineCore(self)
+        self.engine_core = FakeEngineCore(self) if reports else FakeEngineCore(self, answers_reports=False)
 
     async def add_lora(self, request):
         if request.lora_name in self.fail_names:

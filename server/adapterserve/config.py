@@ -108,8 +108,8 @@ class Settings(BaseSettings):
         "validates and registers it on the spot.",
     )
     pinned_adapters: list[str] = Field(
-        default_factory=list, description="Adapters kept in the engine (a slot and the CPU cache), never "
-        "evicted; fewer than max_loras, so other adapters keep a slot.",
+        default_factory=list, description="Adapters kept in the engine's CPU cache, never evicted (never "
+        "loaded again from disk); fewer than max_cpu_loras, so other adapters can be loaded.",
     )
     demo_adapters: bool = Field(
         True,

@@ -115,7 +115,7 @@ def test_unload_frees_the_engine_and_stays_unloaded(client):
 
 
 def test_pinning_through_the_admin_api_and_its_limit(make_client):
-    client = make_client(max_loras=2)
+    client = make_client(max_cpu_loras=2)
     engine = engine_of(client)
     response = client.post("/admin/adapters/alpha/pin", headers=ADMIN)
     assert response.status_code == 200, response.text
@@ -132,14 +132,14 @@ def test_pinning_through_the_admin_api_and_its_limit(make_client):
 
 
 def test_pinned_in_the_settings_are_pinned_at_start(make_client):
-    client = make_client(pinned_adapters=["beta"], max_loras=2)
+    client = make_client(pinned_adapters=["beta"], max_cpu_loras=2)
     engine = engine_of(client)
     assert engine.serving("models").lora_requests["beta"].lora_int_id in engine.client.pinned
 
 
-def test_pinning_every_slot_is_refused_at_start(make_client):
-    with pytest.raises(ValueError, match="pin fewer than max_loras"):
-        make_client(pinned_adapters=["alpha", "beta"], max_loras=2)
+def test_pinning_the_whole_cpu_cache_is_refused_at_start(make_client):
+    with pytest.raises(ValueError, match="pin fewer than max_cpu_loras"):
+        make_client(pinned_adapters=["alpha", "beta"], max_cpu_loras=2)
 
 
 def test_slots_fit_the_largest_rank_and_a_larger_adapter_is_refused_with_the_setting(client, store, tiny_base):

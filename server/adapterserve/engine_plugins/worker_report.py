@@ -30,11 +30,12 @@ def register() -> None:
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    from .lora_events import install
+    from . import lora_events, pinning
 
     setattr(WorkerWrapperBase, REPORT_METHOD, _worker_report)
     setattr(EngineCore, ENGINE_UTILITY, _engine_report)
-    install()  # adapter loads and evictions counted in the worker
+    lora_events.install()  # adapter loads and evictions counted in the worker
+    pinning.install()  # pinning in the CPU cache only
 
 
 REPORT_TIMEOUT_S = 10.0  # a report takes milliseconds; an engine that died never answers

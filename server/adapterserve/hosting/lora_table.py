@@ -75,8 +75,11 @@ async def free(engine, request, drain_s: float = DRAIN_S) -> None:
 
 
 async def pin(engine, request) -> None:
-    """Keep the version in the engine: a slot and the CPU cache, never evicted."""
-    await engine.client.pin_lora(request.lora_int_id)
+    """Keep the version in the engine's CPU cache, never evicted (engine_plugins/pinning.py
+    says why not in a slot too, as vLLM's own pin does)."""
+    from adapterserve.engine_plugins.pinning import pin_lora
+
+    await pin_lora(engine.client, request.lora_int_id)
 
 
 def current(engine, name: str):

@@ -73,10 +73,10 @@ class SharedBaseHost:
         self.lora_rank = settings.fixed_lora_rank or fitted_lora_rank(largest)
         registry.limits.max_lora_rank = self.lora_rank
         self.pinned: set[str] = set(settings.pinned_adapters)
-        if len(self.pinned) >= settings.max_loras:
+        if len(self.pinned) >= settings.max_cpu_loras:
             raise ValueError(
-                f"{len(self.pinned)} pinned adapters need more than max_loras {settings.max_loras} slots: "
-                "pin fewer than max_loras, so other adapters keep a slot"
+                f"{len(self.pinned)} pinned adapters fill the CPU cache (max_cpu_loras {settings.max_cpu_loras}): "
+                "pin fewer than max_cpu_loras, so other adapters can be loaded"
             )
         self._signatures: dict[str, discovery.Signature | None] = {}  # name -> folder at its last validation
         self._name_locks: dict[str, asyncio.Lock] = {}  # one discovery or reload of a name at a time
@@ -338,15 +338,15 @@ class SharedBaseHost:
 
     # --- pinning -----------------------------------------------------------------
     async def pin_adapter(self, name: str) -> AdapterRecord:
-        """Keep `name` in its engine (a slot and the CPU cache), never evicted."""
+        """Keep `name` in its engine's CPU cache, never evicted."""
         record = self.registry.adapters.get(name)
         if record is None or not self._published(name):
             raise APIError(404, f"The adapter `{name}` is not loaded.", param="lora_name", code="adapter_not_found")
         if name not in self.pinned:
-            if len(self.pinned) + 1 >= self.settings.max_loras:
+            if len(self.pinned) + 1 >= self.settings.max_cpu_loras:
                 raise APIError(
-                    409, f"Pinning `{name}` would leave no engine slot (max_loras {self.settings.max_loras}) for the "
-                    "other adapters; unpin one first.", param="lora_name", code="too_many_pinned",
+                    409, f"Pinning `{name}` would fill the engine's CPU cache (max_cpu_loras {self.settings.max_cpu_loras}); "
+                    "unpin one first.", param="lora_name", code="too_many_pinned",
                 )
             self.pinned.add(name)
             engine = self._engine_for(record)
