@@ -73,13 +73,21 @@ def _registry(raw_request: Request):
 async def list_engines(raw_request: Request):
     """Each running engine with its processes (for operators and for failure tests)."""
     host = raw_request.app.state.host
-    return {
-        "mode": host.mode,
-        "engines": [
-            {"name": e.name, "runner": e.spec.runner, "pids": e.process_ids(), "startup_seconds": e.startup_seconds}
-            for e in host.engines()
-        ],
-    }
+    # what each engine's worker reported at the last metrics reading (every metrics_refresh_s)
+    readings = {m.name: m for m in raw_request.app.state.metrics.memory if m.measured}
+
+    def described(engine) -> dict:
+        reading = readings.get(engine.name)
+        return {
+            "name": engine.name, "runner": engine.spec.runner, "pids": engine.process_ids(),
+            "startup_seconds": engine.startup_seconds, "max_lora_rank": engine.spec.max_lora_rank,
+            # adapter ids in the engine's CPU cache and slots, and the id each served name has now
+            "cpu_cache_ids": sorted(reading.cached_adapters) if reading else None,
+            "slot_ids": sorted(reading.slot_adapters) if reading else None,
+            "adapter_ids": {name: lora_id for lora_id, name in host.published_adapters(engine).items()},
+        }
+
+    return {"mode": host.mode, "engines": [described(e) for e in host.engines()]}
 
 
 @router.get("/admin/adapters")
