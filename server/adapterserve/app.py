@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from .api import admin, chat, classify, completions, health, models
+from .api.tenancy import install_tenants
 from .api.auth import require_api_key
 from .api.errors import install_error_handlers
 from .api.openapi import install_openapi
@@ -55,6 +56,7 @@ def create_app(settings: Settings, host_factory: HostFactory | None = None) -> F
     app.state.host_factory = host_factory
     app.state.host = None
     app.state.metrics = Metrics.from_settings(settings)
+    install_tenants(app, settings, app.state.metrics)
     install_error_handlers(app)
     for module in (chat, completions, classify, models):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])

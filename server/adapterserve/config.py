@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="If set, every /v1 request needs 'Authorization: Bearer <key>'."
     )
+    keys_file: Path | None = Field(
+        None,
+        description="YAML file of tenant API keys (hashed), each with its models, scopes and limits; "
+        "see `adapterserve keys`. Re-read when it changes. Without it: --api-key, or open.",
+    )
     admin_api_key: SecretStr | None = Field(
         None,
         description="Bearer key for the admin endpoints (load/unload/reload adapters). "

@@ -49,8 +49,11 @@ def samples(family, suffix="") -> dict[tuple, float]:
     return {tuple(sorted(s.labels.items())): s.value for s in family.samples if s.name == name}
 
 
-# Declared always, with series only on a GPU or in dedicated mode.
-NOT_IN_SHARED_MODE_ON_CPU = {"adapterserve_engine_gpu_memory_bytes", "adapterserve_model_swap_seconds"}
+# Declared always, with series only on a GPU, in dedicated mode or with a keys file.
+NOT_IN_SHARED_MODE_ON_CPU = {
+    "adapterserve_engine_gpu_memory_bytes", "adapterserve_model_swap_seconds",
+    "adapterserve_tenant_requests_total", "adapterserve_tenant_tokens_total", "adapterserve_tenant_rejections_total",
+}
 
 
 def exposed_name(name: str, kind: str) -> str:

@@ -1,4 +1,6 @@
-"""Bearer-key checks: one optional key for the API, one for the admin endpoints."""
+"""Bearer-key checks: a tenant's key from the keys file (tenants/keys.py), or without a
+keys file one optional key for the API; the admin key, or a tenant key with the admin
+scope, for the admin endpoints. Secrets are compared in constant time."""
 
 from __future__ import annotations
 
@@ -7,7 +9,11 @@ import hmac
 from fastapi import Request
 from pydantic import SecretStr
 
+from adapterserve.tenants.context import current_key
+
 from .errors import APIError
+
+UNAUTHORIZED = "Incorrect or missing API key. Send 'Authorization: Bearer <key>'."
 
 
 def _bearer(request: Request) -> str | None:
@@ -20,21 +26,41 @@ def _matches(given: str | None, expected: SecretStr) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.get_secret_value().encode())
 
 
+def _is_admin_key(request: Request) -> bool:
+    expected = request.app.state.settings.admin_api_key
+    return expected is not None and _matches(_bearer(request), expected)
+
+
 async def require_api_key(request: Request) -> None:
-    """Every /v1 endpoint: the API key, when one is configured."""
-    settings = request.app.state.settings
-    if settings.api_key is None:
+    """Every /v1 endpoint. With a keys file, the request's tenant key (kept on the request
+    for the model checks and the limits); the admin key sees everything."""
+    settings, keys = request.app.state.settings, request.app.state.keys
+    request.state.key = None
+    if _is_admin_key(request):
         return
-    if settings.admin_api_key is not None and _matches(_bearer(request), settings.admin_api_key):
+    if keys is not None:
+        key = keys.lookup(_bearer(request))
+        if key is None:
+            raise APIError(401, UNAUTHORIZED, code="invalid_api_key")
+        if "inference" not in key.scopes:
+            raise APIError(403, "This API key may not call the inference API.", code="insufficient_scope")
+        request.state.key = key
+        current_key.set(key)  # the engine's traffic observer runs in this request's context
         return
-    if not _matches(_bearer(request), settings.api_key):
-        raise APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+    if settings.api_key is not None and not _matches(_bearer(request), settings.api_key):
+        raise APIError(401, UNAUTHORIZED, code="invalid_api_key")
 
 
 async def require_admin_key(request: Request) -> None:
-    """Admin endpoints: the admin key, always; without a configured key they are closed."""
-    settings = request.app.state.settings
-    if settings.admin_api_key is None:
+    """Admin endpoints: the admin key, or a tenant key with the admin scope; closed when
+    neither is configured."""
+    settings, keys = request.app.state.settings, request.app.state.keys
+    if settings.admin_api_key is None and keys is None:
         raise APIError(403, "The admin API is disabled: start the server with an admin API key.", code="admin_disabled")
-    if not _matches(_bearer(request), settings.admin_api_key):
+    if _is_admin_key(request):
+        return
+    key = keys.lookup(_bearer(request)) if keys is not None else None
+    if key is None:
         raise APIError(401, "Incorrect or missing admin API key. Send 'Authorization: Bearer <admin key>'.", code="invalid_api_key")
+    if "admin" not in key.scopes:
+        raise APIError(403, "This API key has no admin scope.", code="insufficient_scope")

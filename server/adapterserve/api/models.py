@@ -1,4 +1,4 @@
-"""GET /v1/models and GET /v1/models/{id}: the base and every servable adapter."""
+"""GET /v1/models and GET /v1/models/{id}: the base and every servable adapter the key may use."""
 
 from __future__ import annotations
 
@@ -9,15 +9,20 @@ from adapterserve.api.errors import model_not_found
 router = APIRouter()
 
 
+def visible_cards(raw_request: Request):
+    """The cards the request's key may use (all of them without a keys file)."""
+    host, key = raw_request.app.state.host, getattr(raw_request.state, "key", None)
+    return [card for card in host.model_cards() if key is None or key.may_use(card.id, host.base_name)]
+
+
 @router.get("/v1/models")
 async def list_models(raw_request: Request):
-    cards = raw_request.app.state.host.model_cards()
-    return {"object": "list", "data": [card.as_openai() for card in cards]}
+    return {"object": "list", "data": [card.as_openai() for card in visible_cards(raw_request)]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, raw_request: Request):
-    for card in raw_request.app.state.host.model_cards():
+    for card in visible_cards(raw_request):
         if card.id == model_id:
             return card.as_openai()
     raise model_not_found(model_id)

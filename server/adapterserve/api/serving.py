@@ -18,7 +18,10 @@ from pydantic import BaseModel, ValidationError
 
 from adapterserve.hosting.protocol import Endpoint, Target
 
-from .errors import APIError, engine_unavailable, from_validation_error, from_vllm_error, reshape_stream_chunk, streaming_error_line
+from .errors import (
+    APIError, engine_unavailable, from_validation_error, from_vllm_error, model_not_found, reshape_stream_chunk,
+    streaming_error_line,
+)
 
 
 async def read_body(raw_request: Request, limit: int) -> bytes:
@@ -112,11 +115,38 @@ def validate(payload: dict, validator) -> Any:
 
 
 async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Target:
-    """Resolve the model through the host and point the request at vLLM's name for it."""
-    target = await raw_request.app.state.host.resolve(request.model, endpoint)
+    """Resolve the model through the host and point the request at vLLM's name for it.
+    A tenant's key must allow the model (else the answer is exactly an unknown model's,
+    given before the host looks at it) and be within its limits."""
+    key = getattr(raw_request.state, "key", None)
+    host = raw_request.app.state.host
+    if key is not None and isinstance(request.model, str):
+        requested = request.model.removeprefix(f"{host.base_name}:") or request.model
+        if not key.may_use(requested, host.base_name):
+            raw_request.state.rejection = "model_not_allowed"
+            raise model_not_found(request.model)
+    target = await host.resolve(request.model, endpoint)
+    if key is not None and not key.may_use(target.model, host.base_name):
+        raw_request.state.rejection = "model_not_allowed"
+        raise model_not_found(request.model)
+    if key is not None:
+        admit(raw_request, key)
     request.model = target.vllm_model
     raw_request.state.target = target  # for metrics and logs
     return target
+
+
+def admit(raw_request: Request, key) -> None:
+    """Count the request against its key's limits (429 when over); the tenants middleware
+    releases it when its response has ended."""
+    from adapterserve.tenants.limits import RateLimitExceeded
+
+    try:
+        raw_request.app.state.limiter.admit(key)
+    except RateLimitExceeded as exc:
+        raw_request.state.rejection = exc.reason
+        raise
+    raw_request.state.admitted = key
 
 
 async def serve_generation(raw_request: Request, endpoint: Endpoint) -> JSONResponse | StreamingResponse:

@@ -87,6 +87,19 @@ class Metrics:
         self.engine_restarts = Counter(
             "adapterserve_engine_restarts", "Engines restarted after they died, by engine.", ["engine"], registry=self.registry
         )
+        self.tenants = ModelLabels(max_models)  # tenant label values, capped like the models'
+        self.tenant_requests = Counter(
+            "adapterserve_tenant_requests", "HTTP requests by tenant (keys file) and status code.",
+            ["tenant", "status"], registry=self.registry,
+        )
+        self.tenant_tokens = Counter(
+            "adapterserve_tenant_tokens", "Tokens by tenant: prompt and generation.", ["tenant", "kind"], registry=self.registry,
+        )
+        self.tenant_rejections = Counter(
+            "adapterserve_tenant_rejections", "Requests refused by tenant and reason: model_not_allowed, "
+            "requests_per_minute, tokens_per_minute, concurrent_requests.", ["tenant", "reason"], registry=self.registry,
+        )
+        self.token_listeners: list = []  # called with (key id, tokens) after each request (the limits)
         self.adapter_quarantines = Counter(
             "adapterserve_adapter_quarantines", "Adapters quarantined after their requests produced NaN logits.",
             ["kind"], registry=self.registry,
@@ -185,6 +198,13 @@ class Metrics:
         self.generation_tokens.labels(model, traffic.endpoint).inc(traffic.generation_tokens)
         if traffic.time_to_first_token is not None:
             self.ttft.labels(model, traffic.endpoint).observe(traffic.time_to_first_token)
+        if traffic.tenant is not None:
+            tenant = self.tenants.label(traffic.tenant)
+            self.tenant_tokens.labels(tenant, "prompt").inc(traffic.prompt_tokens)
+            self.tenant_tokens.labels(tenant, "generation").inc(traffic.generation_tokens)
+        if traffic.key_id is not None:
+            for listener in self.token_listeners:
+                listener(traffic.key_id, traffic.prompt_tokens + traffic.generation_tokens)
 
     def _drop_model_series(self, model: str) -> None:
         for metric in (self.requests, self.latency, self.ttft, self.prompt_tokens, self.generation_tokens, self.swap_seconds):
@@ -202,6 +222,13 @@ class Metrics:
             target = getattr(request.state, "target", None)
             model = self.models.count(target.model) if target is not None else OTHER
             self.requests.labels(model, endpoint, str(response.status_code)).inc()
+            key = getattr(request.state, "key", None)
+            if key is not None:
+                tenant = self.tenants.count(key.tenant)
+                self.tenant_requests.labels(tenant, str(response.status_code)).inc()
+                rejection = getattr(request.state, "rejection", None)
+                if rejection is not None:
+                    self.tenant_rejections.labels(tenant, rejection).inc()
             body = response.body_iterator
 
             async def timed_body():  # the request ends with its last byte, streams included

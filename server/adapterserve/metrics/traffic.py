@@ -14,6 +14,8 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from adapterserve.tenants.context import current_key
+
 current_endpoint: ContextVar[str] = ContextVar("adapterserve_endpoint", default="unknown")
 
 
@@ -24,6 +26,8 @@ class RequestTraffic:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     time_to_first_token: float | None = None
+    tenant: str | None = None  # the request's key's tenant (with a keys file)
+    key_id: str | None = None
 
 
 Observer = Callable[[RequestTraffic], None]
@@ -38,7 +42,11 @@ def observe_client(client, base_name: str, observer: Observer) -> None:
 def _observed(method, base_name: str, observer: Observer, counts_generation: bool):
     async def observed(*args, **kwargs):
         lora = kwargs.get("lora_request")
-        traffic = RequestTraffic(model=lora.lora_name if lora is not None else base_name, endpoint=current_endpoint.get())
+        key = current_key.get()
+        traffic = RequestTraffic(
+            model=lora.lora_name if lora is not None else base_name, endpoint=current_endpoint.get(),
+            tenant=key.tenant if key is not None else None, key_id=key.id if key is not None else None,
+        )
         params = args[1] if len(args) > 1 else kwargs.get("sampling_params")
         kind = getattr(params, "output_kind", None)
         began = time.perf_counter()

@@ -1,0 +1,168 @@
+"""Tenants with the real engines, on a server of their own with a keys file: a matrix of
+tenants x every served model x every endpoint (allowed calls succeed, the others are
+indistinguishable from an unknown model, listings leak nothing); limits per key (429 with
+Retry-After while another tenant is served); keys added and revoked while it runs."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+
+from adapterserve.process import ServerProcess
+from adapterserve.tenants.keys import KeyLimits, add, revoke
+from tests.integration.conftest import ADMIN_KEY
+
+pytestmark = pytest.mark.integration
+
+QUESTION = [{"role": "user", "content": "Hi"}]
+LORAS = ["french", "json", "pirate"]
+HEADS = ["sentiment", "topic"]
+UNKNOWN = "no-such-model-anywhere"
+# tenant -> (models patterns, base allowed, scopes)
+TENANTS = {
+    "team-a": (["pirate", "french"], True, ["inference"]),
+    "team-b": (["json", "sentiment"], False, ["inference"]),
+    "team-c": (["fr*", "topic"], True, ["inference", "admin"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory, demo_dir):
+    folder = tmp_path_factory.mktemp("tenants")
+    keys_file = folder / "keys.yaml"
+    secrets = {}
+    for tenant, (models, base, scopes) in TENANTS.items():
+        secrets[tenant] = add(keys_file, tenant, models, base, scopes, KeyLimits())[1]
+    secrets["limited"] = add(keys_file, "limited", ["pirate"], True, ["inference"], KeyLimits(requests_per_minute=3))[1]
+    secrets["thrifty"] = add(keys_file, "thrifty", ["pirate"], True, ["inference"], KeyLimits(tokens_per_minute=20))[1]
+    process = ServerProcess(
+        ["--keys-file", str(keys_file), "--admin-api-key", ADMIN_KEY, "--max-loras", "4", "--max-lora-rank", "16"],
+        folder / "server.log",
+    ).start()
+    process.keys_file = keys_file
+    process.secrets = secrets
+    yield process
+    process.stop()
+
+
+def openai_client(server, secret):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0, timeout=120)
+
+
+def call(server, secret, endpoint, model):
+    """(status, error body or None) of one call, through the openai client where it has the endpoint."""
+    client = openai_client(server, secret)
+    try:
+        if endpoint == "chat":
+            client.chat.completions.create(model=model, messages=QUESTION, max_tokens=1)
+        elif endpoint == "completion":
+            client.completions.create(model=model, prompt="Hi", max_tokens=1)
+        elif endpoint == "model":
+            client.models.retrieve(model)
+        else:  # classification is not in the OpenAI API
+            response = httpx.post(
+                f"{server.url}/v1/classify", json={"model": model, "input": "Great!"},
+                headers={"authorization": f"Bearer {secret}"}, timeout=120,
+            )
+            return response.status_code, (response.json() if response.status_code != 200 else None)
+    except openai.APIStatusError as exc:
+        return exc.status_code, exc.response.json()
+    return 200, None
+
+
+def allowed(tenant, model, base_name):
+    import fnmatch
+
+    models, base, _ = TENANTS[tenant]
+    return base if model == base_name else any(fnmatch.fnmatchcase(model, p) for p in models)
+
+
+def expected_status(model, endpoint, base_name):
+    """What the endpoint answers a model the key may use (as without tenants)."""
+    if endpoint == "model":
+        return 200
+    is_head = model in HEADS
+    return 200 if is_head == (endpoint == "classify") else 400
+
+
+def test_every_tenant_every_model_every_endpoint(tenants, base_name):
+    served = [base_name, *LORAS, *HEADS]
+    leaks = []
+    for tenant in TENANTS:
+        secret = tenants.secrets[tenant]
+        for endpoint in ("chat", "completion", "classify", "model"):
+            unknown_status, unknown_body = call(tenants, secret, endpoint, UNKNOWN)
+            assert unknown_status == 404, unknown_body
+            for model in served:
+                status, body = call(tenants, secret, endpoint, model)
+                if allowed(tenant, model, base_name):
+                    assert status == expected_status(model, endpoint, base_name), (tenant, endpoint, model, body)
+                else:  # exactly what an unknown model gets, its name aside
+                    same = status == unknown_status and body == _renamed(unknown_body, UNKNOWN, model)
+                    if not same:
+                        leaks.append((tenant, endpoint, model, status, body))
+        listed = {m.id for m in openai_client(tenants, secret).models.list().data}
+        assert listed == {m for m in served if allowed(tenant, m, base_name)}, (tenant, listed)
+    assert leaks == []
+
+
+def _renamed(body, old, new):
+    import json
+
+    return json.loads(json.dumps(body).replace(old, new))
+
+
+def test_admin_needs_the_admin_scope(tenants):
+    def admin(secret):
+        return httpx.get(f"{tenants.url}/admin/adapters", headers={"authorization": f"Bearer {secret}"}, timeout=30)
+
+    assert admin(tenants.secrets["team-a"]).status_code == 403
+    assert admin(tenants.secrets["team-c"]).status_code == 200  # the admin scope
+    assert admin(ADMIN_KEY).status_code == 200
+    assert admin("as-not-a-key").status_code == 401
+
+
+def test_a_tenant_over_its_limits_gets_429_while_another_is_served(tenants, base_name):
+    limited = openai_client(tenants, tenants.secrets["limited"])
+    for _ in range(3):
+        limited.chat.completions.create(model="pirate", messages=QUESTION, max_tokens=1)
+    outcome = {}
+
+    def other_tenant():  # at the same time, unaffected
+        reply = openai_client(tenants, tenants.secrets["team-a"]).chat.completions.create(model="pirate", messages=QUESTION, max_tokens=1)
+        outcome["other"] = reply.choices[0].finish_reason
+
+    worker = threading.Thread(target=other_tenant)
+    worker.start()
+    with pytest.raises(openai.RateLimitError) as refused:
+        limited.chat.completions.create(model="pirate", messages=QUESTION, max_tokens=1)
+    worker.join(timeout=120)
+    assert outcome.get("other") is not None
+    assert int(refused.value.response.headers["retry-after"]) >= 1
+    assert refused.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+
+    thrifty = openai_client(tenants, tenants.secrets["thrifty"])
+    thrifty.chat.completions.create(model="pirate", messages=QUESTION, max_tokens=16)  # > 20 tokens with the prompt
+    with pytest.raises(openai.RateLimitError):
+        thrifty.chat.completions.create(model="pirate", messages=QUESTION, max_tokens=1)
+
+    metrics = httpx.get(f"{tenants.url}/metrics", timeout=30).text
+    assert 'adapterserve_tenant_rejections_total{reason="requests_per_minute",tenant="limited"} 1.0' in metrics
+    assert 'adapterserve_tenant_rejections_total{reason="tokens_per_minute",tenant="thrifty"} 1.0' in metrics
+    assert 'adapterserve_tenant_tokens_total{kind="generation",tenant="thrifty"}' in metrics
+
+
+def test_a_key_added_then_revoked_while_serving(tenants):
+    entry, secret = add(tenants.keys_file, "newcomer", ["json"], False, ["inference"], KeyLimits())
+    client = openai_client(tenants, secret)
+    assert client.chat.completions.create(model="json", messages=QUESTION, max_tokens=1).choices
+    assert {m.id for m in client.models.list().data} == {"json"}
+    revoke(tenants.keys_file, key_id=entry.id)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="json", messages=QUESTION, max_tokens=1)
+    with pytest.raises(openai.AuthenticationError):  # a stream that starts after the revocation
+        client.chat.completions.create(model="json", messages=QUESTION, max_tokens=4, stream=True)
+    assert openai_client(tenants, tenants.secrets["team-b"]).models.list().data  # the others keep working
