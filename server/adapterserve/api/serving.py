@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +23,8 @@ from .errors import (
     APIError, engine_unavailable, from_validation_error, from_vllm_error, model_not_found, reshape_stream_chunk,
     streaming_error_line,
 )
+
+log = logging.getLogger(__name__)
 
 
 async def read_body(raw_request: Request, limit: int) -> bytes:
@@ -124,6 +127,7 @@ async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Targe
         requested = request.model.removeprefix(f"{host.base_name}:") or request.model
         if not key.may_use(requested, host.base_name):
             raw_request.state.rejection = "model_not_allowed"
+            log.info("tenant %s (key %s): model %r not allowed, answered as unknown", key.tenant, key.id, request.model)
             raise model_not_found(request.model)
     target = await host.resolve(request.model, endpoint)
     if key is not None and not key.may_use(target.model, host.base_name):
@@ -145,6 +149,7 @@ def admit(raw_request: Request, key) -> None:
         raw_request.app.state.limiter.admit(key)
     except RateLimitExceeded as exc:
         raw_request.state.rejection = exc.reason
+        log.info("tenant %s (key %s): 429, %s", key.tenant, key.id, exc.reason)
         raise
     raw_request.state.admitted = key
 
