@@ -44,3 +44,23 @@ def test_a_cancelled_start_hands_what_was_built_to_be_stopped():
 
     asyncio.run(scenario())
     assert abandoned == ["client"]
+
+
+def test_restart_backoff_doubles_while_an_engine_keeps_dying_and_resets_after_a_long_life():
+    from adapterserve.hosting.backoff import Backoff
+
+    now = [0.0]
+    backoff = Backoff(2.0, 30.0, clock=lambda: now[0])
+    assert backoff.wait_s() == 0.0  # the first restart: at once
+    backoff.started()
+    waits = []
+    for _ in range(5):  # dies again right after each start
+        now[0] += 1.0
+        waits.append(backoff.wait_s())
+        backoff.started()
+    assert waits == [2.0, 4.0, 8.0, 16.0, 30.0]
+    now[0] += 31.0  # stayed up longer than the ceiling
+    assert backoff.wait_s() == 0.0
+    backoff.started()
+    now[0] += 1.0
+    assert backoff.wait_s() == 2.0

@@ -38,6 +38,7 @@ from adapterserve.registry.records import AdapterInvalid, AdapterRecord, is_safe
 from adapterserve.registry.store import Registry
 
 from . import discovery, lora_table
+from .backoff import Backoff
 from .engine import EngineSpec, VllmEngine
 from .protocol import Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, missing_model, wrong_endpoint
 
@@ -143,7 +144,7 @@ class SharedBaseHost:
     # --- recovery ----------------------------------------------------------------
     async def _watch(self, interval: float = 1.0) -> None:
         """Restart engines that died, one at a time; the other keeps serving meanwhile."""
-        backoff: dict[str, tuple[float, float]] = {}  # engine -> (next delay, last restart)
+        backoffs: dict[str, Backoff] = {}  # engine name -> its restart back-off
         while True:
             await asyncio.sleep(interval)
             for role in ("generate", "classify"):
@@ -152,26 +153,23 @@ class SharedBaseHost:
                     continue
                 self.down[dead.name] = "engine stopped"  # requests get 503 from now on
                 try:
+                    backoff = backoffs.setdefault(
+                        dead.name, Backoff(self.settings.engine_restart_backoff_s, self.settings.engine_restart_backoff_max_s)
+                    )
                     await self._restart(role, dead, backoff)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # keep watching whatever happened
                     log.exception("restarting engine %s failed", dead.name)
 
-    async def _restart(self, role: str, dead: Engine, backoff: dict[str, tuple[float, float]]) -> None:
+    async def _restart(self, role: str, dead: Engine, backoff: Backoff) -> None:
         name = dead.name
         self.down[name] = (await dead.check_health()) or "engine stopped"
         log.error("engine %s is down (%s); restarting it", name, self.down[name])
         await dead.stop_async()
-        first, most = self.settings.engine_restart_backoff_s, self.settings.engine_restart_backoff_max_s
-        delay, last = backoff.get(name, (first, 0.0))
-        if time.monotonic() - last > most:  # it stayed up a while: start over from the first delay
-            delay = first
         while True:
-            if time.monotonic() - last < most:  # died soon after its last restart: wait first
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, most)
-            last = time.monotonic()
+            await asyncio.sleep(backoff.wait_s())
+            backoff.started()
             engine = self._new_engine(dead.spec)
             try:
                 await engine.start()
@@ -180,7 +178,6 @@ class SharedBaseHost:
                 await engine.stop_async()
                 self.down[name] = f"restart failed: {exc}"
                 log.error("engine %s did not restart: %s", name, exc)
-        backoff[name] = (delay, last)
         for record in [r for r in self.registry.adapters.values() if self._role_for(r) == role]:
             try:
                 await self._register(record, engine)
