@@ -1,10 +1,16 @@
-"""Fitted LoRA slots: `--max-lora-rank 64` (vLLM's usual setting) versus `auto` (fitted to
-the largest rank in the stores: 8 for the demo adapters). Slot memory read from the
-engine's worker, and LoRA-mixed throughput against base-only on the same server.
+"""LoRA-mixed throughput against base-only on the same server, at `adapterserve serve`
+defaults, for server variants one after the other:
+
+- `rank64` (`--max-lora-rank 64`, vLLM's usual setting) versus `auto` (the default: slots
+  fitted to the largest rank in the stores, 8 for the demo adapters), with the slot memory
+  read from the engine's worker;
+- `preload`: the default with tcmalloc and Intel OpenMP preloaded in the engine processes
+  (vLLM's CPU guide; `LD_PRELOAD`), where the libraries are on this machine.
+
 Reproduce with:
 
-    .venv/bin/python bench/lora_rank_fit.py [--ranks 64 auto] [--adapters 4] [--rounds 2]
-        [--requests 48 --concurrency 16 --max-tokens 64]
+    .venv/bin/python bench/lora_rank_fit.py [--variants rank64 auto preload] [--adapters 1 3 8]
+        [--rounds 2] [--requests 48 --concurrency 16 --max-tokens 32]
 
 Writes bench/results/lora_rank_fit.json (with this machine's CPU and served dtype) and
 prints the table.
@@ -54,27 +60,53 @@ def slot_bytes(url: str) -> float:
     raise RuntimeError("no adapter_slots reading")
 
 
-async def measure(rank: str, store: Path, names: list[str], base: str, args, log: Path) -> dict:
+def preload_libraries() -> str | None:
+    """tcmalloc (Debian's libtcmalloc-minimal4) and Intel OpenMP (PyPI's intel-openmp), if present."""
+    import glob
+    import sysconfig
+
+    found = [
+        next(iter(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4")), None),
+        next(iter(glob.glob(str(Path(sysconfig.get_paths()["data"]) / "lib" / "libiomp5.so"))), None),
+    ]
+    return ":".join(f for f in found if f) or None
+
+
+def variant(name: str) -> tuple[list[str], dict]:
+    """(server flags, environment) of a variant."""
+    if name == "rank64":
+        return ["--max-lora-rank", "64"], {}
+    if name == "auto":
+        return [], {}
+    if name == "preload":
+        libraries = preload_libraries()
+        if libraries is None:
+            raise SystemExit("no tcmalloc / libiomp5 to preload on this machine")
+        return [], {"LD_PRELOAD": libraries}
+    raise SystemExit(f"unknown variant {name}")
+
+
+async def measure(name: str, store: Path, names: list[str], base: str, args, log: Path) -> dict:
+    flags, env = variant(name)
     server = ServerProcess(
-        ["--adapter-dirs", str(store), "--no-demo-adapters", "--max-loras", "4", "--max-cpu-loras", "16",
-         "--max-lora-rank", rank, "--metrics-refresh-s", "1", "--admin-api-key", ADMIN],
-        log,
+        ["--adapter-dirs", str(store), "--no-demo-adapters", "--metrics-refresh-s", "1", "--admin-api-key", ADMIN, *flags],
+        log, env=env,
     ).start()
     try:
         engines = httpx.get(f"{server.url}/admin/engines", headers={"authorization": f"Bearer {ADMIN}"}, timeout=30).json()
         engine_rank = next(e["max_lora_rank"] for e in engines["engines"] if e["name"] == "generate")
         url = f"{server.url}/v1"
         await run_workload(url, [base], 4, 4, 8, "warm-up")
-        scenarios = [("base only", [base]), (f"{args.adapters} adapters", names[: args.adapters])]
+        scenarios = [("base only", [base])] + [(f"{n} adapters", names[:n]) for n in args.adapters]
         rounds: dict[str, list[dict]] = {scenario: [] for scenario, _ in scenarios}
         for _ in range(args.rounds):
             for scenario, models in scenarios:
                 result = await run_workload(url, models, args.requests, args.concurrency, args.max_tokens, scenario)
                 rounds[scenario].append(result.row())
-                print(rank, result.row(), flush=True)
+                print(name, result.row(), flush=True)
         time.sleep(2)  # a metrics reading after the workload
         return {
-            "setting": rank, "engine_max_lora_rank": engine_rank, "slot_bytes": slot_bytes(server.url),
+            "variant": name, "flags": flags, "env": env, "engine_max_lora_rank": engine_rank, "slot_bytes": slot_bytes(server.url),
             "results": [mean_row(scenario, rows) for scenario, rows in rounds.items()],
         }
     finally:
@@ -83,12 +115,12 @@ async def measure(rank: str, store: Path, names: list[str], base: str, args, log
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ranks", nargs="+", default=["64", "auto"])
-    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--variants", nargs="+", default=["rank64", "auto", "preload"])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 3, 8])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
 
     settings = load_settings()
@@ -99,23 +131,20 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         store.mkdir()
-        names = make_store(demo, store, args.adapters)
-        for rank in args.ranks:
-            runs.append(await measure(rank, store, names, base_path.name, args, Path(tmp) / f"server-{rank}.log"))
-    report = {"machine": machine(), "workload": vars(args), "server_flags": "--max-loras 4 --max-cpu-loras 16", "runs": runs}
+        names = make_store(demo, store, max(args.adapters))
+        for name in args.variants:
+            runs.append(await measure(name, store, names, base_path.name, args, Path(tmp) / f"server-{name}.log"))
+    report = {"machine": machine(), "workload": vars(args), "server_flags": "defaults (--max-loras 4 --max-cpu-loras 16)", "runs": runs}
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "lora_rank_fit.json").write_text(json.dumps(report, indent=2))
     print(f"\n{report['machine']}")
-    print("| --max-lora-rank | engine rank | slot memory MiB | base tok/s | LoRA-mixed tok/s (vs base) | LoRA TTFT p50 / p99 ms |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | engine rank | slot memory MiB | base tok/s | " + " | ".join(f"{n} adapters tok/s (vs base)" for n in args.adapters) + " |")
+    print("|---|---|---|---|" + "---|" * len(args.adapters))
     for run in runs:
-        base, mixed = run["results"]
-        print(
-            f"| {run['setting']} | {run['engine_max_lora_rank']} | {run['slot_bytes'] / 2**20:.1f} | {base['tokens_per_second']} | "
-            f"{mixed['tokens_per_second']} ({mixed['tokens_per_second'] / base['tokens_per_second']:.2f}) | "
-            f"{mixed['ttft_p50_ms']:.0f} / {mixed['ttft_p99_ms']:.0f} |"
-        )
+        base, *mixed = run["results"]
+        cells = [f"{m['tokens_per_second']} ({m['tokens_per_second'] / base['tokens_per_second']:.2f})" for m in mixed]
+        print(f"| {run['variant']} | {run['engine_max_lora_rank']} | {run['slot_bytes'] / 2**20:.1f} | {base['tokens_per_second']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
