@@ -32,9 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_throughput import DEMO, make_store, mean_row  # noqa: E402
+from lora_throughput import DEMO, base_and_mixed_rounds, make_store  # noqa: E402
 
-from adapterserve.compare.workload import run_workload  # noqa: E402
 from adapterserve.config import load_settings  # noqa: E402
 from adapterserve.dtypes import resolve_dtype  # noqa: E402
 from adapterserve.models import resolve_base_model  # noqa: E402
@@ -95,19 +94,11 @@ async def measure(name: str, store: Path, names: list[str], base: str, args, log
     try:
         engines = httpx.get(f"{server.url}/admin/engines", headers={"authorization": f"Bearer {ADMIN}"}, timeout=30).json()
         engine_rank = next(e["max_lora_rank"] for e in engines["engines"] if e["name"] == "generate")
-        url = f"{server.url}/v1"
-        await run_workload(url, [base], 4, 4, 8, "warm-up")
-        scenarios = [("base only", [base])] + [(f"{n} adapters", names[:n]) for n in args.adapters]
-        rounds: dict[str, list[dict]] = {scenario: [] for scenario, _ in scenarios}
-        for _ in range(args.rounds):
-            for scenario, models in scenarios:
-                result = await run_workload(url, models, args.requests, args.concurrency, args.max_tokens, scenario)
-                rounds[scenario].append(result.row())
-                print(name, result.row(), flush=True)
+        results = await base_and_mixed_rounds(f"{server.url}/v1", base, names, args, name)
         time.sleep(2)  # a metrics reading after the workload
         return {
             "variant": name, "flags": flags, "env": env, "engine_max_lora_rank": engine_rank, "slot_bytes": slot_bytes(server.url),
-            "results": [mean_row(scenario, rows) for scenario, rows in rounds.items()],
+            "results": results,
         }
     finally:
         server.stop()

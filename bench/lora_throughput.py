@@ -72,6 +72,20 @@ def mean_row(scenario: str, rows: list[dict]) -> dict:
             "ttft_p99_ms": mean("ttft_p99_ms"), "rounds_tokens_per_second": [row["tokens_per_second"] for row in rows]}
 
 
+async def base_and_mixed_rounds(url: str, base: str, names: list[str], args, label: str) -> list[dict]:
+    """Base-only, then 1..n adapters mixed, `args.rounds` times (so that the machine's drift
+    hits base and adapters alike); the mean row of each scenario."""
+    await run_workload(url, [base], 4, 4, 8, "warm-up")
+    scenarios = [("base only", [base])] + [(f"{n} adapters", names[:n]) for n in args.adapters]
+    rounds: dict[str, list[dict]] = {scenario: [] for scenario, _ in scenarios}
+    for _ in range(args.rounds):
+        for scenario, models in scenarios:
+            result = await run_workload(url, models, args.requests, args.concurrency, args.max_tokens, scenario)
+            rounds[scenario].append(result.row())
+            print(label, result.row(), flush=True)
+    return [mean_row(scenario, rows) for scenario, rows in rounds.items()]
+
+
 async def serve_and_measure(ops: str, store: Path, names: list[str], base: str, args, log: Path, demo: Path) -> dict:
     server = ServerProcess(
         ["--adapter-dirs", str(store), "--no-demo-adapters", "--max-loras", "16", "--max-cpu-loras", "32",
@@ -80,17 +94,7 @@ async def serve_and_measure(ops: str, store: Path, names: list[str], base: str, 
         log,
     ).start()
     try:
-        url = f"{server.url}/v1"
-        await run_workload(url, [base], 4, 4, 8, "warm-up")
-        scenarios = [("base only", [base])] + [(f"{n} adapters", names[:n]) for n in args.adapters]
-        rounds: dict[str, list[dict]] = {scenario: [] for scenario, _ in scenarios}
-        # Rounds of every scenario, so that the machine's drift hits base and adapters alike
-        for _ in range(args.rounds):
-            for scenario, models in scenarios:
-                result = await run_workload(url, models, args.requests, args.concurrency, args.max_tokens, scenario)
-                rounds[scenario].append(result.row())
-                print(ops, result.row(), flush=True)
-        results = [mean_row(scenario, rows) for scenario, rows in rounds.items()]
+        results = await base_and_mixed_rounds(f"{server.url}/v1", base, names, args, ops)
         cold = await cold_vs_warm(server, store, demo) if ops == "grouped" else None
         if cold:
             print(cold, flush=True)
