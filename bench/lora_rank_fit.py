@@ -4,6 +4,7 @@ defaults, for server variants one after the other:
 - `rank64` (`--max-lora-rank 64`, vLLM's usual setting) versus `auto` (the default: slots
   fitted to the largest rank in the stores, 8 for the demo adapters), with the slot memory
   read from the engine's worker;
+- `float32`, `bfloat16`: the default with the dtype set instead of auto;
 - `preload`: the default with tcmalloc and Intel OpenMP preloaded in the engine processes
   (vLLM's CPU guide; `LD_PRELOAD`), where the libraries are on this machine.
 
@@ -77,6 +78,8 @@ def variant(name: str) -> tuple[list[str], dict]:
         return ["--max-lora-rank", "64"], {}
     if name == "auto":
         return [], {}
+    if name in ("float32", "bfloat16"):  # the default with the dtype set instead of auto
+        return ["--dtype", name], {}
     if name == "preload":
         libraries = preload_libraries()
         if libraries is None:

@@ -119,3 +119,31 @@ def test_a_killed_engine_process_is_503_then_restarted(faulty, victim):
     assert answer(faulty, "pirate") == expected  # its adapters are registered again
     assert restarts(faulty) == count + 1
     assert set(engine_pids(faulty, "generate")).isdisjoint(pids)
+
+
+def test_sigterm_in_the_middle_of_a_restart_leaves_no_engine_process(faulty):
+    """Runs last: it stops the module's server. The server is told to stop while the new
+    engine is being built; its stop waits for the construction and stops what it built."""
+    import psutil
+
+    old = set(engine_pids(faulty, "generate"))
+    os.kill(min(old), signal.SIGKILL)  # the engine core (the first process of the engine)
+
+    def new_engine_core():
+        return [p for p in faulty.descendants() if p.pid not in old and "EngineCore" in " ".join(p.cmdline() or [p.name()])]
+
+    deadline = time.monotonic() + 60
+    while not new_engine_core() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert new_engine_core(), "the restart did not begin"
+    children = [p for p in faulty.descendants() if "resource_tracker" not in " ".join(p.cmdline())]
+    code = faulty.stop(timeout=180)
+    assert code in (0, -15), faulty.tail()
+    alive = []
+    for process in children:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append((process.pid, process.name()))
+        except psutil.NoSuchProcess:
+            pass
+    assert not alive, f"engine processes left behind: {alive}"

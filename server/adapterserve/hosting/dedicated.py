@@ -100,6 +100,7 @@ class DedicatedHost:
         self.restarts: dict[str, int] = {}
         self.created = int(time.time())
         self._lock = asyncio.Lock()
+        self._starting: set[Engine] = set()  # engines being started (stopped with the host)
         self._monitor: asyncio.Task | None = None
 
     @property
@@ -145,8 +146,10 @@ class DedicatedHost:
             self._monitor.cancel()
         for task in self.starting.values():
             task.cancel()
-        for engine in list(self.resident.values()):
+        # engines in the middle of a start too: their stop waits for their construction
+        for engine in [*self._starting, *self.resident.values()]:
             engine.stop()
+        self._starting.clear()
         self.resident.clear()
 
     def engines(self) -> list[Engine]:
@@ -155,11 +158,16 @@ class DedicatedHost:
     async def _start_engine(self, model: FullModel) -> Engine:
         engine = self.engine_factory(self._spec(model))
         engine.on_started = self.observer.engine_started
+        self._starting.add(engine)
         try:
             await engine.start()
+        except asyncio.CancelledError:
+            raise  # the host is stopping: its stop() stops this engine too
         except BaseException:
+            self._starting.discard(engine)
             await engine.stop_async()
             raise
+        self._starting.discard(engine)
         self.resident[model.name] = engine
         self.down.pop(model.name, None)
         return engine

@@ -9,9 +9,11 @@ only decides which engine and which adapter a request goes to.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,23 +113,30 @@ def parse_vllm_args(cli_args: list[str]):
     return parser.parse_args(cli_args)
 
 
-async def _off_the_event_loop(construct, on_abandoned):
-    """Run vLLM's engine construction in a thread and return what it built.
+# A stop during the engine's construction waits this long for it (a start takes ~30-60 s
+# on 2 cores; vLLM gives up on an engine core that is not ready after its own timeout).
+CONSTRUCTION_WAIT_S = 600.0
+
+
+def _construct_in_thread(construct) -> concurrent.futures.Future:
+    """Run vLLM's engine construction in a thread of its own; its future.
 
     `AsyncLLM.from_vllm_config` starts the engine core and waits for it to be ready
     (~30 s on 2 cores): on the event loop that would stall every other engine, /health and
     /metrics while an engine restarts or swaps in. Built outside a running loop, vLLM
-    starts its output tasks lazily, at the first request or utility call.
-    If the awaiting task is cancelled, the construction still finishes in its thread; what
-    it built is handed to `on_abandoned` so no engine process is left behind."""
-    construction = asyncio.ensure_future(asyncio.to_thread(construct))
-    try:
-        return await asyncio.shield(construction)
-    except asyncio.CancelledError:
-        construction.add_done_callback(
-            lambda done: on_abandoned(done.result()) if not done.cancelled() and done.exception() is None else None
-        )
-        raise
+    starts its output tasks lazily, at the first request or utility call. The future is
+    kept by the engine, so a stop during the construction (a shutdown in the middle of a
+    restart) waits for it and stops what it built: no engine process is left behind."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(construct())
+        except BaseException as exc:  # handed to whoever waits
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="engine-construction", daemon=True).start()
+    return future
 
 
 def _reap(name: str, pids: list[int], wait_s: float) -> None:
@@ -160,6 +169,7 @@ class VllmEngine:
         self.startup_seconds: float | None = None
         self.vllm_config = None
         self.on_started = None  # called with the engine once its client exists (metrics use it)
+        self._construction: concurrent.futures.Future | None = None  # while vLLM builds the client
         # called with (adapter name or None, request id) when a request's logits hold NaN
         self.on_nonfinite = lambda adapter, request_id: None
 
@@ -183,16 +193,18 @@ class VllmEngine:
         if self.spec.runner == "generate":
             # the engine's workers count NaN logits per request (inherited by its processes)
             os.environ[ENV_COUNT_NANS] = "1"
-        self.client = await _off_the_event_loop(
+        self._construction = _construct_in_thread(
             functools.partial(
                 AsyncLLM.from_vllm_config,
                 vllm_config=self.vllm_config,
                 usage_context=UsageContext.OPENAI_API_SERVER,
                 enable_log_requests=False,
                 disable_log_stats=not self.spec.log_stats,
-            ),
-            on_abandoned=lambda client: self._stop_abandoned(client),
+            )
         )
+        # shield: a cancelled start leaves the construction to `stop()`, which waits for it
+        self.client = await asyncio.shield(asyncio.wrap_future(self._construction))
+        self._construction = None
         if self.spec.runner == "generate":
             watch_nonfinite(self.client, lambda adapter, request_id: self.on_nonfinite(adapter, request_id))
         if self.on_started is not None:
@@ -206,11 +218,6 @@ class VllmEngine:
         self.started_at = time.time()
         self.startup_seconds = time.monotonic() - began
         log.info("engine %s ready in %.1f s", self.name, self.startup_seconds)
-
-    def _stop_abandoned(self, client) -> None:
-        """Stop a client whose start was cancelled (the server shut down meanwhile)."""
-        self.client = client
-        self.stop()
 
     def stop(self, wait_s: float = 30.0) -> None:
         """Shut the engine down and return only once its processes are gone (idempotent).
@@ -228,6 +235,12 @@ class VllmEngine:
     def _shut_down(self) -> list[int]:
         """vLLM's shutdown of the client (in the event loop's thread: it cancels tasks of
         that loop); returns the process ids it had."""
+        construction, self._construction = self._construction, None
+        if self.client is None and construction is not None:  # stopped while it was being built
+            try:
+                self.client = construction.result(timeout=CONSTRUCTION_WAIT_S)
+            except Exception:  # it failed to start: nothing to stop
+                return []
         pids = self.process_ids()
         client, self.client = self.client, None
         if client is None:

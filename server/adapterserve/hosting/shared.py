@@ -82,6 +82,7 @@ class SharedBaseHost:
         self._signatures: dict[str, discovery.Signature | None] = {}  # name -> folder at its last validation
         self._name_locks: dict[str, asyncio.Lock] = {}  # one discovery or reload of a name at a time
         self._freeing: set[asyncio.Task] = set()
+        self._starting: set[Engine] = set()  # engines being started again (stopped with the host)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the host runs on (set by start)
         self.unloaded: set[str] = set()  # unloaded by an admin: not discovered again until loaded or changed
 
@@ -137,7 +138,8 @@ class SharedBaseHost:
             if task is not None:
                 task.cancel()
         self._watcher = self._scanner = None
-        for engine in (self.classify, self.generate):
+        # an engine in the middle of a restart too: its stop waits for its construction
+        for engine in (*self._starting, self.classify, self.generate):
             if engine is not None:
                 engine.stop()
 
@@ -171,10 +173,13 @@ class SharedBaseHost:
             await asyncio.sleep(backoff.wait_s())
             backoff.started()
             engine = self._new_engine(dead.spec)
+            self._starting.add(engine)
             try:
                 await engine.start()
+                self._starting.discard(engine)
                 break
             except Exception as exc:
+                self._starting.discard(engine)
                 await engine.stop_async()
                 self.down[name] = f"restart failed: {exc}"
                 log.error("engine %s did not restart: %s", name, exc)
