@@ -31,7 +31,10 @@ def faulty(tmp_path_factory, demo_dir):
         shutil.copytree(demo_dir / name, store / name)
     process = ServerProcess(
         ["--no-demo-adapters", "--adapter-dirs", str(store), "--max-loras", "1", "--max-cpu-loras", "1",
-         "--admin-api-key", ADMIN_KEY, "--engine-restart-backoff-s", "1", "--metrics-refresh-s", "2"],
+         "--admin-api-key", ADMIN_KEY, "--engine-restart-backoff-s", "1", "--metrics-refresh-s", "2",
+         # no store scans: a deleted folder stays registered, served from its snapshot (the
+         # scan would unregister it: test_lifecycle covers that)
+         "--adapter-scan-interval-s", "0"],
         tmp_path_factory.mktemp("fault-logs") / "server.log",
     ).start()
     process.store = store
@@ -126,17 +129,29 @@ def test_sigterm_in_the_middle_of_a_restart_leaves_no_engine_process(faulty):
     engine is being built; its stop waits for the construction and stops what it built."""
     import psutil
 
-    old = set(engine_pids(faulty, "generate"))
-    os.kill(min(old), signal.SIGKILL)  # the engine core (the first process of the engine)
+    pids = engine_pids(faulty, "generate")
+    old = {p.pid for p in faulty.descendants()}  # both engines' processes before the kill
+    os.kill(pids[0], signal.SIGKILL)  # the generate engine's core: its worker is orphaned
+
+    def command(process) -> str:
+        try:
+            return " ".join(process.cmdline() or [process.name()])
+        except psutil.Error:  # gone, or a zombie
+            return ""
 
     def new_engine_core():
-        return [p for p in faulty.descendants() if p.pid not in old and "EngineCore" in " ".join(p.cmdline() or [p.name()])]
+        return [p for p in faulty.descendants() if p.pid not in old and "EngineCore" in command(p)]
 
     deadline = time.monotonic() + 60
     while not new_engine_core() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert new_engine_core(), "the restart did not begin"
-    children = [p for p in faulty.descendants() if "resource_tracker" not in " ".join(p.cmdline())]
+    children = [p for p in faulty.descendants() if "resource_tracker" not in command(p)]
+    for pid in pids[1:]:  # the orphaned worker(s)
+        try:
+            children.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
     code = faulty.stop(timeout=180)
     assert code in (0, -15), faulty.tail()
     alive = []

@@ -139,14 +139,11 @@ def _construct_in_thread(construct) -> concurrent.futures.Future:
     return future
 
 
-def _reap(name: str, pids: list[int], wait_s: float) -> None:
-    """Wait for the processes to exit; kill (by process id) those that outlive `wait_s`."""
-    processes = []
-    for pid in pids:
-        try:
-            processes.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            continue
+def _reap(name: str, processes: list[psutil.Process], wait_s: float) -> None:
+    """Wait for the processes to exit; kill (by process id) those that outlive `wait_s`.
+    psutil.Process objects remember their start time: a process id reused since is never
+    taken for the engine's process."""
+    processes = [p for p in processes if p.is_running()]
     _, alive = psutil.wait_procs(processes, timeout=wait_s)
     for process in alive:
         log.warning("engine %s: process %d outlived the shutdown; killing it", name, process.pid)
@@ -155,6 +152,16 @@ def _reap(name: str, pids: list[int], wait_s: float) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def _processes(pids) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        try:
+            found.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 class VllmEngine:
@@ -170,6 +177,7 @@ class VllmEngine:
         self.vllm_config = None
         self.on_started = None  # called with the engine once its client exists (metrics use it)
         self._construction: concurrent.futures.Future | None = None  # while vLLM builds the client
+        self._processes: list[psutil.Process] = []
         # called with (adapter name or None, request id) when a request's logits hold NaN
         self.on_nonfinite = lambda adapter, request_id: None
 
@@ -215,6 +223,9 @@ class VllmEngine:
         except BaseException:
             self.stop()
             raise
+        # its processes as started: when the engine core dies, its workers are no longer
+        # its children (the system adopts them) but must be stopped with the engine
+        self._processes = _processes(self.process_ids())
         self.started_at = time.time()
         self.startup_seconds = time.monotonic() - began
         log.info("engine %s ready in %.1f s", self.name, self.startup_seconds)
@@ -232,16 +243,18 @@ class VllmEngine:
         the other engines keep serving meanwhile."""
         await asyncio.to_thread(_reap, self.name, self._shut_down(), wait_s)
 
-    def _shut_down(self) -> list[int]:
+    def _shut_down(self) -> list[psutil.Process]:
         """vLLM's shutdown of the client (in the event loop's thread: it cancels tasks of
-        that loop); returns the process ids it had."""
+        that loop); returns the processes it had, adopted workers of a dead core included."""
         construction, self._construction = self._construction, None
         if self.client is None and construction is not None:  # stopped while it was being built
             try:
                 self.client = construction.result(timeout=CONSTRUCTION_WAIT_S)
             except Exception:  # it failed to start: nothing to stop
                 return []
-        pids = self.process_ids()
+        current = _processes(self.process_ids())
+        processes = current + [p for p in self._processes if p not in current]
+        self._processes = []
         client, self.client = self.client, None
         if client is None:
             return []
@@ -250,7 +263,7 @@ class VllmEngine:
             client.shutdown(timeout=self.vllm_config.shutdown_timeout if self.vllm_config else None)
         except Exception:  # a dead engine may fail to shut down cleanly; its processes are reaped next
             log.exception("engine %s did not shut down cleanly", self.name)
-        return pids
+        return processes
 
     # --- state -------------------------------------------------------------------
     @property
