@@ -5,6 +5,7 @@ defaults, for server variants one after the other:
   fitted to the largest rank in the stores, 8 for the demo adapters), with the slot memory
   read from the engine's worker;
 - `float32`, `bfloat16`: the default with the dtype set instead of auto;
+- `loras8`: the default with 8 engine slots (`--max-loras 8`) instead of 4;
 - `preload`: the default with tcmalloc and Intel OpenMP preloaded in the engine processes
   (vLLM's CPU guide; `LD_PRELOAD`), where the libraries are on this machine.
 
@@ -78,6 +79,8 @@ def variant(name: str) -> tuple[list[str], dict]:
         return ["--max-lora-rank", "64"], {}
     if name == "auto":
         return [], {}
+    if name == "loras8":  # the default with 8 engine slots instead of 4
+        return ["--max-loras", "8"], {}
     if name in ("float32", "bfloat16"):  # the default with the dtype set instead of auto
         return ["--dtype", name], {}
     if name == "preload":
