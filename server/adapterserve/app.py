@@ -39,7 +39,11 @@ async def lifespan(app: FastAPI):
     try:
         await host.start()
         app.state.host = host
-        await app.state.metrics.bind_host(host)
+        pages = getattr(host, "metrics_pages", None)
+        if pages is not None:  # Ray Serve: the replicas measure their engines themselves
+            app.state.metrics.federate(pages)
+        else:
+            await app.state.metrics.bind_host(host)
         log.info("serving %s in %s mode", host.base_name, host.mode)
         yield
     finally:

@@ -95,6 +95,9 @@ def serve(**flags: Any) -> None:
 
     settings = settings_from_flags(flags)
     setup_logging(settings.log_level)
+    if settings.ray:
+        _serve_on_ray(settings)
+        return
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -102,6 +105,21 @@ def serve(**flags: Any) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,  # in-flight requests get this long after SIGTERM
     )
+
+
+def _serve_on_ray(settings: Settings) -> None:
+    """`serve --ray`: the Ray Serve application on a local (or given) Ray cluster."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        console.print('[red]--ray needs Ray Serve:[/red] pip install "adapterserve[ray]"')
+        raise typer.Exit(1) from None
+    if settings.mode.value != "shared":
+        console.print("[red]--ray serves the shared mode[/red] (one base, many adapters per replica).")
+        raise typer.Exit(2)
+    from .rayserve.app import run_local
+
+    run_local(settings)
 
 
 # --- compare --------------------------------------------------------------------------

@@ -212,6 +212,25 @@ class Settings(BaseSettings):
         15.0, gt=0, description="Seconds between reads of the engines' memory and adapter tiers."
     )
 
+    # --- Ray Serve (the `ray` extra) -----------------------------------------------
+    ray: bool = Field(
+        False, description="Serve on Ray Serve: an ingress with this API in front of --replicas engine "
+        "replicas (shared mode), adapter requests routed to a replica that holds the adapter.",
+    )
+    replicas: int = Field(2, gt=0, description="Engine replicas on Ray Serve (each one shared-mode host).")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to deploy to (host:port of its GCS); default: start a local one.",
+    )
+    ray_adapter_affinity: bool = Field(
+        True, description="Route adapter requests by the adapter's name (Ray Serve multiplexing); off: "
+        "Ray's default balancing for every request (for comparison).",
+    )
+    ray_max_adapters_per_replica: int | None = Field(
+        None, gt=0, description="Adapters one replica keeps loaded (least recently used leave its engine); "
+        "default: max_cpu_loras.",
+    )
+    ray_replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each engine replica.")
+
     # --- logging -----------------------------------------------------------------
     log_level: str = Field("info", description="Log level of the server (debug, info, warning).")
 

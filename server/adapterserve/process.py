@@ -79,3 +79,62 @@ class ServerProcess:
             return "\n".join(self.log_path.read_text().splitlines()[-lines:])
         except OSError:
             return ""
+
+
+class RayCluster:
+    """A local Ray head node on free ports (`ray start --head --block`, in its own process
+    group), for tests and benchmarks of the Ray Serve application. Stopped with SIGTERM
+    (`ray start --block` then stops what it started), and only if that fails killed by the
+    process group it started, never by name."""
+
+    PORTS = (
+        "port", "ray-client-server-port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port",
+    )
+
+    def __init__(self, log_path: Path, num_cpus: int | None = None, object_store_bytes: int = 256 * 1024**2):
+        self.ports = {name: free_port() for name in self.PORTS}
+        self.address = f"127.0.0.1:{self.ports['port']}"
+        # Ray's sockets live under its temp dir: a short path (Unix sockets allow ~100 bytes)
+        self.temp_dir = Path(f"/tmp/ray-{self.ports['port']}")
+        self.log_path = log_path
+        ray = Path(sys.executable).parent / "ray"
+        self.args = [
+            str(ray), "start", "--head", "--block", "--include-dashboard=false", "--disable-usage-stats",
+            f"--num-cpus={num_cpus or os.cpu_count()}", f"--object-store-memory={object_store_bytes}",
+            f"--temp-dir={self.temp_dir}", *(f"--{name}={port}" for name, port in self.ports.items()),
+        ]
+        # A replica killed with SIGKILL leaves its engine processes: the raylet adopts and
+        # stops them (Ray's subreaper), so a killed replica leaks no vLLM engine.
+        self.env = {**os.environ, "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper": "true"}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> "RayCluster":
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(self.args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        ray = Path(sys.executable).parent / "ray"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            status = subprocess.run([str(ray), "status", f"--address={self.address}"], env=self.env, capture_output=True, text=True)
+            if status.returncode == 0:
+                return self
+            time.sleep(2)
+        self.stop()
+        raise TimeoutError(f"the Ray head was not up after {timeout} s")
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # anything of the group left behind
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
+        self.log.close()

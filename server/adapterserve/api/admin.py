@@ -69,12 +69,10 @@ def _registry(raw_request: Request):
     return registry
 
 
-@router.get("/admin/engines")
-async def list_engines(raw_request: Request):
-    """Each running engine with its processes (for operators and for failure tests)."""
-    host = raw_request.app.state.host
+def engine_reports(host, metrics) -> list[dict]:
+    """Each running engine of the host with its processes, slots and adapter ids."""
     # what each engine's worker reported at the last metrics reading (every metrics_refresh_s)
-    readings = {m.name: m for m in raw_request.app.state.metrics.memory if m.measured}
+    readings = {m.name: m for m in metrics.memory if m.measured}
 
     def described(engine) -> dict:
         reading = readings.get(engine.name)
@@ -87,7 +85,17 @@ async def list_engines(raw_request: Request):
             "adapter_ids": {name: lora_id for lora_id, name in host.published_adapters(engine).items()},
         }
 
-    return {"mode": host.mode, "engines": [described(e) for e in host.engines()]}
+    return [described(e) for e in host.engines()]
+
+
+@router.get("/admin/engines")
+async def list_engines(raw_request: Request):
+    """Each running engine with its processes (for operators and for failure tests); on Ray
+    Serve, every replica's engines, each with its replica."""
+    host = raw_request.app.state.host
+    remote = getattr(host, "engine_reports", None)
+    engines = await remote() if remote is not None else engine_reports(host, raw_request.app.state.metrics)
+    return {"mode": host.mode, "engines": engines}
 
 
 @router.get("/admin/adapters")

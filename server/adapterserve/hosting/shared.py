@@ -366,6 +366,21 @@ class SharedBaseHost:
             await self._register(record)
         return record
 
+    async def evict(self, name: str) -> bool:
+        """Take `name`'s weights out of its engine (CPU cache and slots) while it stays
+        servable: the next request for it loads it again from its snapshot. For placement
+        decided outside the engine (Ray Serve's per-replica adapter limit). Pinned adapters
+        stay; returns whether there was something to evict."""
+        record = self.registry.adapters.get(name)
+        if record is None or name in self.pinned:
+            return False
+        engine = self._engine_for(record)
+        request = lora_table.current(engine, name) if engine is not None else None
+        if request is None:
+            return False
+        await lora_table.free(engine, request)
+        return True
+
     # --- discovery -----------------------------------------------------------------
     async def _discover(self, name: str) -> AdapterRecord | None:
         """A request names an adapter that is not registered: if its folder is in a store,

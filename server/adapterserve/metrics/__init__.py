@@ -115,6 +115,7 @@ class Metrics:
         self._cached: dict[str, set[int]] = {}  # engine -> adapter ids in its CPU cache
         self.worker_loads = WorkerLoadCounts()
         self._refresher: asyncio.Task | None = None
+        self.pages = None  # see federate()
         self._refresh_lock = asyncio.Lock()
         self.registry.register(HostCollector(self))
         self.registry.register(LoraRoutingCollector(self))
@@ -243,13 +244,26 @@ class Metrics:
 
         @app.get("/metrics", include_in_schema=False)
         async def _metrics() -> Response:
-            # The readings refresh in the background; a scrape reads them itself only when
-            # they are stale (the refresher is behind), so scrapes stay fast.
-            if time.time() - self.measured_at > 2 * self.refresh_seconds:
-                try:
-                    await self.refresh()
-                except Exception:
-                    log.exception("reading the engines' memory failed")
-            # vLLM's own vllm:lora_requests_info is replaced by a bounded one (lora_routing.py)
-            body = generate_latest(WithoutVllmLoraInfo(REGISTRY)) + generate_latest(self.registry)
-            return Response(body, media_type=CONTENT_TYPE_LATEST)
+            return Response(await self.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def federate(self, pages) -> None:
+        """Serve other processes' pages too (Ray Serve replicas): `pages` is an async
+        callable giving (replica, exposition text) pairs; each sample gets its replica label."""
+        self.pages = pages
+
+    async def exposition(self) -> bytes:
+        """The /metrics page: vLLM's registry and ours (and the replicas' pages, if federated)."""
+        # The readings refresh in the background; a scrape reads them itself only when
+        # they are stale (the refresher is behind), so scrapes stay fast.
+        if self.host is not None and time.time() - self.measured_at > 2 * self.refresh_seconds:
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("reading the engines' memory failed")
+        # vLLM's own vllm:lora_requests_info is replaced by a bounded one (lora_routing.py)
+        body = generate_latest(WithoutVllmLoraInfo(REGISTRY)) + generate_latest(self.registry)
+        if self.pages is not None:
+            from .federation import merge_pages
+
+            body = merge_pages(body, await self.pages())
+        return body

@@ -1,0 +1,336 @@
+"""The Host the Ray Serve ingress serves through: a set of engine replicas behind a handle.
+
+Names are resolved from a catalog that one replica publishes (refreshed every
+`metrics_refresh_s`, after every admin operation, and for a name the catalog does not
+know: that name is resolved by a replica, which may discover it in the stores). The
+replica that serves a request resolves it again with its own host: the catalog only saves
+a round trip, it never decides alone.
+
+Routing: a request for an adapter carries the adapter's name as Ray Serve's multiplexed
+model id, so Ray sends it to a replica that holds the adapter (or to the least busy one,
+which then loads it); base-model requests carry none and are balanced over all replicas.
+Admin operations, health, metrics and engine reports go to every replica (broadcast).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from adapterserve.errors import APIError, engine_unavailable, model_not_found
+from adapterserve.hosting.protocol import HostObserver, ModelCard, Target, missing_model, wrong_endpoint
+
+from . import wire
+
+log = logging.getLogger(__name__)
+
+ENGINE_NAME = "replicas"
+# A broadcast waits this long for every replica (a replica starting its engines answers
+# only once started: it is left out of that answer, not waited for).
+BROADCAST_TIMEOUT_S = 30.0
+
+
+class RemoteBody(BaseModel):
+    """A JSON answer produced by a replica, handed to the API as vLLM's results are."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class RemoteResponse:
+    """A classification answer from a replica: status and body, as vLLM's JSONResponse."""
+
+    def __init__(self, status_code: int, body: bytes):
+        self.status_code = status_code
+        self.body = body
+
+
+class RegistryView:
+    """The registry as the admin endpoints read it, from the catalog."""
+
+    def __init__(self, catalog: wire.Catalog):
+        self.adapters = catalog.records
+        self.problems = catalog.problems
+        self.stores = [Path(s) for s in catalog.stores]
+
+    def find_folder(self, name: str) -> tuple[Path, Path] | None:
+        for store in self.stores:
+            folder = store / name
+            if folder.exists() or folder.is_symlink():
+                return folder, store
+        return None
+
+
+class ReplicaSetEngine:
+    """The replicas as one engine for the API: `serving(kind)` sends the request to one."""
+
+    spec = None
+    client = None
+    startup_seconds = None
+    on_started = None
+
+    def __init__(self, host: "ReplicaSetHost"):
+        self.host = host
+
+    @property
+    def name(self) -> str:
+        return ENGINE_NAME
+
+    @property
+    def running(self) -> bool:
+        return True  # Ray replaces a dead replica; a call that meets one is a 503
+
+    def process_ids(self) -> list[int]:
+        return []
+
+    def serving(self, kind: str) -> Any:
+        if kind == "classify":
+            return self.host.classify
+        return _Generation(self.host, kind)
+
+    async def check_health(self) -> str | None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    def stop(self, wait_s: float = 30.0) -> None:
+        return None
+
+    async def stop_async(self, wait_s: float = 30.0) -> None:
+        return None
+
+
+class _Generation:
+    """vLLM's chat and completion serving objects, as the API calls them."""
+
+    def __init__(self, host: "ReplicaSetHost", endpoint: str):
+        self.host, self.endpoint = host, endpoint
+
+    async def create_chat_completion(self, request, raw_request):
+        return await self.host.generate("chat", request, raw_request)
+
+    async def create_completion(self, request, raw_request):
+        return await self.host.generate("completion", request, raw_request)
+
+
+def forwarded_headers(raw_request) -> dict[str, str]:
+    """The request headers vLLM reads (request id, tracing), never credentials."""
+    keep = ("x-request-id", "traceparent", "tracestate")
+    return {k: v for k, v in raw_request.headers.items() if k.lower() in keep}
+
+
+class ReplicaSetHost:
+    """Host protocol over the replicas of a Ray Serve deployment (the EngineReplica)."""
+
+    mode = "shared"
+    restarts: dict[str, int] = {}
+    base_path = None
+
+    def __init__(self, settings, handle, observer: HostObserver | None = None, adapter_affinity: bool = True):
+        self.settings = settings
+        self.handle = handle  # DeploymentHandle of the engine replicas
+        self.observer = observer or HostObserver()
+        self.adapter_affinity = adapter_affinity
+        self.created = int(time.time())
+        self.engine = ReplicaSetEngine(self)
+        self.quarantined: dict[str, str] = {}  # replicas answer quarantines themselves
+        self.catalog: wire.Catalog | None = None
+        self._refresher: asyncio.Task | None = None
+
+    # --- catalog -------------------------------------------------------------------
+    @property
+    def base_name(self) -> str:
+        return self.catalog.base_name if self.catalog else ""
+
+    @property
+    def registry(self) -> RegistryView:
+        return RegistryView(self.catalog)
+
+    @property
+    def pinned(self) -> set[str]:
+        return set(self.catalog.pinned) if self.catalog else set()
+
+    @property
+    def lora_rank(self) -> int:
+        return self.catalog.lora_rank if self.catalog else 0
+
+    @property
+    def weights_path(self) -> Path:
+        return Path(self.settings.base_model or ".")
+
+    async def refresh_catalog(self) -> None:
+        self.catalog = await self.handle.catalog.remote()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.metrics_refresh_s)
+            try:
+                await self.refresh_catalog()
+            except Exception as exc:  # a replica restarting: keep the last catalog
+                log.warning("refreshing the catalog failed: %s", exc)
+
+    async def start(self) -> None:
+        await self.refresh_catalog()
+        self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+
+    # --- requests --------------------------------------------------------------------
+    def _name(self, model: str) -> str:
+        prefix = f"{self.base_name}:"
+        return model[len(prefix):] if model.startswith(prefix) and len(model) > len(prefix) else model
+
+    def _options(self, model: str, **options):
+        """Handle options for a request of `model`: adapters carry their name as the
+        multiplexed model id (unless affinity is off); the base carries none."""
+        if self.adapter_affinity and model != self.base_name:
+            options["multiplexed_model_id"] = model
+        return self.handle.options(**options)
+
+    async def resolve(self, model: str | None, endpoint) -> Target:
+        if not model:
+            raise missing_model()
+        name = self._name(model)
+        if name == self.base_name:
+            if endpoint == "classify":
+                raise wrong_endpoint(model, "base", endpoint)
+            return Target(engine=self.engine, vllm_model=name, model=name)
+        record = self.catalog.records.get(name) if self.catalog else None
+        if record is None:  # not in the catalog: a replica decides (and may discover it)
+            record = wire.unwrap(await self._call(self._options(name).resolve.remote(model, endpoint)))
+            if record is None:
+                raise model_not_found(model)
+        if (record.kind == "head") != (endpoint == "classify"):
+            raise wrong_endpoint(model, record.kind, endpoint)
+        return Target(engine=self.engine, vllm_model=name, model=name, record=record)
+
+    async def _call(self, response):
+        """Await a replica call; a replica that died under it is a 503 (Ray replaces it)."""
+        try:
+            return await response
+        except APIError:
+            raise
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            log.warning("a replica call failed: %s: %s", type(exc).__name__, exc)
+            raise engine_unavailable(ENGINE_NAME) from None
+
+    async def generate(self, endpoint: str, request, raw_request):
+        """Send a chat or completion request to a replica: a JSON body, or a stream."""
+        stream = self._options(request.model, stream=True).generate.remote(
+            endpoint, request, forwarded_headers(raw_request)
+        )
+        try:
+            first = await self._call(stream.__anext__())
+        except BaseException:
+            stream.cancel()
+            raise
+        kind, value = first
+        if kind == wire.ERROR:
+            stream.cancel()
+            raise wire.error_from_fields(value)
+        if kind == "json":
+            return RemoteBody.model_validate(value)
+        return _chunks(stream)
+
+    async def classify(self, request, raw_request) -> RemoteResponse:
+        reply = await self._call(self._options(request.model).classify.remote(request, forwarded_headers(raw_request)))
+        status, body = wire.unwrap(reply)
+        return RemoteResponse(status, body)
+
+    def model_cards(self) -> list[ModelCard]:
+        return list(self.catalog.cards) if self.catalog else []
+
+    def tasks(self) -> list:
+        return []  # the replicas account for their tasks in their own metrics
+
+    def published_adapters(self, engine) -> dict[int, str]:
+        return {}
+
+    def engines(self) -> list:
+        return []  # the engines are in the replicas: see engine_reports
+
+    # --- every replica -----------------------------------------------------------------
+    async def broadcast(self, method: str, *args) -> list[Any]:
+        """Call `method` on every running replica; exceptions are returned, not raised."""
+        response = self.handle.broadcast(method, *args)
+        return await response.results_async(timeout_s=BROADCAST_TIMEOUT_S, return_exceptions=True)
+
+    async def _admin(self, op: str, name: str | None = None) -> Any:
+        """An admin operation on every replica: a success if any replica succeeded (they
+        share the stores; one that had already done it answers 409), else the first error."""
+        replies = await self.broadcast("admin", op, name)
+        values, errors = [], []
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                log.warning("admin %s %s: a replica failed: %s", op, name, reply)
+                continue
+            status, value = reply
+            (values if status == wire.OK else errors).append(value)
+        try:
+            await self.refresh_catalog()
+        except Exception as exc:
+            log.warning("refreshing the catalog failed: %s", exc)
+        if values:
+            return values[0]
+        if errors:
+            raise wire.error_from_fields(errors[0])
+        raise engine_unavailable(ENGINE_NAME)
+
+    async def load_adapter(self, name: str):
+        return await self._admin("load", name)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._admin("unload", name)
+
+    async def reload_adapter(self, name: str):
+        return await self._admin("reload", name)
+
+    async def pin_adapter(self, name: str):
+        return await self._admin("pin", name)
+
+    async def unpin_adapter(self, name: str):
+        return await self._admin("unpin", name)
+
+    async def rescan(self):
+        return await self._admin("rescan")
+
+    async def health(self) -> dict[str, str | None]:
+        """Every replica's engines, named `<replica>/<engine>`."""
+        merged: dict[str, str | None] = {}
+        for reply in await self.broadcast("health"):
+            if isinstance(reply, BaseException):
+                merged[f"replica-unreachable-{len(merged)}"] = f"{type(reply).__name__}: {str(reply)[:200]}"
+                continue
+            replica, engines = reply
+            merged.update({f"{replica}/{engine}": reason for engine, reason in engines.items()})
+        return merged
+
+    async def engine_reports(self) -> list[dict]:
+        reports = []
+        for reply in await self.broadcast("engine_reports"):
+            if not isinstance(reply, BaseException):
+                reports.extend(reply)
+        return reports
+
+    async def metrics_pages(self) -> list[tuple[str, str]]:
+        """(replica, its Prometheus exposition text) for every replica that answered."""
+        return [reply for reply in await self.broadcast("metrics_text") if not isinstance(reply, BaseException)]
+
+
+async def _chunks(stream):
+    """The rest of a replica's stream, as the SSE chunks vLLM's serving yields."""
+    try:
+        async for kind, value in stream:
+            yield value
+    finally:
+        stream.cancel()

@@ -1,0 +1,221 @@
+"""The engine replica: one shared-mode host (its own engines over the same stores) and its
+metrics, called by the ingress through a Ray Serve handle.
+
+Adapter placement: a request for an adapter arrives with the adapter's name as Ray Serve's
+multiplexed model id, and takes a lease on it here (`serve.multiplexed`, at most
+`max_adapters` per replica: the engine's CPU cache). The replica reports its leases to
+Ray's router, which sends the next requests for that adapter to it. When Ray evicts a
+lease (least recently used), the adapter's weights leave this replica's engine. At start
+every unpinned adapter is taken out of the engine (registration loads each one once, to
+check it): adapters enter a replica's engine when its traffic does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from adapterserve.api.errors import from_vllm_error
+from adapterserve.api.serving import call_vllm
+from adapterserve.errors import APIError
+from adapterserve.hosting.protocol import ENDPOINT_PATHS
+from adapterserve.hosting.ray import wire
+
+log = logging.getLogger(__name__)
+
+
+class AdapterLease:
+    """What Ray Serve's multiplexing holds per adapter; its release evicts the adapter."""
+
+    def __init__(self, replica: "EngineReplica", name: str):
+        self.replica, self.name, self.released = replica, name, False
+
+    def __del__(self):  # Ray calls it on eviction (from a thread); the GC may call it again
+        if self.released:
+            return
+        self.released = True
+        try:
+            self.replica.release(self.name)
+        except Exception:  # the replica is shutting down: nothing left to evict
+            pass
+
+
+class _AppState:
+    """What adapterserve's API helpers read from `request.app.state`."""
+
+    def __init__(self, host, settings):
+        self.host, self.settings = host, settings
+
+
+class _App:
+    def __init__(self, host, settings):
+        self.state = _AppState(host, settings)
+
+
+def replica_request(app: _App, path: str, headers: dict[str, str]):
+    """A Starlette request for vLLM's serving calls in the replica: the forwarded headers
+    (request id, tracing), and a receive that never reports a disconnect (a client that goes
+    away cancels the Ray call, which cancels the work here)."""
+    from starlette.requests import Request
+
+    never = asyncio.Event()
+
+    async def receive():
+        await never.wait()
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http", "method": "POST", "path": path, "app": app, "query_string": b"",
+        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
+    }
+    return Request(scope, receive)
+
+
+class EngineReplica:
+    """Ray Serve calls: generate (streamed), classify, resolve, catalog, admin, health,
+    engine_reports, metrics_text. `deployment()` adds the multiplexed `lease`."""
+
+    async def __init__(self, settings):
+        from ray import serve
+
+        from adapterserve.hosting.builder import build_host
+        from adapterserve.metrics import Metrics
+
+        self.settings = settings
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.loop = asyncio.get_running_loop()
+        self.metrics = Metrics.from_settings(settings)
+        self.host = await asyncio.to_thread(build_host, settings, self.metrics.observer())
+        await self.host.start()
+        await self.metrics.bind_host(self.host)
+        self.app = _App(self.host, settings)
+        self.leased: set[str] = set()
+        self._evicting: set[asyncio.Task] = set()
+        for name in list(self.host.registry.adapters):
+            await self.host.evict(name)
+        log.info("replica %s (pid %d) serves %s", self.replica, os.getpid(), self.host.base_name)
+
+    async def __del__(self):
+        await self.metrics.unbind_host()
+        await self.host.stop()
+
+    # --- adapter leases ------------------------------------------------------------------
+    async def _take_lease(self, name: str) -> None:
+        self.leased.add(name)
+        return AdapterLease(self, name)
+
+    async def _lease_for(self, target) -> None:
+        """Take (or refresh) the lease of the request's adapter, if Ray sent its name."""
+        from ray import serve
+
+        name = serve.get_multiplexed_model_id()
+        if name and target.record is not None and name == target.model:
+            await self.lease(name)
+
+    def release(self, name: str) -> None:
+        """A lease ended (from any thread): evict the adapter unless it was leased again."""
+        def evict() -> None:
+            self.leased.discard(name)
+            task = self.loop.create_task(self._evict(name))
+            self._evicting.add(task)
+            task.add_done_callback(self._evicting.discard)
+
+        self.loop.call_soon_threadsafe(evict)
+
+    async def _evict(self, name: str) -> None:
+        if name not in self.leased:
+            await self.host.evict(name)
+
+    # --- requests ------------------------------------------------------------------------
+    async def generate(self, endpoint: str, request, headers: dict[str, str]):
+        """A chat or completion request: yields ("json", body), or ("stream", None) then
+        ("chunk", sse) per chunk, or ("error", fields)."""
+        from pydantic import BaseModel
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        raw = replica_request(self.app, ENDPOINT_PATHS[endpoint], headers)
+        try:
+            target = await self.host.resolve(request.model, endpoint)
+            await self._lease_for(target)
+            request.model = target.vllm_model
+            handler = target.engine.serving(endpoint)
+            create = handler.create_chat_completion if endpoint == "chat" else handler.create_completion
+            result = await call_vllm(create(request, raw), raw, target)
+            if isinstance(result, ErrorResponse):
+                raise from_vllm_error(result)
+        except APIError as exc:
+            yield wire.error(exc)
+            return
+        if isinstance(result, BaseModel):
+            yield "json", result.model_dump()
+            return
+        yield "stream", None
+        async for chunk in result:
+            yield "chunk", chunk
+
+    async def classify(self, request, headers: dict[str, str]):
+        """A classification request: ("ok", (status, body)) as vLLM's handler answered."""
+        raw = replica_request(self.app, ENDPOINT_PATHS["classify"], headers)
+
+        async def run():
+            target = await self.host.resolve(request.model, "classify")
+            await self._lease_for(target)
+            request.model = target.vllm_model
+            response = await call_vllm(target.engine.serving("classify")(request, raw), raw, target)
+            return response.status_code, bytes(response.body)
+
+        return await wire.replying(run())
+
+    async def resolve(self, model: str, endpoint: str):
+        """A name the ingress's catalog does not know: its record (discovered on request if
+        its folder is in a store), or the error the single-machine server would give."""
+        async def run():
+            return (await self.host.resolve(model, endpoint)).record
+
+        return await wire.replying(run())
+
+    # --- the whole application -------------------------------------------------------------
+    async def catalog(self) -> wire.Catalog:
+        host = self.host
+        return wire.Catalog(
+            base_name=host.base_name, cards=host.model_cards(), records=dict(host.registry.adapters),
+            problems=list(host.registry.problems), stores=[str(s) for s in host.registry.stores],
+            pinned=set(host.pinned), lora_rank=host.lora_rank, replica=self.replica,
+        )
+
+    async def admin(self, op: str, name: str | None):
+        host = self.host
+        calls = {
+            "load": host.load_adapter, "unload": host.unload_adapter, "reload": host.reload_adapter,
+            "pin": host.pin_adapter, "unpin": host.unpin_adapter,
+        }
+        if op == "rescan":
+            return await wire.replying(host.rescan())
+        return await wire.replying(calls[op](name))
+
+    async def health(self) -> tuple[str, dict[str, Any]]:
+        return self.replica, await self.host.health()
+
+    async def engine_reports(self) -> list[dict]:
+        from adapterserve.api.admin import engine_reports
+
+        return [{**report, "replica": self.replica, "replica_pid": os.getpid(), "leased": sorted(self.leased)}
+                for report in engine_reports(self.host, self.metrics)]
+
+    async def metrics_text(self) -> tuple[str, str]:
+        return self.replica, (await self.metrics.exposition()).decode()
+
+
+def deployment(max_adapters: int) -> type:
+    """The replica class with its multiplexed lease, at most `max_adapters` per replica."""
+    from ray import serve
+
+    class AdapterReplica(EngineReplica):
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def lease(self, name: str) -> AdapterLease:
+            return await self._take_lease(name)
+
+    AdapterReplica.__name__ = AdapterReplica.__qualname__ = "EngineReplica"
+    return AdapterReplica
