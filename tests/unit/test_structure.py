@@ -113,3 +113,17 @@ def test_engines_implement_the_engine_protocol(implementation, tmp_path):
     assert missing == []
     for name in ("start", "stop_async", "check_health"):
         assert inspect.iscoroutinefunction(getattr(engine, name)), name
+
+
+def test_ray_is_imported_only_by_the_ray_serve_composition():
+    """Ray is an optional extra: only `rayserve/` (and the CLI's --ray, lazily) import it,
+    and nothing but the CLI imports `rayserve/`."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        names = imports_of(path)
+        if relative.parts[0] not in ("rayserve", "cli.py"):
+            assert not {n for n in names if n == "ray" or n.startswith("ray.")}, relative
+            assert not {n for n in names if n.startswith("adapterserve.rayserve")}, relative
+    cli = ast.parse((PACKAGE / "cli.py").read_text())
+    top_level = {alias.name for node in cli.body if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert "ray" not in top_level
