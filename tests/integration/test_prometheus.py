@@ -91,12 +91,19 @@ def numbers(data: dict) -> list[float]:
     return [float(item["value"][1]) for item in data["result"] if not math.isnan(float(item["value"][1]))]
 
 
+# The dashboard's variables as Grafana fills them in with their default (All) value.
+VARIABLES = {"$replica": ".*"}
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     queries = []
     for panel in json.loads(DASHBOARD.read_text())["panels"]:
         for inner in [panel, *panel.get("panels", [])]:
             for target in inner.get("targets", []):
-                queries.append((inner["title"], target["expr"]))
+                expr = target["expr"]
+                for variable, value in VARIABLES.items():
+                    expr = expr.replace(variable, value)
+                queries.append((inner["title"], expr))
     return queries
 
 
