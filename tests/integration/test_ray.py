@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapterserve.process import RayCluster, ServerProcess
+from adapterserve.tenants.keys import KeyLimits, add
 from tests.integration.conftest import ADMIN_KEY, MAX_LORA_RANK, MAX_LORAS
 
 pytest.importorskip("ray.serve")
@@ -84,9 +85,15 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_server(cluster, tmp_path_factory, extra_store):
     logs = tmp_path_factory.mktemp("ray-serve")
+    keys_file = logs / "keys.yaml"  # tenants are enforced by the ingress
+    secrets = {
+        "everyone": add(keys_file, "everyone", ["*"], True, ["inference"], KeyLimits())[1],
+        "team-b": add(keys_file, "team-b", ["json", "sentiment"], False, ["inference"], KeyLimits())[1],
+        "thrifty": add(keys_file, "thrifty", ["pirate"], True, ["inference"], KeyLimits(tokens_per_minute=20))[1],
+    }
     process = ServerProcess(
         [
-            "--ray", "--ray-address", cluster.address, "--replicas", str(REPLICAS),
+            "--ray", "--ray-address", cluster.address, "--replicas", str(REPLICAS), "--keys-file", str(keys_file),
             "--adapter-dirs", str(extra_store),
             "--max-loras", str(MAX_LORAS), "--max-lora-rank", str(MAX_LORA_RANK), "--max-cpu-loras", "6",
             "--admin-api-key", ADMIN_KEY, "--metrics-refresh-s", str(REFRESH_S),
@@ -95,13 +102,15 @@ def ray_server(cluster, tmp_path_factory, extra_store):
         logs / "server.log",
     ).start(timeout=900)
     wait_for_replicas(process.url, REPLICAS)
+    process.secrets = secrets
+    process.auth = {"Authorization": f"Bearer {secrets['everyone']}"}
     yield process
     assert process.stop() == 0, process.tail()
 
 
 @pytest.fixture(scope="module")
 def ray_client(ray_server):
-    return openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key=ray_server.secrets["everyone"], max_retries=0, timeout=300)
 
 
 @pytest.mark.parametrize("model", ["base", "pirate", "french"])
@@ -130,7 +139,7 @@ def test_chat_and_completion_answer_as_the_single_machine_server(ray_client, cli
 
 def test_classify_answers_as_the_single_machine_server(ray_server, server):
     body = {"model": "sentiment", "input": ["I loved every minute of it.", "A dull, tedious mess."]}
-    through_ray = httpx.post(f"{ray_server.url}/v1/classify", json=body, timeout=120)
+    through_ray = httpx.post(f"{ray_server.url}/v1/classify", json=body, headers=ray_server.auth, timeout=120)
     single = httpx.post(f"{server.url}/v1/classify", json=body, timeout=120)
     assert through_ray.status_code == 200, through_ray.text
     ray_items, single_items = through_ray.json()["data"], single.json()["data"]
@@ -152,14 +161,14 @@ def test_classify_answers_as_the_single_machine_server(ray_server, server):
     ],
 )
 def test_errors_are_the_single_machine_servers(ray_server, server, path, body):
-    through_ray = httpx.post(f"{ray_server.url}{path}", json=body, timeout=120)
+    through_ray = httpx.post(f"{ray_server.url}{path}", json=body, headers=ray_server.auth, timeout=120)
     single = httpx.post(f"{server.url}{path}", json=body, timeout=120)
     assert 400 <= through_ray.status_code < 500
     assert (through_ray.status_code, through_ray.json()) == (single.status_code, single.json())
 
 
 def test_models_and_adapters_answer_for_the_application(ray_server, server):
-    ray_ids = {m["id"] for m in httpx.get(f"{ray_server.url}/v1/models", timeout=30).json()["data"]}
+    ray_ids = {m["id"] for m in httpx.get(f"{ray_server.url}/v1/models", headers=ray_server.auth, timeout=30).json()["data"]}
     single_ids = {m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]}
     assert {"pirate", "french", "sentiment", "random-0"} <= ray_ids
     assert ray_ids <= single_ids  # the session server has the broken-adapter store besides
@@ -175,7 +184,7 @@ def test_each_adapter_is_loaded_on_one_replica_with_affinity(ray_server, ray_cli
     time.sleep(1)  # the replica reports its adapters to Ray's routers (every 0.1 s)
 
     async def burst():
-        client = openai.AsyncOpenAI(base_url=ray_client.base_url, api_key="unused", max_retries=0, timeout=300)
+        client = openai.AsyncOpenAI(base_url=ray_client.base_url, api_key=ray_client.api_key, max_retries=0, timeout=300)
         calls = [client.completions.create(model=name, prompt=f"Tell me {i}", max_tokens=4, temperature=0)
                  for name in adapters for i in range(5)]
         await asyncio.gather(*calls)
@@ -233,7 +242,7 @@ def test_base_requests_reach_both_replicas(ray_server, ray_client, base_name):
     before = base_requests()
 
     async def burst():
-        client = openai.AsyncOpenAI(base_url=ray_client.base_url, api_key="unused", max_retries=0, timeout=300)
+        client = openai.AsyncOpenAI(base_url=ray_client.base_url, api_key=ray_client.api_key, max_retries=0, timeout=300)
         await asyncio.gather(*(client.completions.create(model=base_name, prompt=f"Count {i}", max_tokens=4) for i in range(16)))
         await client.close()
 
@@ -280,3 +289,24 @@ def test_a_killed_replica_is_replaced_while_the_other_serves(ray_server, ray_cli
     assert not [p for p in engine_pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     response = ray_client.chat.completions.create(model="french", messages=QUESTION, max_tokens=16, temperature=0)
     assert "Paris" in response.choices[0].message.content
+
+
+def test_tenants_are_enforced_by_the_ingress(ray_server, base_name):
+    """Models a key may not use answer exactly as unknown ones; listings are filtered; a
+    tokens-per-minute limit counts the tokens the replicas report back."""
+    team_b = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key=ray_server.secrets["team-b"], max_retries=0, timeout=120)
+    assert team_b.chat.completions.create(model="json", messages=QUESTION, max_tokens=2).choices
+    assert {m.id for m in team_b.models.list().data} == {"json", "sentiment"}
+    for model in ("french", base_name, "no-such-adapter"):
+        with pytest.raises(openai.NotFoundError) as denied:
+            team_b.chat.completions.create(model=model, messages=QUESTION, max_tokens=2)
+        assert denied.value.response.json()["error"]["code"] == "model_not_found"
+        assert model in denied.value.response.json()["error"]["message"]
+    assert httpx.post(f"{ray_server.url}/v1/chat/completions", json={"model": "json", "messages": QUESTION}, timeout=30).status_code == 401
+
+    thrifty = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key=ray_server.secrets["thrifty"], max_retries=0, timeout=120)
+    stream = thrifty.chat.completions.create(model="pirate", messages=QUESTION, max_tokens=16, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    with pytest.raises(openai.RateLimitError) as limited:  # > 20 tokens used in this minute
+        thrifty.chat.completions.create(model="pirate", messages=QUESTION, max_tokens=2)
+    assert int(limited.value.response.headers["retry-after"]) > 0

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapterserve.config import Settings
 from adapterserve.errors import APIError, engine_unavailable, model_not_found
-from adapterserve.hosting.protocol import ModelCard
+from adapterserve.hosting.protocol import HostObserver, ModelCard
 from adapterserve.hosting.ray import wire
 from adapterserve.hosting.ray.remote import ReplicaSetHost
 from adapterserve.metrics.federation import merge_pages
@@ -78,8 +78,9 @@ class RecordingHandle:
         return _Broadcast(self.broadcasts[method])
 
 
-def host(handle, affinity=True) -> ReplicaSetHost:
-    made = ReplicaSetHost(Settings(), handle, adapter_affinity=affinity)
+def host(handle, affinity=True, used=None) -> ReplicaSetHost:
+    observer = HostObserver(tokens_used=lambda *tokens: used.append(tokens)) if used is not None else None
+    made = ReplicaSetHost(Settings(), handle, observer, adapter_affinity=affinity)
     made.catalog = catalog()
     return made
 
@@ -171,9 +172,10 @@ class StreamingHandle(RecordingHandle):
 
 @pytest.mark.parametrize("affinity, model, routed", [(True, "pirate", {"multiplexed_model_id": "pirate"}), (False, "pirate", {}), (True, BASE, {})])
 def test_adapter_requests_carry_their_name_base_requests_none(affinity, model, routed):
-    handle = StreamingHandle([("json", {"id": "x", "choices": []})])
-    body = asyncio.run(host(handle, affinity).generate("chat", _Request(model), _Raw()))
+    handle, used = StreamingHandle([("json", {"id": "x", "choices": []}), ("usage", (5, 7))]), []
+    body = asyncio.run(host(handle, affinity, used).generate("chat", _Request(model), _Raw()))
     assert body.model_dump() == {"id": "x", "choices": []}
+    assert used == [(5, 7)]  # the replica's token counts reach the ingress's tenant accounting
     assert handle.calls[0] == ("options", {"stream": True, **routed}, ())
     assert handle.calls[1] == ("generate", {}, ("chat", model, {"X-Request-Id": "abc"}))  # never the credentials
 
@@ -184,13 +186,15 @@ def test_a_replica_error_is_raised_and_a_stream_yields_the_replicas_chunks():
         asyncio.run(host(failing).generate("chat", _Request("pirate"), _Raw()))
     assert raised.value.status == 404 and failing.stream.cancelled
 
-    streaming = StreamingHandle([("stream", None), ("chunk", "data: 1\n\n"), ("chunk", "data: [DONE]\n\n")])
+    streaming = StreamingHandle([("stream", None), ("chunk", "data: 1\n\n"), ("chunk", "data: [DONE]\n\n"), ("usage", (2, 9))])
+    used = []
 
     async def read():
-        chunks = await host(streaming).generate("completion", _Request("pirate"), _Raw())
+        chunks = await host(streaming, used=used).generate("completion", _Request("pirate"), _Raw())
         return [chunk async for chunk in chunks]
 
     assert asyncio.run(read()) == ["data: 1\n\n", "data: [DONE]\n\n"]
+    assert used == [(2, 9)]
     assert streaming.stream.cancelled  # closed on the ingress side once read
 
 

@@ -82,6 +82,9 @@ class HostObserver:
     adapter_quarantined: Callable[[str], None] = _ignore  # (adapter kind)
     engine_restarted: Callable[[str], None] = _ignore  # (engine name)
     model_swapped: Callable[[str, float], None] = _ignore  # (model, seconds)
+    # (prompt tokens, generated tokens) of the current request, from a host whose engines
+    # run elsewhere (Ray Serve replicas): counted for the request's tenant and key limits
+    tokens_used: Callable[[int, int], None] = _ignore
 
 
 @dataclass(frozen=True)

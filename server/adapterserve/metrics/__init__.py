@@ -134,7 +134,16 @@ class Metrics:
             adapter_quarantined=lambda kind: self.adapter_quarantines.labels(kind).inc(),
             engine_restarted=lambda engine: self.engine_restarts.labels(engine).inc(),  # few engines: no cap needed
             model_swapped=lambda model, seconds: self.swap_seconds.labels(self.models.label(model)).observe(seconds),
+            tokens_used=self._tokens_used,
         )
+
+    def _tokens_used(self, prompt_tokens: int, generation_tokens: int) -> None:
+        """Tokens counted by another process (a Ray Serve replica), for this request's key."""
+        from adapterserve.tenants.context import current_key
+
+        key = current_key.get()
+        if key is not None:
+            self._observe_tenant(key.tenant, key.id, prompt_tokens, generation_tokens)
 
     async def bind_host(self, host) -> None:
         """After the host started: measure now, then every `refresh_seconds`."""
@@ -199,13 +208,16 @@ class Metrics:
         self.generation_tokens.labels(model, traffic.endpoint).inc(traffic.generation_tokens)
         if traffic.time_to_first_token is not None:
             self.ttft.labels(model, traffic.endpoint).observe(traffic.time_to_first_token)
-        if traffic.tenant is not None:
-            tenant = self.tenants.label(traffic.tenant)
-            self.tenant_tokens.labels(tenant, "prompt").inc(traffic.prompt_tokens)
-            self.tenant_tokens.labels(tenant, "generation").inc(traffic.generation_tokens)
-        if traffic.key_id is not None:
+        self._observe_tenant(traffic.tenant, traffic.key_id, traffic.prompt_tokens, traffic.generation_tokens)
+
+    def _observe_tenant(self, tenant: str | None, key_id: str | None, prompt_tokens: int, generation_tokens: int) -> None:
+        if tenant is not None:
+            label = self.tenants.label(tenant)
+            self.tenant_tokens.labels(label, "prompt").inc(prompt_tokens)
+            self.tenant_tokens.labels(label, "generation").inc(generation_tokens)
+        if key_id is not None:
             for listener in self.token_listeners:
-                listener(traffic.key_id, traffic.prompt_tokens + traffic.generation_tokens)
+                listener(key_id, prompt_tokens + generation_tokens)
 
     def _drop_model_series(self, model: str) -> None:
         for metric in (self.requests, self.latency, self.ttft, self.prompt_tokens, self.generation_tokens, self.swap_seconds):

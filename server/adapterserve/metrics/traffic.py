@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from adapterserve.tenants.context import current_key
 
 current_endpoint: ContextVar[str] = ContextVar("adapterserve_endpoint", default="unknown")
+# Where a caller that is not the HTTP layer (a Ray Serve replica) collects the traffic of
+# the request it runs, to report its tokens back to the ingress.
+traffic_sink: ContextVar[list | None] = ContextVar("adapterserve_traffic_sink", default=None)
 
 
 @dataclass
@@ -61,6 +64,9 @@ def _observed(method, base_name: str, observer: Observer, counts_generation: boo
         finally:
             traffic.generation_tokens = sum(tokens.values())
             observer(traffic)
+            sink = traffic_sink.get()
+            if sink is not None:
+                sink.append(traffic)
 
     return observed
 

@@ -102,7 +102,7 @@ class EngineReplica:
         await self.host.stop()
 
     # --- adapter leases ------------------------------------------------------------------
-    async def _take_lease(self, name: str) -> None:
+    async def _take_lease(self, name: str) -> AdapterLease:
         self.leased.add(name)
         return AdapterLease(self, name)
 
@@ -131,11 +131,13 @@ class EngineReplica:
     # --- requests ------------------------------------------------------------------------
     async def generate(self, endpoint: str, request, headers: dict[str, str]):
         """A chat or completion request: yields ("json", body), or ("stream", None) then
-        ("chunk", sse) per chunk, or ("error", fields)."""
+        ("chunk", sse) per chunk, or ("error", fields); after an answer, ("usage", tokens)
+        for the ingress's tenant accounting."""
         from pydantic import BaseModel
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         raw = replica_request(self.app, ENDPOINT_PATHS[endpoint], headers)
+        sink = _collect_traffic(endpoint)
         try:
             target = await self.host.resolve(request.model, endpoint)
             await self._lease_for(target)
@@ -150,21 +152,23 @@ class EngineReplica:
             return
         if isinstance(result, BaseModel):
             yield "json", result.model_dump()
-            return
-        yield "stream", None
-        async for chunk in result:
-            yield "chunk", chunk
+        else:
+            yield "stream", None
+            async for chunk in result:
+                yield "chunk", chunk
+        yield "usage", _usage(sink)
 
     async def classify(self, request, headers: dict[str, str]):
         """A classification request: ("ok", (status, body)) as vLLM's handler answered."""
         raw = replica_request(self.app, ENDPOINT_PATHS["classify"], headers)
+        sink = _collect_traffic("classify")
 
         async def run():
             target = await self.host.resolve(request.model, "classify")
             await self._lease_for(target)
             request.model = target.vllm_model
             response = await call_vllm(target.engine.serving("classify")(request, raw), raw, target)
-            return response.status_code, bytes(response.body)
+            return response.status_code, bytes(response.body), _usage(sink)
 
         return await wire.replying(run())
 
@@ -206,6 +210,20 @@ class EngineReplica:
 
     async def metrics_text(self) -> tuple[str, str]:
         return self.replica, (await self.metrics.exposition()).decode()
+
+
+def _collect_traffic(endpoint: str) -> list:
+    """Collect what the engine client's observer sees of this request (metrics/traffic.py)."""
+    from adapterserve.metrics.traffic import current_endpoint, traffic_sink
+
+    current_endpoint.set(endpoint)
+    sink: list = []
+    traffic_sink.set(sink)
+    return sink
+
+
+def _usage(sink: list) -> tuple[int, int]:
+    return sum(t.prompt_tokens for t in sink), sum(t.generation_tokens for t in sink)
 
 
 def deployment(max_adapters: int) -> type:

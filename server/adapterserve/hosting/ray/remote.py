@@ -239,12 +239,27 @@ class ReplicaSetHost:
             stream.cancel()
             raise wire.error_from_fields(value)
         if kind == "json":
+            async for _kind, usage in stream:  # the usage item ends it
+                self.observer.tokens_used(*usage)
             return RemoteBody.model_validate(value)
-        return _chunks(stream)
+        return self._chunks(stream)
+
+    async def _chunks(self, stream):
+        """The rest of a replica's stream, as the SSE chunks vLLM's serving yields; the
+        closing usage item goes to the tenant accounting."""
+        try:
+            async for kind, value in stream:
+                if kind == "usage":
+                    self.observer.tokens_used(*value)
+                else:
+                    yield value
+        finally:
+            stream.cancel()
 
     async def classify(self, request, raw_request) -> RemoteResponse:
         reply = await self._call(self._options(request.model).classify.remote(request, forwarded_headers(raw_request)))
-        status, body = wire.unwrap(reply)
+        status, body, usage = wire.unwrap(reply)
+        self.observer.tokens_used(*usage)
         return RemoteResponse(status, body)
 
     def model_cards(self) -> list[ModelCard]:
@@ -326,11 +341,3 @@ class ReplicaSetHost:
         """(replica, its Prometheus exposition text) for every replica that answered."""
         return [reply for reply in await self.broadcast("metrics_text") if not isinstance(reply, BaseException)]
 
-
-async def _chunks(stream):
-    """The rest of a replica's stream, as the SSE chunks vLLM's serving yields."""
-    try:
-        async for kind, value in stream:
-            yield value
-    finally:
-        stream.cancel()
