@@ -88,7 +88,11 @@ class EngineReplica:
         self.loop = asyncio.get_running_loop()
         self.metrics = Metrics.from_settings(settings)
         self.host = await asyncio.to_thread(build_host, settings, self.metrics.observer())
-        await self.host.start()
+        try:
+            await self.host.start()
+        except BaseException:  # Ray retries the replica: leave no engine of this attempt
+            await self.host.stop()
+            raise
         await self.metrics.bind_host(self.host)
         self.app = _App(self.host, settings)
         self.leased: set[str] = set()

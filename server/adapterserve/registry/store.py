@@ -17,6 +17,16 @@ from .validation import Limits, validate_adapter
 log = logging.getLogger(__name__)
 
 
+def find_folder(stores: list[Path], name: str) -> tuple[Path, Path] | None:
+    """The (folder, store) holding adapter `name`, looked up by name only: a client never
+    hands the server a path to read."""
+    for store in stores:
+        folder = store / name
+        if folder.exists() or folder.is_symlink():
+            return folder, store
+    return None
+
+
 @dataclass
 class Problem:
     """An adapter folder that was refused, and why."""
@@ -71,13 +81,7 @@ class Registry:
         return record
 
     def find_folder(self, name: str) -> tuple[Path, Path] | None:
-        """The (folder, store) holding adapter `name`, looked up by name only: a client
-        never hands the server a path to read."""
-        for store in self.stores:
-            folder = store / name
-            if folder.exists() or folder.is_symlink():
-                return folder, store
-        return None
+        return find_folder(self.stores, name)
 
     def validate(self, name: str) -> AdapterRecord:
         """Validate `name` again from its store (for load and reload) without registering

@@ -58,11 +58,9 @@ class RegistryView:
         self.stores = [Path(s) for s in catalog.stores]
 
     def find_folder(self, name: str) -> tuple[Path, Path] | None:
-        for store in self.stores:
-            folder = store / name
-            if folder.exists() or folder.is_symlink():
-                return folder, store
-        return None
+        from adapterserve.registry.store import find_folder
+
+        return find_folder(self.stores, name)
 
 
 class ReplicaSetEngine:
@@ -128,7 +126,6 @@ class ReplicaSetHost:
     """Host protocol over the replicas of a Ray Serve deployment (the EngineReplica)."""
 
     mode = "shared"
-    restarts: dict[str, int] = {}
     base_path = None
 
     def __init__(self, settings, handle, observer: HostObserver | None = None, adapter_affinity: bool = True):
@@ -139,6 +136,7 @@ class ReplicaSetHost:
         self.created = int(time.time())
         self.engine = ReplicaSetEngine(self)
         self.quarantined: dict[str, str] = {}  # replicas answer quarantines themselves
+        self.restarts: dict[str, int] = {}  # replicas restart their own engines (their metrics count it)
         self.catalog: wire.Catalog | None = None
         self._refresher: asyncio.Task | None = None
 
@@ -208,6 +206,8 @@ class ReplicaSetHost:
             record = wire.unwrap(await self._call(self._options(name).resolve.remote(model, endpoint)))
             if record is None:
                 raise model_not_found(model)
+            if self.catalog is not None:  # discovered by the replica: known here until the next refresh says otherwise
+                self.catalog.records[name] = record
         if (record.kind == "head") != (endpoint == "classify"):
             raise wrong_endpoint(model, record.kind, endpoint)
         return Target(engine=self.engine, vllm_model=name, model=name, record=record)
