@@ -45,11 +45,12 @@ def vllm_layer(slots, rank, in_features, slices, dtype):
     )
 
 
-def layers(slots, rank, in_features, slices, dtype, generator):
-    """The same random adapters in vLLM's layout (plus the zero slot) and in the fused one."""
+def layers(slots, rank, in_features, slices, dtype, generator, slot_dtype=None):
+    """The same random adapters in vLLM's layout (plus the zero slot) and in the fused one
+    (its slots in `slot_dtype` if given, as the plugin lays them out for bf16 models)."""
     reference = vllm_layer(slots + 1, rank, in_features, slices, dtype)
     fused = vllm_layer(slots, rank, in_features, slices, dtype)
-    lay_out(fused)
+    lay_out(fused, dtype=slot_dtype)
     for i in range(len(slices)):
         a = torch.randn(slots, 1, rank, in_features, generator=generator) / in_features**0.5
         b = torch.randn(slots, 1, slices[i], rank, generator=generator) / rank**0.5
@@ -81,7 +82,7 @@ def random_case(seed):
         tokens=tokens, slots=slots, in_features=in_features, lora_ids=lora_ids,
         rank=rng.choice([8, 16, 32, 64]), slices=rng.choice(SLICES),
         dtype=rng.choice([torch.float32, torch.bfloat16]), is_prefill=rng.random() < 0.5,
-        scale=rng.choice([1.0, 0.5]),
+        scale=rng.choice([1.0, 0.5]), float32_slots=rng.random() < 0.5,
     )
 
 
@@ -90,7 +91,8 @@ def test_fused_wrapper_equals_vllms_wrapper_with_reference_ops(seed, reference_o
     case = random_case(seed)
     generator = torch.Generator().manual_seed(seed)
     dtype, slices = case["dtype"], case["slices"]
-    reference_layer, fused_layer = layers(case["slots"], case["rank"], case["in_features"], slices, dtype, generator)
+    slot_dtype = torch.float32 if case["float32_slots"] else None
+    reference_layer, fused_layer = layers(case["slots"], case["rank"], case["in_features"], slices, dtype, generator, slot_dtype)
     x = torch.randn(case["tokens"], case["in_features"], generator=generator).to(dtype)
     start = torch.randn(case["tokens"], sum(slices), generator=generator).to(dtype)
     expected, got = start.clone(), start.clone()
@@ -180,3 +182,29 @@ def test_logits_equal_vllms_and_skip_the_expand_without_lm_head_weights(lm_head_
     torch.testing.assert_close(got, expected)
     assert bool(expands) == lm_head_trained
     assert lm_head_trained or torch.equal(got, start)
+
+
+@pytest.mark.parametrize("lora_ids", [[1] * 16, [1, 2, 3, 0] * 4, [1 + i % 8 for i in range(300)]], ids=["one", "dense", "grouped"])
+def test_float32_slots_of_a_bf16_model_compute_the_delta_in_float32(lora_ids):
+    """Every form with the slots in float32 and the model in bf16: the delta is the float32
+    product of the bf16 weights and input, added into the bf16 output (one rounding)."""
+    generator = torch.Generator().manual_seed(7)
+    slots, rank, in_features, slices = 8, 8, 576, (64, 32, 32)
+    _, fused_layer = layers(slots, rank, in_features, slices, torch.bfloat16, generator, torch.float32)
+    x = torch.randn(len(lora_ids), in_features, generator=generator).to(torch.bfloat16)
+    start = torch.randn(len(lora_ids), sum(slices), generator=generator).to(torch.bfloat16)
+    got = start.clone()
+    fused = wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, len(lora_ids) > 64)
+    fused.add_lora_linear(got, x, fused_layer.lora_a_stacked, fused_layer.lora_b_stacked, 0.5, slices)
+
+    delta = torch.zeros(len(lora_ids), sum(slices))
+    for row, lora_id in enumerate(lora_ids):
+        if lora_id:
+            start_col = 0
+            for a, b in zip(fused_layer.lora_a_stacked, fused_layer.lora_b_stacked):
+                weights_a, weights_b = a[lora_id - 1, 0].float(), b[lora_id - 1, 0].float()
+                delta[row, start_col : start_col + weights_b.shape[0]] = 0.5 * (x[row].float() @ weights_a.T) @ weights_b.T
+                start_col += weights_b.shape[0]
+    expected = start.float().add(delta)
+    assert fused_layer.lora_a_stacked[0].dtype == torch.float32 and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=8e-3, atol=1e-5)  # within bf16's last bit

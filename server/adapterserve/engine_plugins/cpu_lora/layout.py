@@ -35,13 +35,14 @@ class FusedSlots:
     rank_sum: int
 
 
-def lay_out(layer) -> None:
+def lay_out(layer, dtype: torch.dtype | None = None) -> None:
     """Replace `layer.lora_a_stacked` / `lora_b_stacked` by views of the fused layout
-    (zeros, as vLLM allocates them; called right after `create_lora_weights`)."""
+    (zeros, as vLLM allocates them; called right after `create_lora_weights`), in `dtype`
+    if given (the fused path then computes in it; vLLM converts as it copies adapters in)."""
     a_slices, b_slices = layer.lora_a_stacked, layer.lora_b_stacked
     slots, _, _, in_features = a_slices[0].shape
     ranks = [a.shape[2] for a in a_slices]
-    like = dict(dtype=a_slices[0].dtype, device=a_slices[0].device)
+    like = dict(dtype=dtype or a_slices[0].dtype, device=a_slices[0].device)
     a_all = torch.zeros(slots, 1, sum(ranks), in_features, **like)
     a_views, start = [], 0
     for rank in ranks:

@@ -10,6 +10,7 @@ in the log either way. Off with ADAPTERSERVE_GROUPED_LORA=0 (the server sets it 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -19,6 +20,9 @@ log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")
 
 CHECKED_VLLM_VERSIONS = ("0.32.0",)
 ENV_SWITCH = "ADAPTERSERVE_GROUPED_LORA"
+# The dtype the fused path keeps its slots and computes in ("float32"; unset: the model's).
+# Set by the host per served dtype and CPU (adapterserve.dtypes.lora_slot_dtype).
+ENV_SLOT_DTYPE = "ADAPTERSERVE_LORA_SLOT_DTYPE"
 _installed = False
 
 
@@ -85,6 +89,7 @@ def install() -> None:
     class where vLLM resolves it (by the qualified name the CPU platform gives), and lay
     out the LoRA slots of every linear layer vLLM wraps for the fused wrapper."""
     global _installed
+    import torch
     import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
@@ -99,5 +104,10 @@ def install() -> None:
             setattr(punica_cpu, name, function)
     punica_cpu.PunicaWrapperCPU = FusedPunicaWrapperCPU
     zero_new_kv_blocks()
-    _wrap_from_layer(lay_out, guard_slots)
+    slot_dtype = getattr(torch, os.environ.get(ENV_SLOT_DTYPE, "") or "none", None)
+    if isinstance(slot_dtype, torch.dtype):
+        log.info("fused CPU LoRA slots kept and computed in %s", slot_dtype)
+    else:
+        slot_dtype = None
+    _wrap_from_layer(functools.partial(lay_out, dtype=slot_dtype), guard_slots)
     _installed = True

@@ -82,21 +82,26 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
                 scale: float, output_slices: tuple[int, ...]) -> None:
     """y[:, slice i] += scale * x @ A_i[slot].T @ B_i[slot].T per token, for every slice.
 
+    Computed in the slots' dtype (see `layout.lay_out`): the model's, or float32 where the
+    slots are laid out in it for a bf16 model; then added into y in y's dtype.
     Written for few tensor operations per call: this runs ~120 times per forward pass."""
-    if slots.a.dtype != x.dtype or slots.a.dtype != y.dtype:
-        slots = _converted(slots, y.dtype)
-        x = x.to(y.dtype)
+    if plan.single == -1:
+        return
+    compute = slots.a.dtype
+    if x.dtype != compute:
+        x = x.to(compute)
+    out = y if y.dtype == compute else torch.zeros(y.shape, dtype=compute, device=y.device)
     if plan.single is not None:
-        if plan.single >= 0:
-            _apply_span(y, x, slots, plan.single, None, scale, output_slices)
-        return
-    if plan.mask is None:
+        _apply_span(out, x, slots, plan.single, None, scale, output_slices)
+    elif plan.mask is None:
         for slot, rows in plan.groups:
-            part = torch.zeros(rows.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
+            part = torch.zeros(rows.shape[0], y.shape[1], dtype=compute, device=y.device)
             _apply_span(part, x.index_select(0, rows), slots, slot, None, scale, output_slices)
-            y.index_add_(0, rows, part)
-        return
-    _apply_span(y, x, slots, plan.first, plan.mask, scale, output_slices)
+            out.index_add_(0, rows, part)
+    else:
+        _apply_span(out, x, slots, plan.first, plan.mask, scale, output_slices)
+    if out is not y:
+        y.add_(out)
 
 
 def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int, mask: torch.Tensor | None,
@@ -120,11 +125,6 @@ def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int,
         y[:, out_start : out_start + size].addmm_(part.reshape(rows, span * rank), b[first * rank : (first + span) * rank])
         rank_start += rank
         out_start += size
-
-
-def _converted(slots: FusedSlots, dtype: torch.dtype) -> FusedSlots:
-    """The slots in the model's dtype (when vLLM keeps LoRA weights in another one)."""
-    return FusedSlots(slots.a.to(dtype), tuple(b.to(dtype) for b in slots.b), slots.ranks, slots.rank_sum)
 
 
 class FusedPunicaWrapperCPU(PunicaWrapperCPU):
