@@ -1,22 +1,26 @@
 """Micro-benchmark of one decoder layer's LoRA work on the CPU, as vLLM runs it: the
 four LoRA linear layers of a SmolLM2-135M layer (q/k/v, o, gate/up, down; hidden 576,
-intermediate 1536), rank 8, 16 slots, fp32, one torch thread (as vLLM's CPU worker runs),
-through `add_lora_linear` of
+intermediate 1536), rank 8, 16 slots, in the model dtype given (fp32 by default; bf16 as
+`dtype auto` serves on CPUs with AVX512-bf16 or AMX), one torch thread (as vLLM's CPU
+worker runs), through `add_lora_linear` of
 
 - vLLM's `PunicaWrapperCPU` with its reference ops (vLLM as shipped), and
 - adapterserve's `FusedPunicaWrapperCPU` on the fused slot layout, in the form its plan
-  picks, and forced dense and forced grouped (how `SPAN_DENSE_MAX_WORK` was chosen).
+  picks, and forced dense and forced grouped (how `SPAN_DENSE_MAX_WORK` was chosen);
+  for a bf16 model also with the slots laid out in float32 (`f32_slots_ms`: the path then
+  computes in float32; how `dtypes.lora_slot_dtype` was chosen).
 
 The mapping is made once per case (as vLLM does once per step), tokens spread
 round-robin over the adapters. Reproduce with:
 
-    .venv/bin/python bench/cpu_lora_layers.py
+    .venv/bin/python bench/cpu_lora_layers.py [--dtype bfloat16]
 
-Writes bench/results/cpu_lora_layers.json and prints the table.
+Writes bench/results/cpu_lora_layers[-bfloat16].json (with the CPU) and prints the rows.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -26,6 +30,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vllm.lora.layers.utils import LoRAMapping  # noqa: E402
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
@@ -38,21 +43,21 @@ HIDDEN, INTERMEDIATE, RANK, SLOTS = 576, 1536, 8, 16
 LAYERS = [(HIDDEN, (576, 192, 192)), (HIDDEN, (HIDDEN,)), (HIDDEN, (INTERMEDIATE, INTERMEDIATE)), (INTERMEDIATE, (HIDDEN,))]
 
 
-def make_layers(fused: bool, seed: int) -> list[SimpleNamespace]:
+def make_layers(fused: bool, seed: int, dtype=torch.float32, slot_dtype=None) -> list[SimpleNamespace]:
     generator = torch.Generator().manual_seed(seed)
     layers = []
     for in_features, slices in LAYERS:
         layer = SimpleNamespace(
-            lora_a_stacked=tuple(torch.zeros(SLOTS, 1, RANK, in_features) for _ in slices),
-            lora_b_stacked=tuple(torch.zeros(SLOTS, 1, out, RANK) for out in slices),
+            lora_a_stacked=tuple(torch.zeros(SLOTS, 1, RANK, in_features, dtype=dtype) for _ in slices),
+            lora_b_stacked=tuple(torch.zeros(SLOTS, 1, out, RANK, dtype=dtype) for out in slices),
             output_slices=slices,
             in_features=in_features,
         )
         if fused:
-            lay_out(layer)
+            lay_out(layer, dtype=slot_dtype)
         for a, b in zip(layer.lora_a_stacked, layer.lora_b_stacked):
-            a.copy_(torch.randn(a.shape, generator=generator) / 10)
-            b.copy_(torch.randn(b.shape, generator=generator) / 10)
+            a.copy_((torch.randn(a.shape, generator=generator) / 10).to(dtype))
+            b.copy_((torch.randn(b.shape, generator=generator) / 10).to(dtype))
         layers.append(layer)
     return layers
 
@@ -68,7 +73,7 @@ def wrapper(cls, tokens: int, adapters: int):
 def run_layers(w, layers, inputs) -> list[torch.Tensor]:
     outputs = []
     for layer, x in zip(layers, inputs):
-        y = torch.zeros(x.shape[0], sum(layer.output_slices))
+        y = torch.zeros(x.shape[0], sum(layer.output_slices), dtype=x.dtype)
         w.add_lora_linear(y, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, layer.output_slices)
         outputs.append(y)
     return outputs
@@ -83,23 +88,34 @@ def timed(function, repeats: int) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
-    reference_layers, fused_layers = make_layers(False, 0), make_layers(True, 0)
+    reference_layers, fused_layers = make_layers(False, 0, dtype), make_layers(True, 0, dtype)
+    f32_layers = make_layers(True, 0, dtype, torch.float32) if dtype != torch.float32 else None
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     rows = []
     for adapters in (1, 2, 4, 8, 16):
         for tokens in (1, 16, 32, 64, 128, 256, 1024):
             if adapters > tokens:
                 continue
-            inputs = [torch.randn(tokens, layer.in_features) for layer in reference_layers]
+            inputs = [torch.randn(tokens, layer.in_features).to(dtype) for layer in reference_layers]
             repeats = 200 if tokens <= 64 else 20 if tokens <= 256 else 3
             reference = wrapper(PunicaWrapperCPU, tokens, adapters)
             fused = wrapper(punica.FusedPunicaWrapperCPU, tokens, adapters)
             expected, got = run_layers(reference, reference_layers, inputs), run_layers(fused, fused_layers, inputs)
             for e, g in zip(expected, got):
-                torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(g, e, **tolerance)
             row = {"adapters": adapters, "tokens": tokens}
             row["vllm_ms"] = round(timed(lambda: run_layers(reference, reference_layers, inputs), repeats), 3)
             row["adapterserve_ms"] = round(timed(lambda: run_layers(fused, fused_layers, inputs), repeats), 3)
+            if f32_layers is not None:
+                f32 = wrapper(punica.FusedPunicaWrapperCPU, tokens, adapters)
+                for e, g in zip(expected, run_layers(f32, f32_layers, inputs)):
+                    torch.testing.assert_close(g, e, **tolerance)
+                row["f32_slots_ms"] = round(timed(lambda: run_layers(f32, f32_layers, inputs), repeats), 3)
             plan = fused._plan
             row["form"] = "one adapter" if plan.single is not None else "dense" if plan.mask is not None else "grouped"
             for form, limit in (("dense", 10**9), ("grouped", 0)):
@@ -111,11 +127,15 @@ def main() -> None:
             row["speedup"] = round(row["vllm_ms"] / row["adapterserve_ms"], 2)
             rows.append(row)
             print(row, flush=True)
+    from lora_rank_fit import machine
+
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "cpu_lora_layers.json").write_text(
-        json.dumps({"hidden": HIDDEN, "intermediate": INTERMEDIATE, "rank": RANK, "slots": SLOTS, "rows": rows}, indent=2)
-    )
+    name = "cpu_lora_layers.json" if dtype == torch.float32 else f"cpu_lora_layers-{args.dtype}.json"
+    (out / name).write_text(json.dumps(
+        {"machine": machine(), "dtype": args.dtype, "hidden": HIDDEN, "intermediate": INTERMEDIATE, "rank": RANK,
+         "slots": SLOTS, "rows": rows}, indent=2,
+    ) + "\n")
 
 
 if __name__ == "__main__":
