@@ -245,3 +245,33 @@ def test_metrics_pages_merge_by_family_with_a_replica_label():
     assert [(s.labels, s.value) for s in requests] == [({"model": "pirate"}, 7)]  # the ingress's own: no replica label
     counts = {s.labels.get("replica"): s.value for s in families["adapterserve_request_duration_seconds"].samples if s.name.endswith("_count")}
     assert counts == {None: 1, "r1": 1, "r2": 1}
+
+
+class _EvictingHost:
+    def __init__(self):
+        self.evicted: list[str] = []
+
+    async def evict(self, name: str) -> bool:
+        self.evicted.append(name)
+        return True
+
+
+def test_a_released_lease_evicts_its_adapter_unless_leased_again():
+    from adapterserve.rayserve.replica import EngineReplica
+
+    async def run():
+        replica = object.__new__(EngineReplica)  # the lease logic without a host's engines
+        replica.loop, replica.leases, replica._evicting, replica.host = asyncio.get_running_loop(), {}, set(), _EvictingHost()
+        first = await replica._take_lease("pirate")
+        first.__del__()  # Ray's LRU evicts the lease (Ray calls __del__ from a thread)
+        await asyncio.sleep(0.05)
+        assert replica.host.evicted == ["pirate"] and replica.leases == {}
+
+        old = await replica._take_lease("french")
+        new = await replica._take_lease("french")  # leased again before the old release ran
+        old.__del__()
+        old.__del__()  # the garbage collector may call it again
+        await asyncio.sleep(0.05)
+        assert replica.host.evicted == ["pirate"] and replica.leases == {"french": new}
+
+    asyncio.run(run())

@@ -37,7 +37,7 @@ class AdapterLease:
             return
         self.released = True
         try:
-            self.replica.release(self.name)
+            self.replica.release(self)
         except Exception:  # the replica is shutting down: nothing left to evict
             pass
 
@@ -95,20 +95,21 @@ class EngineReplica:
             raise
         await self.metrics.bind_host(self.host)
         self.app = _App(self.host, settings)
-        self.leased: set[str] = set()
+        self.leases: dict[str, AdapterLease] = {}  # adapter -> its current lease
         self._evicting: set[asyncio.Task] = set()
         for name in list(self.host.registry.adapters):
             await self.host.evict(name)
         log.info("replica %s (pid %d) serves %s", self.replica, os.getpid(), self.host.base_name)
 
-    async def __del__(self):
-        await self.metrics.unbind_host()
-        await self.host.stop()
+    async def __del__(self):  # Ray calls it when it stops the replica
+        if getattr(self, "host", None) is not None:
+            await self.metrics.unbind_host()
+            await self.host.stop()
 
     # --- adapter leases ------------------------------------------------------------------
     async def _take_lease(self, name: str) -> AdapterLease:
-        self.leased.add(name)
-        return AdapterLease(self, name)
+        lease = self.leases[name] = AdapterLease(self, name)
+        return lease
 
     async def _lease_for(self, target) -> None:
         """Take (or refresh) the lease of the request's adapter, if Ray sent its name."""
@@ -118,18 +119,20 @@ class EngineReplica:
         if name and target.record is not None and name == target.model:
             await self.lease(name)
 
-    def release(self, name: str) -> None:
-        """A lease ended (from any thread): evict the adapter unless it was leased again."""
+    def release(self, lease: AdapterLease) -> None:
+        """A lease ended (from any thread): evict its adapter, unless leased again since."""
         def evict() -> None:
-            self.leased.discard(name)
-            task = self.loop.create_task(self._evict(name))
+            if self.leases.get(lease.name) is not lease:
+                return  # leased again: the new lease keeps it
+            del self.leases[lease.name]
+            task = self.loop.create_task(self._evict(lease.name))
             self._evicting.add(task)
             task.add_done_callback(self._evicting.discard)
 
         self.loop.call_soon_threadsafe(evict)
 
     async def _evict(self, name: str) -> None:
-        if name not in self.leased:
+        if name not in self.leases:
             await self.host.evict(name)
 
     # --- requests ------------------------------------------------------------------------
@@ -209,7 +212,7 @@ class EngineReplica:
     async def engine_reports(self) -> list[dict]:
         from adapterserve.api.admin import engine_reports
 
-        return [{**report, "replica": self.replica, "replica_pid": os.getpid(), "leased": sorted(self.leased)}
+        return [{**report, "replica": self.replica, "replica_pid": os.getpid(), "leased": sorted(self.leases)}
                 for report in engine_reports(self.host, self.metrics)]
 
     async def metrics_text(self) -> tuple[str, str]:
