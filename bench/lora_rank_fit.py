@@ -5,16 +5,16 @@ defaults, for server variants one after the other:
   fitted to the largest rank in the stores, 8 for the demo adapters), with the slot memory
   read from the engine's worker;
 - `float32`, `bfloat16`: the default with the dtype set instead of auto;
-- `loras8`: the default with 8 engine slots (`--max-loras 8`) instead of 4;
+- `loras<N>`, e.g. `loras8`: the default with N engine slots (`--max-loras N`);
 - `preload`: the default with tcmalloc and Intel OpenMP preloaded in the engine processes
   (vLLM's CPU guide; `LD_PRELOAD`), where the libraries are on this machine.
 
 Reproduce with:
 
     .venv/bin/python bench/lora_rank_fit.py [--variants rank64 auto preload] [--adapters 1 3 8]
-        [--rounds 2] [--requests 48 --concurrency 16 --max-tokens 32]
+        [--rounds 2] [--requests 48 --concurrency 16 --max-tokens 32] [--out NAME.json]
 
-Writes bench/results/lora_rank_fit.json (with this machine's CPU and served dtype) and
+Writes bench/results/lora_rank_fit.json (or --out) (with this machine's CPU and served dtype) and
 prints the table.
 """
 
@@ -79,8 +79,8 @@ def variant(name: str) -> tuple[list[str], dict]:
         return ["--max-lora-rank", "64"], {}
     if name == "auto":
         return [], {}
-    if name == "loras8":  # the default with 8 engine slots instead of 4
-        return ["--max-loras", "8"], {}
+    if name.startswith("loras") and name[5:].isdigit():  # e.g. loras8: the default with 8 engine slots
+        return ["--max-loras", name[5:]], {}
     if name in ("float32", "bfloat16"):  # the default with the dtype set instead of auto
         return ["--dtype", name], {}
     if name == "preload":
@@ -118,6 +118,7 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", default="lora_rank_fit.json", help="file name under bench/results")
     args = parser.parse_args()
 
     settings = load_settings()
@@ -134,7 +135,7 @@ async def main() -> None:
     report = {"machine": machine(), "workload": vars(args), "server_flags": "defaults (--max-loras 4 --max-cpu-loras 16)", "runs": runs}
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "lora_rank_fit.json").write_text(json.dumps(report, indent=2))
+    (out / args.out).write_text(json.dumps(report, indent=2))
     print(f"\n{report['machine']}")
     print("| variant | engine rank | slot memory MiB | base tok/s | " + " | ".join(f"{n} adapters tok/s (vs base)" for n in args.adapters) + " |")
     print("|---|---|---|---|" + "---|" * len(args.adapters))

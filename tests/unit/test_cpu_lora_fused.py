@@ -208,3 +208,72 @@ def test_float32_slots_of_a_bf16_model_compute_the_delta_in_float32(lora_ids):
     expected = start.float().add(delta)
     assert fused_layer.lora_a_stacked[0].dtype == torch.float32 and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=8e-3, atol=1e-5)  # within bf16's last bit
+
+
+def tracked_layer(slots, rank, in_features, slices):
+    """A laid-out layer written through vLLM's own `set_lora` / `reset_lora` (of its merged
+    column layer: a list of slices, None for a slice the adapter does not train)."""
+    from types import MethodType
+
+    from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
+
+    from adapterserve.engine_plugins.cpu_lora.layout import track_live_slots
+
+    layer = vllm_layer(slots, rank, in_features, slices, torch.float32)
+    layer.n_slices, layer.tp_size = len(slices), 1
+    layer.set_lora = MethodType(MergedColumnParallelLinearWithLoRA.set_lora, layer)
+    layer.reset_lora = MethodType(MergedColumnParallelLinearWithLoRA.reset_lora, layer)
+    lay_out(layer)
+    track_live_slots(layer)
+    return layer
+
+
+@pytest.mark.parametrize("lora_ids", [[1] * 16, [1, 2, 3, 0] * 4, [1 + i % 3 for i in range(1200)]], ids=["one", "dense", "grouped"])
+def test_slots_empty_in_a_layer_are_skipped_and_the_others_still_apply(lora_ids, reference_ops, monkeypatch):
+    """Slot 0 trains slice 1 only, slot 1 nothing in this layer (set with None slices),
+    slot 2 trains it and is then reset: every form equals vLLM's reference, and a batch
+    on empty slots computes nothing at all."""
+    generator = torch.Generator().manual_seed(13)
+    slots, rank, in_features, slices = 3, 8, 64, (64, 32, 32)
+    layer = tracked_layer(slots, rank, in_features, slices)
+    a = [torch.randn(rank, in_features, generator=generator) for _ in slices]
+    b = [torch.randn(out, rank, generator=generator) for out in slices]
+    layer.set_lora(0, [None, a[1], None], [None, b[1], None])
+    layer.set_lora(1, [None] * 3, [None] * 3)
+    layer.set_lora(2, a, b)
+    assert fused_slots(layer.lora_a_stacked, layer.lora_b_stacked).live == [True, False, True]
+    layer.reset_lora(2)
+    slots_now = fused_slots(layer.lora_a_stacked, layer.lora_b_stacked)
+    assert slots_now.live == [True, False, False]
+
+    reference = vllm_layer(slots + 1, rank, in_features, slices, torch.float32)
+    for i in range(len(slices)):
+        reference.lora_a_stacked[i][:slots] = layer.lora_a_stacked[i]
+        reference.lora_b_stacked[i][:slots] = layer.lora_b_stacked[i]
+    x = torch.randn(len(lora_ids), in_features, generator=generator)
+    start = torch.randn(len(lora_ids), sum(slices), generator=generator)
+    expected, got = start.clone(), start.clone()
+    wrapper(VLLMWrapper, lora_ids, slots + 1, False).add_lora_linear(expected, x, reference.lora_a_stacked, reference.lora_b_stacked, 1.0, slices)
+    fused = wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, False)
+    fused.add_lora_linear(got, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
+    torch.testing.assert_close(got, expected, **tolerance(torch.float32))
+    assert not torch.equal(got, start)  # slot 0's slice 1 applied
+
+    dead_ids = [2 if i % 2 else 3 for i in range(len(lora_ids))]  # only the empty slots 1 and 2
+    calls = []
+    monkeypatch.setattr(punica, "_apply_span", lambda *args: calls.append(args))
+    dead = wrapper(punica.FusedPunicaWrapperCPU, dead_ids, slots, False)
+    untouched = start.clone()
+    dead.add_lora_linear(untouched, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
+    assert dead._plan is not None and not calls and torch.equal(untouched, start)
+
+
+def test_a_non_finite_adapter_leaves_its_slot_empty_and_not_live():
+    from adapterserve.engine_plugins.cpu_lora.containment import guard_slots
+
+    layer = tracked_layer(2, 8, 64, (64, 32, 32))
+    guard_slots(layer)
+    bad = torch.full((8, 64), float("nan"))
+    layer.set_lora(1, [bad, None, None], [torch.ones(64, 8), None, None])
+    slots = fused_slots(layer.lora_a_stacked, layer.lora_b_stacked)
+    assert slots.live == [False, False] and not slots.a.isnan().any()

@@ -15,6 +15,11 @@ transposed (copied) before it can be a matmul's right operand.
 
 vLLM keeps reading and writing the slots through the views it expects (set_lora,
 reset_lora, the reference ops). `fused_slots` recovers the fused tensors from the views.
+
+`track_live_slots` keeps, per layer and slot, whether the adapter in the slot changes that
+layer at all: vLLM fills the slots of the modules an adapter does not train with zeros
+(most LoRA adapters train q and v only; head adapters often nothing but q and v), and the
+fused path skips a layer whose slots in the batch are all empty instead of adding zeros.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+LIVE_ATTRIBUTE = "adapterserve_live_slots"
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,10 @@ class FusedSlots:
     b: tuple[torch.Tensor, ...]  # per slice [slots * rank, out]
     ranks: tuple[int, ...]
     rank_sum: int
+    live: list[bool] | None = None  # per slot: may change the output (None: not tracked, all may)
+
+    def any_live(self, slots) -> bool:
+        return self.live is None or any(self.live[s] for s in slots)
 
 
 def lay_out(layer, dtype: torch.dtype | None = None) -> None:
@@ -64,7 +76,31 @@ def fused_slots(a_slices: tuple[torch.Tensor, ...], b_slices: tuple[torch.Tensor
     if a_all.shape[2] != sum(ranks) or any(a._base is not a_all for a in a_slices[1:]):
         return None
     b_fused = tuple(b.transpose(2, 3) for b in b_slices)
+    live = getattr(a_all, LIVE_ATTRIBUTE, None)
     if not all(b.is_contiguous() and b.shape[2] == rank for b, rank in zip(b_fused, ranks)):
         return None
     flat_b = tuple(b.reshape(-1, b.shape[3]) for b in b_fused)
-    return FusedSlots(a_all.reshape(-1, a_all.shape[3]), flat_b, ranks, sum(ranks))
+    return FusedSlots(a_all.reshape(-1, a_all.shape[3]), flat_b, ranks, sum(ranks), live)
+
+
+def track_live_slots(layer) -> None:
+    """Wrap the layer's `set_lora` / `reset_lora` (laid out by `lay_out`) to keep which of its
+    slots hold an adapter that changes this layer: one slice with both A and B not all zero
+    (a conservative test: an adapter that changes the layer always passes it). The list
+    lives on the fused A tensor, where `fused_slots` finds it."""
+    a_all = layer.lora_a_stacked[0]._base
+    if a_all is None:
+        return
+    live = [False] * a_all.shape[0]  # vLLM allocates the slots empty
+    setattr(a_all, LIVE_ATTRIBUTE, live)
+    set_lora, reset_lora = layer.set_lora, layer.reset_lora
+
+    def tracked_reset_lora(index: int):
+        reset_lora(index)
+        live[index] = False
+
+    def tracked_set_lora(index: int, *args, **kwargs):
+        set_lora(index, *args, **kwargs)
+        live[index] = any(bool(a[index].any()) and bool(b[index].any()) for a, b in zip(layer.lora_a_stacked, layer.lora_b_stacked))
+
+    layer.set_lora, layer.reset_lora = tracked_set_lora, tracked_reset_lora

@@ -94,7 +94,7 @@ def install() -> None:
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
     from .containment import guard_slots, zero_new_kv_blocks
-    from .layout import lay_out
+    from .layout import lay_out, track_live_slots
     from .ops import OPS
     from .punica import FusedPunicaWrapperCPU
 
@@ -109,5 +109,5 @@ def install() -> None:
         log.info("fused CPU LoRA slots kept and computed in %s", slot_dtype)
     else:
         slot_dtype = None
-    _wrap_from_layer(functools.partial(lay_out, dtype=slot_dtype), guard_slots)
+    _wrap_from_layer(functools.partial(lay_out, dtype=slot_dtype), track_live_slots, guard_slots)
     _installed = True

@@ -50,6 +50,7 @@ class StepPlan:
     single: int | None = None  # the slot every token uses (-1: no token has an adapter)
     first: int = 0  # dense: the span of slots is first .. first + mask.shape[1] - 1
     mask: torch.Tensor | None = None  # dense: [tokens, span, 1], True where the token uses the slot
+    present: tuple[int, ...] = ()  # dense: the slots the tokens use
     groups: tuple[tuple[int, torch.Tensor], ...] = ()  # grouped: (slot, rows) per adapter present
 
 
@@ -67,7 +68,7 @@ def make_step_plan(indices: torch.Tensor) -> StepPlan:
     if tokens * span <= SPAN_DENSE_MAX_WORK:
         slots = torch.arange(first, last + 1, dtype=indices.dtype)
         mask = (indices.unsqueeze(1) == slots.unsqueeze(0)).unsqueeze(2)
-        return StepPlan(tokens, first=first, mask=mask)
+        return StepPlan(tokens, first=first, mask=mask, present=tuple(used.tolist()))
     order = torch.argsort(indices, stable=True)
     counts = torch.bincount(indices[order] + 1)  # +1: -1 counts at 0
     groups, start = [], int(counts[0])  # the -1 tokens come first in the order
@@ -83,9 +84,18 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
     """y[:, slice i] += scale * x @ A_i[slot].T @ B_i[slot].T per token, for every slice.
 
     Computed in the slots' dtype (see `layout.lay_out`): the model's, or float32 where the
-    slots are laid out in it for a bf16 model; then added into y in y's dtype.
+    slots are laid out in it for a bf16 model; then added into y in y's dtype. Nothing is
+    computed where the batch's slots are all empty in this layer (`layout.track_live_slots`).
     Written for few tensor operations per call: this runs ~120 times per forward pass."""
     if plan.single == -1:
+        return
+    if plan.single is not None:
+        if not slots.any_live((plan.single,)):
+            return
+    elif plan.mask is not None:
+        if not slots.any_live(plan.present):
+            return
+    elif not slots.any_live(slot for slot, _ in plan.groups):
         return
     compute = slots.a.dtype
     if x.dtype != compute:
@@ -95,6 +105,8 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
         _apply_span(out, x, slots, plan.single, None, scale, output_slices)
     elif plan.mask is None:
         for slot, rows in plan.groups:
+            if not slots.any_live((slot,)):
+                continue
             part = torch.zeros(rows.shape[0], y.shape[1], dtype=compute, device=y.device)
             _apply_span(part, x.index_select(0, rows), slots, slot, None, scale, output_slices)
             out.index_add_(0, rows, part)
