@@ -44,7 +44,7 @@ def servers(base: Path, log_dir: Path) -> dict[str, callable]:
     return {
         "vllm serve": lambda: ServerProcess(common, log_dir / "vllm.log", entry=vllm),
         "vllm serve --enable-lora": lambda: ServerProcess(
-            [*common, "--enable-lora", "--max-loras", "4", "--max-lora-rank", "8"], log_dir / "vllm-lora.log", entry=vllm
+            [*common, "--enable-lora", "--max-loras", "16", "--max-lora-rank", "8"], log_dir / "vllm-lora.log", entry=vllm
         ),
         "adapterserve serve": lambda: ServerProcess([], log_dir / "adapterserve.log"),
     }

@@ -5,6 +5,13 @@ versus one transformers+peft classifier switching heads per request. Reproduce w
 
 The 4 heads are the two demo heads and copies of them under other names. Writes
 bench/results/classify_throughput.json and prints the table.
+
+    .venv/bin/python bench/classify_throughput.py --vs-dedicated [--rounds 2]
+
+instead compares one head over the shared base (`adapterserve serve`, the demo head
+`sentiment` only) with a dedicated classifier engine serving the full model merged from
+it (`adapterserve serve --mode dedicated`), one server after the other in the order
+A B, B A per round; writes bench/results/classify_vs_dedicated.json.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapterserve.compare.workload import TEXTS  # noqa: E402
 from adapterserve.config import load_settings  # noqa: E402
@@ -72,15 +80,53 @@ def naive_rps(base_path: Path, heads: dict[str, Path], requests: int) -> float:
     return requests / (time.perf_counter() - began)
 
 
+async def versus_dedicated(args, settings, base_path: Path, demo: Path) -> dict:
+    """One head: shared mode against a dedicated engine on the merged model, A B B A."""
+    from lora_rank_fit import machine
+
+    from adapterserve.registry.store import open_registry
+    from adapterserve.training.merge import merge_adapters, merged_store
+
+    head = HEADS[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        store.mkdir()
+        shutil.copytree(demo / head, store / head)
+        record = open_registry(settings, [store]).adapters[head]
+        merged = merge_adapters(base_path, [record], merged_store(settings.cache_dir, base_path))[head]
+        flags = {
+            "shared": ["--adapter-dirs", str(store), "--no-demo-adapters"],
+            "dedicated": ["--mode", "dedicated", "--dedicated-models", str(merged)],
+        }
+        results: dict[str, list[float]] = {mode: [] for mode in flags}
+        for i in range(args.rounds):
+            for mode in list(flags) if i % 2 == 0 else list(flags)[::-1]:
+                server = ServerProcess(flags[mode], Path(tmp) / f"{mode}.log").start()
+                try:
+                    results[mode].append(round(await served_rps(server.url, [head], args.requests, args.concurrency), 1))
+                finally:
+                    server.stop()
+                print(mode, results[mode][-1], flush=True)
+    return {"machine": machine(), "workload": vars(args), "head": head, "requests_per_second": results,
+            "mean": {mode: round(sum(r) / len(r), 1) for mode, r in results.items()}}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--vs-dedicated", action="store_true", help="one head: shared mode vs a dedicated engine")
+    parser.add_argument("--rounds", type=int, default=2, help="with --vs-dedicated: rounds of A B / B A")
     args = parser.parse_args()
     settings = load_settings()
     base_path = resolve_base_model(None, settings.models_dir)
     build_demo_adapters(settings.demo_recipes_dir, settings.cache_dir, base_path, HEADS)
     demo = demo_store(settings.cache_dir, base_path)
+    if args.vs_dedicated:
+        report = await versus_dedicated(args, settings, base_path, demo)
+        (Path(__file__).parent / "results" / "classify_vs_dedicated.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         store.mkdir()

@@ -132,7 +132,7 @@ async def main() -> None:
         names = make_store(demo, store, max(args.adapters))
         for name in args.variants:
             runs.append(await measure(name, store, names, base_path.name, args, Path(tmp) / f"server-{name}.log"))
-    report = {"machine": machine(), "workload": vars(args), "server_flags": "defaults (--max-loras 4 --max-cpu-loras 16)", "runs": runs}
+    report = {"machine": machine(), "workload": vars(args), "server_flags": "defaults (--max-loras 16 --max-cpu-loras 16)", "runs": runs}
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / args.out).write_text(json.dumps(report, indent=2))

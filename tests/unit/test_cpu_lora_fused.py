@@ -114,10 +114,13 @@ def test_each_form_is_chosen_by_the_size_of_the_batch():
     dense = plan(torch.tensor([3, -1, 5, 3]))
     assert (dense.first, dense.mask.shape) == (3, (4, 3, 1))  # the span of slots 3..5
     assert dense.mask[:, :, 0].tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0]]
-    tokens = punica.SPAN_DENSE_MAX_WORK // 2 + 1  # over 2 slots: just above the dense limit
-    grouped = plan(torch.tensor([0, 1] * (tokens // 2 + 1) + [-1]))
-    assert grouped.mask is None and [slot for slot, _ in grouped.groups] == [0, 1]
+    span = punica.SPAN_DENSE_MAX_SLOTS + 1
+    tokens = punica.SPAN_DENSE_MAX_WORK // span + 1  # over a wider span: just above the dense limit
+    grouped = plan(torch.tensor([0, span - 1] * (tokens // 2 + 1) + [-1]))
+    assert grouped.mask is None and [slot for slot, _ in grouped.groups] == [0, span - 1]
     assert sum(rows.numel() for _, rows in grouped.groups) == 2 * (tokens // 2 + 1)  # not the -1 token
+    narrow = plan(torch.tensor([0, 1] * 2048))  # 2 slots: dense at any size
+    assert narrow.mask is not None and narrow.mask.shape == (4096, 2, 1) and narrow.present == (0, 1)
 
 
 def test_a_new_mapping_gets_a_new_plan(reference_ops):

@@ -45,7 +45,7 @@ class EngineSpec:
     kv_cache_memory_bytes: int = 256 * 1024 * 1024
     enforce_eager: bool = True
     enable_lora: bool = False
-    max_loras: int = 4
+    max_loras: int = 16
     max_lora_rank: int = 64
     max_cpu_loras: int = 16
     # pooling engines: label count of the widest head (vLLM sizes the score layer by it)
