@@ -193,3 +193,28 @@ def test_completions_route_to_the_named_adapter(client):
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"] == "completion from beta"
     assert_error(client.post("/v1/completions", json={"model": "beta"}), 400, "prompt")
+
+
+@pytest.mark.parametrize("model, name", [
+    ("base:pirate", "pirate"), ("base:", "base:"), ("base", "base"), ("pirate", "pirate"), ("other:pirate", "other:pirate"),
+])
+def test_a_base_prefixed_name_means_the_adapter(model, name):
+    from adapterserve.hosting.protocol import requested_name
+
+    assert requested_name(model, "base") == name
+
+
+@pytest.mark.parametrize("kind, endpoint, served", [
+    ("head", "classify", True), ("head", "chat", False), ("lora", "completion", True), ("lora", "classify", False),
+    ("base", "chat", True), ("base", "classify", False), ("full", "completion", True),
+])
+def test_each_kind_of_model_has_its_endpoints(kind, endpoint, served):
+    from adapterserve.errors import APIError
+    from adapterserve.hosting.protocol import check_endpoint
+
+    if served:
+        check_endpoint("m", kind, endpoint)
+        return
+    with pytest.raises(APIError) as raised:
+        check_endpoint("m", kind, endpoint)
+    assert (raised.value.status, raised.value.code) == (400, "model_not_supported_by_endpoint")

@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from adapterserve.hosting.protocol import Endpoint, Target
+from adapterserve.hosting.protocol import Endpoint, Target, requested_name
 
 from .errors import (
     APIError, engine_unavailable, from_validation_error, from_vllm_error, model_not_found, reshape_stream_chunk,
@@ -124,7 +124,7 @@ async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Targe
     key = getattr(raw_request.state, "key", None)
     host = raw_request.app.state.host
     if key is not None and isinstance(request.model, str):
-        requested = request.model.removeprefix(f"{host.base_name}:") or request.model
+        requested = requested_name(request.model, host.base_name)
         if not key.may_use(requested, host.base_name):
             raw_request.state.rejection = "model_not_allowed"
             log.info("tenant %s (key %s): model %r not allowed, answered as unknown", key.tenant, key.id, request.model)

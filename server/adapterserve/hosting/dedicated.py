@@ -22,7 +22,7 @@ from adapterserve.errors import APIError, engine_unavailable, model_not_found
 
 from .engine import EngineSpec, VllmEngine
 from .protocol import (
-    ENGINE_RUNTIME_BYTES, GiB, Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, missing_model, wrong_endpoint,
+    ENGINE_RUNTIME_BYTES, GiB, Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model,
 )
 
 log = logging.getLogger(__name__)
@@ -276,8 +276,7 @@ class DedicatedHost:
         entry = self.models.get(model)
         if entry is None:
             raise model_not_found(model)
-        if (entry.kind == "head") != (endpoint == "classify"):
-            raise wrong_endpoint(model, entry.kind, endpoint)
+        check_endpoint(model, entry.kind, endpoint)
         engine = await self._engine_for(entry)
         return Target(engine=engine, vllm_model=model, model=model, record=_labels_only(entry))
 

@@ -194,6 +194,20 @@ class Host(Protocol):
         ...
 
 
+def requested_name(model: str, base_name: str) -> str:
+    """The name a client's `model` means: `<base>:<adapter>` (the form some clients send)
+    is the adapter, anything else is itself."""
+    prefix = f"{base_name}:"
+    return model[len(prefix):] if model.startswith(prefix) and len(model) > len(prefix) else model
+
+
+def check_endpoint(model: str, kind: str, endpoint: Endpoint) -> None:
+    """Heads answer /v1/classify only; the base, LoRA adapters and full models the
+    generation endpoints only."""
+    if (kind == "head") != (endpoint == "classify"):
+        raise wrong_endpoint(model, kind, endpoint)
+
+
 def wrong_endpoint(model: str, kind: str, endpoint: Endpoint) -> APIError:
     """A model that exists but is served elsewhere: say where."""
     if kind == "head":

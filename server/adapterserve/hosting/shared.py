@@ -40,7 +40,7 @@ from adapterserve.registry.store import Registry
 from . import discovery, lora_table
 from .backoff import Backoff
 from .engine import EngineSpec, VllmEngine
-from .protocol import Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, missing_model, wrong_endpoint
+from .protocol import Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model, requested_name
 
 log = logging.getLogger(__name__)
 
@@ -453,13 +453,9 @@ class SharedBaseHost:
     async def resolve(self, model: str | None, endpoint: Endpoint) -> Target:
         if not model:
             raise missing_model()
-        name = model
-        prefix = f"{self.base_name}:"
-        if model.startswith(prefix) and len(model) > len(prefix):
-            name = model[len(prefix):]
+        name = requested_name(model, self.base_name)
         if name == self.base_name:
-            if endpoint == "classify":
-                raise wrong_endpoint(model, "base", endpoint)
+            check_endpoint(model, "base", endpoint)
             return Target(engine=self._live(self.generate), vllm_model=self.base_name, model=self.base_name)
         record = self.registry.adapters.get(name)
         if record is None and name not in self.quarantined and self.settings.discover_on_request:
@@ -471,9 +467,7 @@ class SharedBaseHost:
             )
         if record is None or not self._published(name):
             raise model_not_found(model)
-        wants_head = endpoint == "classify"
-        if (record.kind == "head") != wants_head:
-            raise wrong_endpoint(model, record.kind, endpoint)
+        check_endpoint(model, record.kind, endpoint)
         return Target(engine=self._live(self._engine_for(record)), vllm_model=name, model=name, record=record)
 
     def model_cards(self) -> list[ModelCard]:

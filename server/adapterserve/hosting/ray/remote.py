@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from adapterserve.errors import APIError, engine_unavailable, model_not_found
-from adapterserve.hosting.protocol import HostObserver, ModelCard, Target, missing_model, wrong_endpoint
+from adapterserve.hosting.protocol import HostObserver, ModelCard, Target, check_endpoint, missing_model, requested_name
 
 from . import wire
 
@@ -182,10 +182,6 @@ class ReplicaSetHost:
             self._refresher = None
 
     # --- requests --------------------------------------------------------------------
-    def _name(self, model: str) -> str:
-        prefix = f"{self.base_name}:"
-        return model[len(prefix):] if model.startswith(prefix) and len(model) > len(prefix) else model
-
     def _options(self, model: str, **options):
         """Handle options for a request of `model`: adapters carry their name as the
         multiplexed model id (unless affinity is off); the base carries none."""
@@ -196,10 +192,9 @@ class ReplicaSetHost:
     async def resolve(self, model: str | None, endpoint) -> Target:
         if not model:
             raise missing_model()
-        name = self._name(model)
+        name = requested_name(model, self.base_name)
         if name == self.base_name:
-            if endpoint == "classify":
-                raise wrong_endpoint(model, "base", endpoint)
+            check_endpoint(model, "base", endpoint)
             return Target(engine=self.engine, vllm_model=name, model=name)
         record = self.catalog.records.get(name) if self.catalog else None
         if record is None:  # not in the catalog: a replica decides (and may discover it)
@@ -208,8 +203,7 @@ class ReplicaSetHost:
                 raise model_not_found(model)
             if self.catalog is not None:  # discovered by the replica: known here until the next refresh says otherwise
                 self.catalog.records[name] = record
-        if (record.kind == "head") != (endpoint == "classify"):
-            raise wrong_endpoint(model, record.kind, endpoint)
+        check_endpoint(model, record.kind, endpoint)
         return Target(engine=self.engine, vllm_model=name, model=name, record=record)
 
     async def _call(self, response):
