@@ -162,9 +162,15 @@ async def serve_generation(raw_request: Request, endpoint: Endpoint) -> JSONResp
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest as request_cls
     request = await parse_request(raw_request, request_cls)
     target = await route(raw_request, request, endpoint)
+    return answer(await generate_with_vllm(target, endpoint, request, raw_request))
+
+
+async def generate_with_vllm(target: Target, endpoint: Endpoint, request: Any, raw_request: Request) -> Any:
+    """vLLM's chat or completion handler on the target's engine, called through `call_vllm`
+    (the request already points at vLLM's name for the model)."""
     handler = target.engine.serving(endpoint)
     create = handler.create_chat_completion if endpoint == "chat" else handler.create_completion
-    return answer(await call_vllm(create(request, raw_request), raw_request, target))
+    return await call_vllm(create(request, raw_request), raw_request, target)
 
 
 async def call_vllm(awaitable, raw_request: Request, target: Target) -> Any:

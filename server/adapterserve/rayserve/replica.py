@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from adapterserve.api.errors import from_vllm_error
-from adapterserve.api.serving import call_vllm
+from adapterserve.api.serving import call_vllm, generate_with_vllm
 from adapterserve.errors import APIError
 from adapterserve.hosting.protocol import ENDPOINT_PATHS
 from adapterserve.hosting.ray import wire
@@ -149,9 +149,7 @@ class EngineReplica:
             target = await self.host.resolve(request.model, endpoint)
             await self._lease_for(target)
             request.model = target.vllm_model
-            handler = target.engine.serving(endpoint)
-            create = handler.create_chat_completion if endpoint == "chat" else handler.create_completion
-            result = await call_vllm(create(request, raw), raw, target)
+            result = await generate_with_vllm(target, endpoint, request, raw)
             if isinstance(result, ErrorResponse):
                 raise from_vllm_error(result)
         except APIError as exc:
