@@ -1,7 +1,8 @@
 """Base-only throughput: `adapterserve serve` at its defaults versus `vllm serve` at vLLM's
 defaults on the same base (issue 19: adapterserve must not cost base-only traffic
-anything), and `vllm serve --enable-lora` with adapterserve's slot flags, which separates
-the cost of having LoRA enabled from the cost of adapterserve's own layer. Reproduce with:
+anything), `vllm serve --enable-lora` with adapterserve's slot flags, which separates the cost of
+having LoRA enabled from the cost of adapterserve's own layer, and `vllm serve
+--enforce-eager`, which separates the gain of compiled execution. Reproduce with:
 
     .venv/bin/python bench/base_vs_vllm_serve.py [--rounds 2 --requests 48 --concurrency 16 --max-tokens 32]
 
@@ -10,7 +11,7 @@ only the KV cache size given (adapterserve's 256 MiB: memory, not speed; vLLM's 
 would take 4 GiB); everything else is vLLM's default (its dtype auto, compiled execution,
 its max_num_seqs). adapterserve runs as `adapterserve serve` (demo adapters registered,
 dtype auto as measured per CPU, eager). The servers run one after the other, freshly
-started, in the order A B C, C B A per round, so a drift of the machine weighs on all.
+started, in the order A B C D, D C B A per round, so a drift of the machine weighs on all.
 Writes bench/results/base_vs_vllm_serve.json (with the CPU) and prints the table.
 """
 
@@ -43,6 +44,9 @@ def servers(base: Path, log_dir: Path) -> dict[str, callable]:
     common = ["--host", "127.0.0.1", "--model", str(base), "--served-model-name", base.name, "--kv-cache-memory-bytes", KV_BYTES]
     return {
         "vllm serve": lambda: ServerProcess(common, log_dir / "vllm.log", entry=vllm),
+        # what compiled execution gives vLLM here: with LoRA enabled its CPU platform turns
+        # compilation off (vllm/platforms/cpu.py), so adapterserve's engines always run eager
+        "vllm serve --enforce-eager": lambda: ServerProcess([*common, "--enforce-eager"], log_dir / "vllm-eager.log", entry=vllm),
         "vllm serve --enable-lora": lambda: ServerProcess(
             [*common, "--enable-lora", "--max-loras", "16", "--max-lora-rank", "8"], log_dir / "vllm-lora.log", entry=vllm
         ),
@@ -56,7 +60,7 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--only", nargs="+", help="labels to run (default: all three)")
+    parser.add_argument("--only", nargs="+", help="labels to run (default: all)")
     args = parser.parse_args()
 
     base = resolve_base_model(None, load_settings().models_dir)
