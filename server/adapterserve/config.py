@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     )
     # 16: vLLM's scheduler admits at most max_loras adapters into a batch, so with fewer
     # slots than the adapters in traffic the batch shrinks (8 adapters mixed over 4 slots:
-    # 0.64 of base-only throughput, over 16: 0.90; bench/RESULTS.md). Slots fitted to rank 8
+    # 0.64 of base-only throughput, over 16: 0.81-0.90 across runs; bench/RESULTS.md). Slots fitted to rank 8
     # cost ~12 MiB each in float32 for the embedded model.
     max_loras: int = Field(16, gt=0, description="LoRA adapters in one batch (engine slots).")
     max_lora_rank: str = Field(

@@ -153,6 +153,17 @@ def test_layout_keeps_vllms_shapes_and_writes_land_in_the_fused_tensors():
     torch.testing.assert_close(slots.b[1][2 * 8 : 3 * 8], torch.arange(32 * 8, dtype=torch.float32).view(32, 8).T)
 
 
+def test_slices_of_different_ranks_are_not_fused():
+    """The fused path views each slice's operand at one rank; vLLM never mixes ranks, and a
+    layer that did is left to vLLM's wrapper rather than misread."""
+    layer = SimpleNamespace(
+        lora_a_stacked=(torch.zeros(2, 1, 8, 64), torch.zeros(2, 1, 4, 64)),
+        lora_b_stacked=(torch.zeros(2, 1, 32, 8), torch.zeros(2, 1, 32, 4)),
+    )
+    lay_out(layer)
+    assert fused_slots(layer.lora_a_stacked, layer.lora_b_stacked) is None
+
+
 def test_a_layer_not_laid_out_goes_through_vllms_wrapper(reference_ops):
     generator = torch.Generator().manual_seed(5)
     reference_layer, _ = layers(2, 8, 64, (96,), torch.float32, generator)

@@ -73,6 +73,8 @@ def fused_slots(a_slices: tuple[torch.Tensor, ...], b_slices: tuple[torch.Tensor
     if a_all is None or a_all.dim() != 4 or not a_all.is_contiguous():
         return None
     ranks = tuple(a.shape[2] for a in a_slices)
+    if len(set(ranks)) != 1:  # vLLM gives every slice the same rank; the fused path relies on it
+        return None
     if a_all.shape[2] != sum(ranks) or any(a._base is not a_all for a in a_slices[1:]):
         return None
     b_fused = tuple(b.transpose(2, 3) for b in b_slices)

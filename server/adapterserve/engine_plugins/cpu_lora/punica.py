@@ -55,7 +55,7 @@ class StepPlan:
     single: int | None = None  # the slot every token uses (-1: no token has an adapter)
     first: int = 0  # dense: the span of slots is first .. first + mask.shape[1] - 1
     mask: torch.Tensor | None = None  # dense: [tokens, span, 1], True where the token uses the slot
-    present: tuple[int, ...] = ()  # dense: the slots the tokens use
+    present: tuple[int, ...] = ()  # the slots the tokens use (every form)
     groups: tuple[tuple[int, torch.Tensor], ...] = ()  # grouped: (slot, rows) per adapter present
 
 
@@ -66,7 +66,8 @@ def make_step_plan(indices: torch.Tensor) -> StepPlan:
     if present.numel() == 0:
         return StepPlan(0, single=-1)
     if present.numel() == 1:
-        return StepPlan(tokens, single=max(int(present[0]), -1))
+        single = max(int(present[0]), -1)
+        return StepPlan(tokens, single=single, present=() if single < 0 else (single,))
     used = present[present >= 0]
     first, last = int(used[0]), int(used[-1])
     span = last - first + 1
@@ -81,7 +82,7 @@ def make_step_plan(indices: torch.Tensor) -> StepPlan:
         if count:
             groups.append((slot, order[start : start + count]))
             start += count
-    return StepPlan(tokens, groups=tuple(groups))
+    return StepPlan(tokens, groups=tuple(groups), present=tuple(slot for slot, _ in groups))
 
 
 def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSlots,
@@ -92,15 +93,7 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
     slots are laid out in it for a bf16 model; then added into y in y's dtype. Nothing is
     computed where the batch's slots are all empty in this layer (`layout.track_live_slots`).
     Written for few tensor operations per call: this runs ~120 times per forward pass."""
-    if plan.single == -1:
-        return
-    if plan.single is not None:
-        if not slots.any_live((plan.single,)):
-            return
-    elif plan.mask is not None:
-        if not slots.any_live(plan.present):
-            return
-    elif not slots.any_live(slot for slot, _ in plan.groups):
+    if plan.single == -1 or not slots.any_live(plan.present):
         return
     compute = slots.a.dtype
     if x.dtype != compute:
@@ -126,21 +119,29 @@ def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int,
     """Every row of x through the A of every slot of the span (from `first`, `mask.shape[1]`
     slots; one slot without a mask), `mask` keeping each row's own slot; then one `addmm_`
     per slice over the span's B: the routed input is zero outside each row's slot, so each
-    row gets only its own adapter."""
-    rows, span, rank_sum = x.shape[0], 1 if mask is None else mask.shape[1], slots.rank_sum
-    every = F.linear(x, slots.a[first * rank_sum : (first + span) * rank_sum])  # [rows, span * sum of ranks]
-    routed = every.view(rows, span, rank_sum)
-    if mask is not None:
+    row gets only its own adapter.
+
+    Written for few tensor operations, each of which costs about as much as the arithmetic
+    at decode sizes: each slice's [rows, span * rank] operand is a view, never a copy (one
+    slot: a strided view of the shrink's output; several: the masked select writes its
+    result slice-major)."""
+    rows, span, rank = x.shape[0], 1 if mask is None else mask.shape[1], slots.ranks[0]
+    count = len(slots.ranks)  # slices, all of the same rank (`fused_slots`)
+    every = F.linear(x, slots.a[first * slots.rank_sum : (first + span) * slots.rank_sum])  # [rows, span * count * rank]
+    if mask is None:
+        routed = every.view(rows, count, rank).transpose(0, 1)  # [count, rows, rank]
+    else:
         # select, not multiply: 0 * NaN is NaN, so a multiply would carry one slot's
         # non-finite values into every other token of the batch
-        routed = torch.where(mask, routed, 0.0)
+        routed = torch.empty(count, rows, span, rank, dtype=every.dtype, device=every.device)
+        zero = torch.zeros((), dtype=every.dtype, device=every.device)
+        torch.where(mask, every.view(rows, span, count, rank).permute(2, 0, 1, 3), zero, out=routed)
+        routed = routed.view(count, rows, span * rank)
     if scale != 1.0:
-        routed.mul_(scale)  # a tensor of its own (or a view of `every`, which is)
-    rank_start, out_start = 0, 0
-    for b, rank, size in zip(slots.b, slots.ranks, output_slices):
-        part = routed if len(slots.ranks) == 1 else routed[:, :, rank_start : rank_start + rank]
-        y[:, out_start : out_start + size].addmm_(part.reshape(rows, span * rank), b[first * rank : (first + span) * rank])
-        rank_start += rank
+        routed = routed * scale
+    out_start = 0
+    for i, (b, size) in enumerate(zip(slots.b, output_slices)):
+        y[:, out_start : out_start + size].addmm_(routed[i], b[first * rank : (first + span) * rank])
         out_start += size
 
 
