@@ -78,6 +78,9 @@ def random_case(seed):
         lora_ids = [rng.randint(0, slots)] * tokens
     elif rng.random() < 0.3:  # sequences: runs of one adapter, as in a prefill
         lora_ids = sorted(lora_ids)
+    elif rng.random() < 0.4:  # a few adapters in slots with gaps between them (the gathered dense form)
+        chosen = rng.sample(range(1, slots + 1), min(slots, rng.randint(2, 4)))
+        lora_ids = [rng.choice(chosen + [0]) for _ in range(tokens)]
     return dict(
         tokens=tokens, slots=slots, in_features=in_features, lora_ids=lora_ids,
         rank=rng.choice([8, 16, 32, 64]), slices=rng.choice(SLICES),
@@ -111,14 +114,18 @@ def test_each_form_is_chosen_by_the_size_of_the_batch():
     assert plan(torch.tensor([2, 2, 2])).single == 2
     assert plan(torch.tensor([-1, -1])).single == -1
     assert plan(torch.tensor([], dtype=torch.long)).single == -1  # an empty batch: nothing to apply
-    dense = plan(torch.tensor([3, -1, 5, 3]))
-    assert (dense.first, dense.mask.shape) == (3, (4, 3, 1))  # the span of slots 3..5
-    assert dense.mask[:, :, 0].tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0]]
-    span = punica.SPAN_DENSE_MAX_SLOTS + 1
-    tokens = punica.SPAN_DENSE_MAX_WORK // span + 1  # over a wider span: just above the dense limit
-    grouped = plan(torch.tensor([0, span - 1] * (tokens // 2 + 1) + [-1]))
-    assert grouped.mask is None and [slot for slot, _ in grouped.groups] == [0, span - 1]
-    assert sum(rows.numel() for _, rows in grouped.groups) == 2 * (tokens // 2 + 1)  # not the -1 token
+    dense = plan(torch.tensor([3, -1, 4, 3]))
+    assert (dense.first, dense.mask.shape, dense.gather) == (3, (4, 2, 1), None)  # slots 3..4, read in place
+    assert dense.mask[:, :, 0].tolist() == [[1, 0], [0, 0], [0, 1], [1, 0]]
+    gaps = plan(torch.tensor([3, -1, 9, 3]))  # slots 3 and 9: gathered, not the span 3..9
+    assert gaps.gather.tolist() == [3, 9] and gaps.mask[:, :, 0].tolist() == [[1, 0], [0, 0], [0, 1], [1, 0]]
+    assert plan(torch.tensor([3, 5] * 8)).gather is None  # a small gap in a decode batch: read in place
+    assert plan(torch.tensor([3, 5] * punica.GATHER_ANY_GAP_TOKENS)).gather.tolist() == [3, 5]  # in a prefill: gathered
+    count = punica.SPAN_DENSE_MAX_SLOTS + 1
+    tokens = punica.SPAN_DENSE_MAX_WORK // count + 1  # more slots in use: just above the dense limit
+    grouped = plan(torch.tensor(list(range(count)) * (tokens // count + 1) + [-1]))
+    assert grouped.mask is None and [slot for slot, _ in grouped.groups] == list(range(count))
+    assert sum(rows.numel() for _, rows in grouped.groups) == count * (tokens // count + 1)  # not the -1 token
     narrow = plan(torch.tensor([0, 1] * 2048))  # 2 slots: dense at any size
     assert narrow.mask is not None and narrow.mask.shape == (4096, 2, 1) and narrow.present == (0, 1)
 

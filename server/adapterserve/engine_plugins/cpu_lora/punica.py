@@ -35,16 +35,26 @@ from .ops import bgmv_expand, bgmv_shrink
 
 log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")  # configured by vLLM in its processes
 
-# Dense form: every token times every slot of the span of slots present, in one matmul per
-# side, a 0/1 mask keeping each token's own slot. Its work grows with tokens x slots in
-# the span; above this the tokens are grouped by adapter instead (one matmul per adapter
-# present). Measured per decoder layer, rank 8, fp32 (bench/cpu_lora_layers.py) on an AVX2
+# Dense form: every token times every slot in use (the span of them, or those gathered,
+# below), in one matmul per side, a 0/1 mask keeping each token's own slot. Its work grows
+# with tokens x slots; above this the tokens are grouped by adapter instead (one matmul per
+# adapter present). Measured per decoder layer, rank 8, fp32 (bench/cpu_lora_layers.py) on an AVX2
 # EPYC and an AVX512 Xeon: grouping wins only from 8 slots in the span and 256 tokens.
-SPAN_DENSE_MAX_WORK = 1024  # tokens x slots in the span (ops.py's DENSE_MAX_WORK counts slots present)
-# ...and up to 4 slots in the span dense is as fast or faster at every size measured (1024
+SPAN_DENSE_MAX_WORK = 1024  # tokens x slots in use (ops.py's DENSE_MAX_WORK counts them too)
+# ...and up to 4 slots in use dense is as fast or faster at every size measured (1024
 # tokens over 4 slots: 9.6 against 13.1 ms on the Xeon, 15.5 against 15.3 on the EPYC;
 # over 2 slots 7.5 against 10.8, 9.0 against 13.6): prefills of a few adapters stay dense.
 SPAN_DENSE_MAX_SLOTS = 4
+# Slots are taken and freed as adapters come and go, so the slots a batch uses can lie far
+# apart (3, 9, 15). The dense form reads its span in place while it is at most this many
+# times the slots in use, and gathers (copies) the slots in use beyond: a decode step is
+# bound by the bytes it reads. Measured over 30 SmolLM2 layers, 16 tokens, on the AVX512
+# Xeon (bench/lora_slot_gaps.py): slots 0, 7, 15 in place 29.5 ms, gathered 19.4; slots 0
+# and 2 in place 14.2, gathered 19.7; every other slot of 16 (span 15 for 8) even.
+GATHER_SPAN_OVER = 2
+# From this many tokens any gap is gathered: the arithmetic over the unused slots of the
+# span then outweighs the copy (slots 0 and 2: 128 tokens even, 256 tokens 48 vs 34 ms).
+GATHER_ANY_GAP_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class StepPlan:
     single: int | None = None  # the slot every token uses (-1: no token has an adapter)
     first: int = 0  # dense: the span of slots is first .. first + mask.shape[1] - 1
     mask: torch.Tensor | None = None  # dense: [tokens, span, 1], True where the token uses the slot
+    gather: torch.Tensor | None = None  # dense over slots with gaps between them: those slots (mask: [tokens, count, 1])
     present: tuple[int, ...] = ()  # the slots the tokens use (every form)
     groups: tuple[tuple[int, torch.Tensor], ...] = ()  # grouped: (slot, rows) per adapter present
 
@@ -69,12 +80,14 @@ def make_step_plan(indices: torch.Tensor) -> StepPlan:
         single = max(int(present[0]), -1)
         return StepPlan(tokens, single=single, present=() if single < 0 else (single,))
     used = present[present >= 0]
-    first, last = int(used[0]), int(used[-1])
+    first, last, count = int(used[0]), int(used[-1]), used.numel()
     span = last - first + 1
-    if span <= SPAN_DENSE_MAX_SLOTS or tokens * span <= SPAN_DENSE_MAX_WORK:
-        slots = torch.arange(first, last + 1, dtype=indices.dtype)
+    if count <= SPAN_DENSE_MAX_SLOTS or tokens * count <= SPAN_DENSE_MAX_WORK:
+        # the span read in place, or the slots in use gathered when they lie far apart
+        gaps = span > count and (span > GATHER_SPAN_OVER * count or tokens >= GATHER_ANY_GAP_TOKENS)
+        slots = used if gaps else torch.arange(first, last + 1, dtype=indices.dtype)
         mask = (indices.unsqueeze(1) == slots.unsqueeze(0)).unsqueeze(2)
-        return StepPlan(tokens, first=first, mask=mask, present=tuple(used.tolist()))
+        return StepPlan(tokens, first=first, mask=mask, gather=used if gaps else None, present=tuple(used.tolist()))
     order = torch.argsort(indices, stable=True)
     counts = torch.bincount(indices[order] + 1)  # +1: -1 counts at 0
     groups, start = [], int(counts[0])  # the -1 tokens come first in the order
@@ -109,13 +122,13 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
             _apply_span(part, x.index_select(0, rows), slots, slot, None, scale, output_slices)
             out.index_add_(0, rows, part)
     else:
-        _apply_span(out, x, slots, plan.first, plan.mask, scale, output_slices)
+        _apply_span(out, x, slots, plan.first, plan.mask, scale, output_slices, plan.gather)
     if out is not y:
         y.add_(out)
 
 
 def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int, mask: torch.Tensor | None,
-                scale: float, output_slices: tuple[int, ...]) -> None:
+                scale: float, output_slices: tuple[int, ...], gather: torch.Tensor | None = None) -> None:
     """Every row of x through the A of every slot of the span (from `first`, `mask.shape[1]`
     slots; one slot without a mask), `mask` keeping each row's own slot; then one `addmm_`
     per slice over the span's B: the routed input is zero outside each row's slot, so each
@@ -127,7 +140,13 @@ def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int,
     result slice-major)."""
     rows, span, rank = x.shape[0], 1 if mask is None else mask.shape[1], slots.ranks[0]
     count = len(slots.ranks)  # slices, all of the same rank (`fused_slots`)
-    every = F.linear(x, slots.a[first * slots.rank_sum : (first + span) * slots.rank_sum])  # [rows, span * count * rank]
+    if gather is None:
+        a = slots.a[first * slots.rank_sum : (first + span) * slots.rank_sum]
+        bs = [b[first * rank : (first + span) * rank] for b in slots.b]
+    else:  # the slots in `gather` (a copy), one after the other as in a span
+        a = slots.a.view(-1, slots.rank_sum, slots.a.shape[1]).index_select(0, gather).view(-1, slots.a.shape[1])
+        bs = [b.view(-1, rank, b.shape[1]).index_select(0, gather).view(-1, b.shape[1]) for b in slots.b]
+    every = F.linear(x, a)  # [rows, span * count * rank]
     if mask is None:
         routed = every.view(rows, count, rank).transpose(0, 1)  # [count, rows, rank]
     else:
@@ -140,8 +159,8 @@ def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int,
     if scale != 1.0:
         routed = routed * scale
     out_start = 0
-    for i, (b, size) in enumerate(zip(slots.b, output_slices)):
-        y[:, out_start : out_start + size].addmm_(routed[i], b[first * rank : (first + span) * rank])
+    for i, (b, size) in enumerate(zip(bs, output_slices)):
+        y[:, out_start : out_start + size].addmm_(routed[i], b)
         out_start += size
 
 
