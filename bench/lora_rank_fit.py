@@ -12,7 +12,10 @@ defaults, for server variants one after the other:
 Reproduce with:
 
     .venv/bin/python bench/lora_rank_fit.py [--variants rank64 auto preload] [--adapters 1 3 8]
-        [--rounds 2] [--requests 48 --concurrency 16 --max-tokens 32] [--out NAME.json]
+        [--rounds 2] [--requests 48 --concurrency 16 --max-tokens 32] [--out NAME.json] [--spread]
+
+`--spread` adds a scenario of 3 adapters in engine slots far apart (0, 7, 15), as they end
+up once adapters have come and gone.
 
 Writes bench/results/lora_rank_fit.json (or --out) (with this machine's CPU and served dtype) and
 prints the table.
@@ -100,7 +103,10 @@ async def measure(name: str, store: Path, names: list[str], base: str, args, log
     try:
         engines = httpx.get(f"{server.url}/admin/engines", headers={"authorization": f"Bearer {ADMIN}"}, timeout=30).json()
         engine_rank = next(e["max_lora_rank"] for e in engines["engines"] if e["name"] == "generate")
-        results = await base_and_mixed_rounds(f"{server.url}/v1", base, names, args, name)
+        extra = ()
+        if args.spread:  # 3 adapters in slots far apart (0, 7, 15): the slots of 16 adapters asked in order
+            extra = (("3 adapters in slots 0, 7, 15", [names[0], names[7], names[15]]),)
+        results = await base_and_mixed_rounds(f"{server.url}/v1", base, names, args, name, extra)
         time.sleep(2)  # a metrics reading after the workload
         return {
             "variant": name, "flags": flags, "env": env, "engine_max_lora_rank": engine_rank, "slot_bytes": slot_bytes(server.url),
@@ -119,6 +125,7 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", default="lora_rank_fit.json", help="file name under bench/results")
+    parser.add_argument("--spread", action="store_true", help="also 3 adapters in slots far apart (16 adapters stored)")
     args = parser.parse_args()
 
     settings = load_settings()
@@ -129,7 +136,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         store.mkdir()
-        names = make_store(demo, store, max(args.adapters))
+        names = make_store(demo, store, max(*args.adapters, 16 if args.spread else 0))
         for name in args.variants:
             runs.append(await measure(name, store, names, base_path.name, args, Path(tmp) / f"server-{name}.log"))
     report = {"machine": machine(), "workload": vars(args), "server_flags": "defaults (--max-loras 16 --max-cpu-loras 16)", "runs": runs}
@@ -137,8 +144,9 @@ async def main() -> None:
     out.mkdir(exist_ok=True)
     (out / args.out).write_text(json.dumps(report, indent=2))
     print(f"\n{report['machine']}")
-    print("| variant | engine rank | slot memory MiB | base tok/s | " + " | ".join(f"{n} adapters tok/s (vs base)" for n in args.adapters) + " |")
-    print("|---|---|---|---|" + "---|" * len(args.adapters))
+    scenarios = [row["scenario"] for row in runs[0]["results"][1:]]
+    print("| variant | engine rank | slot memory MiB | base tok/s | " + " | ".join(f"{s} tok/s (vs base)" for s in scenarios) + " |")
+    print("|---|---|---|---|" + "---|" * len(scenarios))
     for run in runs:
         base, *mixed = run["results"]
         cells = [f"{m['tokens_per_second']} ({m['tokens_per_second'] / base['tokens_per_second']:.2f})" for m in mixed]

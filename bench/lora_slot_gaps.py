@@ -38,8 +38,9 @@ from adapterserve.engine_plugins.cpu_lora.layout import fused_slots, lay_out  # 
 # (in features, output slices) of the four LoRA linear layers of one SmolLM2-135M decoder layer
 LAYERS = [(576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (576,))]
 DECODER_LAYERS, SLOTS, RANK = 30, 16, 8
-CASES = [  # (tokens, slots in use)
-    (16, (0, 1, 2)), (16, (0, 2)), (16, (0, 1, 3)), (16, (0, 7, 15)), (16, (0, 15)),
+CASES = [  # (tokens, slots in use); the first: what each more adapter in a decode batch costs
+    (16, (0,)), (16, (0, 1, 2)), (16, tuple(range(8))), (16, tuple(range(16))),
+    (16, (0, 2)), (16, (0, 1, 3)), (16, (0, 7, 15)), (16, (0, 15)),
     (16, tuple(range(0, 16, 2))), (64, (0, 7, 15)), (256, (0, 7, 15)),
     (64, (0, 2)), (128, (0, 2)), (256, (0, 2)), (1024, (0, 2)), (1024, (0, 1, 3)),
 ]
@@ -105,7 +106,8 @@ def main() -> None:
             for name in plans if repeat % 2 else reversed(list(plans)):
                 times[name].append(step_ms(model, plans[name], tokens))
         row = {"tokens": tokens, "slots": list(used), **{f"{name}_ms": round(statistics.median(t), 2) for name, t in times.items()},
-               "chosen": "grouped" if chosen.mask is None else "gathered" if chosen.gather is not None else "in place"}
+               "chosen": "one adapter" if chosen.single is not None else "grouped" if chosen.mask is None
+               else "gathered" if chosen.gather is not None else "in place"}
         rows.append(row)
         print(row, flush=True)
     report = {"machine": machine(), "threads": args.threads, "decoder_layers": DECODER_LAYERS, "rows": rows}

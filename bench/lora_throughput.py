@@ -72,11 +72,16 @@ def mean_row(scenario: str, rows: list[dict]) -> dict:
             "ttft_p99_ms": mean("ttft_p99_ms"), "rounds_tokens_per_second": [row["tokens_per_second"] for row in rows]}
 
 
-async def base_and_mixed_rounds(url: str, base: str, names: list[str], args, label: str) -> list[dict]:
-    """Base-only, then 1..n adapters mixed, `args.rounds` times (so that the machine's drift
-    hits base and adapters alike); the mean row of each scenario."""
+async def base_and_mixed_rounds(url: str, base: str, names: list[str], args, label: str,
+                                extra: tuple[tuple[str, list[str]], ...] = ()) -> list[dict]:
+    """Base-only, then 1..n adapters mixed, then the `extra` scenarios, `args.rounds` times
+    (so that the machine's drift hits base and adapters alike); the mean row of each scenario.
+    The adapters are first asked one at a time in the order of `names`, so that the engine
+    puts them in its slots in that order (vLLM takes the first free slot)."""
     await run_workload(url, [base], 4, 4, 8, "warm-up")
-    scenarios = [("base only", [base])] + [(f"{n} adapters", names[:n]) for n in args.adapters]
+    for name in names:
+        await run_workload(url, [name], 1, 1, 1, "slot order")
+    scenarios = [("base only", [base])] + [(f"{n} adapters", names[:n]) for n in args.adapters] + list(extra)
     rounds: dict[str, list[dict]] = {scenario: [] for scenario, _ in scenarios}
     for _ in range(args.rounds):
         for scenario, models in scenarios:
