@@ -7,10 +7,11 @@ so the flags, the YAML keys and the ADAPTERSERVE_* variables always agree.
 
 from __future__ import annotations
 
-import os
-
+import errno
 import inspect
 import logging
+import os
+import socket
 import types
 import typing
 from enum import Enum
@@ -24,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import Settings, load_settings
+from .process import PORT_IN_USE_EXIT
 
 app = typer.Typer(help="Serve one base LLM with many adapters, or each fine-tuned model on its own.", no_args_is_help=True)
 models_app = typer.Typer(help="Base model preparation.", no_args_is_help=True)
@@ -98,13 +100,33 @@ def serve(**flags: Any) -> None:
     if settings.ray:
         _serve_on_ray(settings)
         return
-    uvicorn.run(
+    listening = claim_port(settings.host, settings.port)
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,  # in-flight requests get this long after SIGTERM
     )
+    uvicorn.Server(config).run(sockets=[listening])
+
+
+def claim_port(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the engines start. uvicorn binds only after the
+    app's start-up (~30-60 s of engine start on 2 cores): a port in use failed only then,
+    and in that minute another process could take a free port (vLLM's engines pick free
+    ports of their own). Connections are accepted once the server is ready (uvicorn
+    listens on this socket after the start-up)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host, port))
+    except OSError as exc:
+        listening.close()
+        console.print(f"[red]cannot listen on {escape(host)}:{port}:[/red] {escape(exc.strerror or str(exc))}")
+        raise typer.Exit(PORT_IN_USE_EXIT if exc.errno == errno.EADDRINUSE else 1) from None
+    return listening
 
 
 def _serve_on_ray(settings: Settings) -> None:

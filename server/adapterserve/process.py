@@ -19,6 +19,12 @@ import httpx
 import psutil
 
 
+# `adapterserve serve` exits with this when its port is taken (EADDRINUSE on Linux): a
+# free port picked here can be taken by another process before the server binds it.
+PORT_IN_USE_EXIT = 98
+PORT_ATTEMPTS = 3
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -30,21 +36,35 @@ class ServerProcess:
     OpenAI-compatible server taking --port (the benchmarks run vLLM's own)."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None, entry: tuple[str, ...] = ("adapterserve", "serve")):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.entry, self.server_args = entry, args
         self.log_path = log_path
-        self.args = [sys.executable, "-m", *entry, "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
+        self._pick_port()
 
-    def start(self, timeout: float = 600) -> "ServerProcess":
-        self.log = open(self.log_path, "w")
+    def _pick_port(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", *self.entry, "--port", str(self.port), *self.server_args]
+
+    def _spawn(self, log_mode: str) -> None:
+        self.log = open(self.log_path, log_mode)
         self.process = subprocess.Popen(
             self.args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+    def start(self, timeout: float = 600) -> "ServerProcess":
+        self._spawn("w")
         deadline = time.monotonic() + timeout
+        attempts = 1
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if self.process.returncode == PORT_IN_USE_EXIT and attempts < PORT_ATTEMPTS:
+                    attempts += 1  # the port was taken after it was picked: another one
+                    self.log.close()
+                    self._pick_port()
+                    self._spawn("a")
+                    continue
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
