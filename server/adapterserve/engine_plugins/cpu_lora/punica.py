@@ -130,32 +130,32 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
 def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int, mask: torch.Tensor | None,
                 scale: float, output_slices: tuple[int, ...], gather: torch.Tensor | None = None) -> None:
     """Every row of x through the A of every slot of the span (from `first`, `mask.shape[1]`
-    slots; one slot without a mask), `mask` keeping each row's own slot; then one `addmm_`
-    per slice over the span's B: the routed input is zero outside each row's slot, so each
-    row gets only its own adapter.
+    slots; one slot without a mask; or the slots in `gather`), `mask` keeping each row's own
+    slot; then one `addmm_` per slice over those slots' B: the routed input is zero outside
+    each row's slot, so each row gets only its own adapter.
 
     Written for few tensor operations, each of which costs about as much as the arithmetic
     at decode sizes: each slice's [rows, span * rank] operand is a view, never a copy (one
     slot: a strided view of the shrink's output; several: the masked select writes its
     result slice-major)."""
     rows, span, rank = x.shape[0], 1 if mask is None else mask.shape[1], slots.ranks[0]
-    count = len(slots.ranks)  # slices, all of the same rank (`fused_slots`)
+    slices = len(slots.ranks)  # all of the same rank (`fused_slots`)
     if gather is None:
         a = slots.a[first * slots.rank_sum : (first + span) * slots.rank_sum]
         bs = [b[first * rank : (first + span) * rank] for b in slots.b]
     else:  # the slots in `gather` (a copy), one after the other as in a span
         a = slots.a.view(-1, slots.rank_sum, slots.a.shape[1]).index_select(0, gather).view(-1, slots.a.shape[1])
         bs = [b.view(-1, rank, b.shape[1]).index_select(0, gather).view(-1, b.shape[1]) for b in slots.b]
-    every = F.linear(x, a)  # [rows, span * count * rank]
+    every = F.linear(x, a)  # [rows, span * slices * rank]
     if mask is None:
-        routed = every.view(rows, count, rank).transpose(0, 1)  # [count, rows, rank]
+        routed = every.view(rows, slices, rank).transpose(0, 1)  # [slices, rows, rank]
     else:
         # select, not multiply: 0 * NaN is NaN, so a multiply would carry one slot's
         # non-finite values into every other token of the batch
-        routed = torch.empty(count, rows, span, rank, dtype=every.dtype, device=every.device)
+        routed = torch.empty(slices, rows, span, rank, dtype=every.dtype, device=every.device)
         zero = torch.zeros((), dtype=every.dtype, device=every.device)
-        torch.where(mask, every.view(rows, span, count, rank).permute(2, 0, 1, 3), zero, out=routed)
-        routed = routed.view(count, rows, span * rank)
+        torch.where(mask, every.view(rows, span, slices, rank).permute(2, 0, 1, 3), zero, out=routed)
+        routed = routed.view(slices, rows, span * rank)
     if scale != 1.0:
         routed = routed * scale
     out_start = 0
