@@ -7,7 +7,10 @@ defaults, for server variants one after the other:
 - `float32`, `bfloat16`: the default with the dtype set instead of auto;
 - `loras<N>`, e.g. `loras8`: the default with N engine slots (`--max-loras N`);
 - `preload`: the default with tcmalloc and Intel OpenMP preloaded in the engine processes
-  (vLLM's CPU guide; `LD_PRELOAD`), where the libraries are on this machine.
+  (vLLM's CPU guide; `LD_PRELOAD`), where the libraries are on this machine;
+- `allcores`: the default with no core reserved for vLLM's scheduler and the API server
+  (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`): the worker's threads bound to every core, where
+  vLLM binds them to all cores but one.
 
 Reproduce with:
 
@@ -91,6 +94,8 @@ def variant(name: str) -> tuple[list[str], dict]:
         if libraries is None:
             raise SystemExit("no tcmalloc / libiomp5 to preload on this machine")
         return [], {"LD_PRELOAD": libraries}
+    if name == "allcores":
+        return [], {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     raise SystemExit(f"unknown variant {name}")
 
 

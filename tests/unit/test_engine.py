@@ -66,3 +66,60 @@ def test_restart_backoff_doubles_while_an_engine_keeps_dying_and_resets_after_a_
     backoff.started()
     now[0] += 1.0
     assert backoff.wait_s() == 2.0
+
+
+def test_engines_start_together_and_the_first_failure_is_raised_once_all_have_ended():
+    from adapterserve.hosting.engine import start_together
+
+    async def scenario():
+        began = {name: asyncio.Event() for name in ("generate", "classify", "broken")}
+        ended = []
+
+        async def start(name, other, fail=False):
+            began[name].set()
+            await asyncio.wait_for(began[other].wait(), 2)  # times out unless the other runs meanwhile
+            if fail:
+                raise RuntimeError(f"{name} did not start")
+            await asyncio.sleep(0.2)
+            ended.append(name)
+
+        await start_together([start("generate", "classify"), start("classify", "generate")])
+        assert sorted(ended) == ["classify", "generate"]
+        ended.clear()
+        began["generate"].clear()
+        try:
+            await start_together([start("broken", "generate", fail=True), start("generate", "broken")])
+        except RuntimeError as exc:
+            return str(exc), ended
+        return None, ended
+
+    raised, ended = asyncio.run(scenario())
+    assert raised == "broken did not start"
+    assert ended == ["generate"]  # raised only after the other start had ended
+
+
+def test_the_shared_host_starts_its_generate_and_classify_engines_together(settings, registry, tiny_base, store):
+    from adapterserve.hosting.shared import SharedBaseHost
+    from tests.adapter_factory import _head
+    from tests.fakes import FakeEngine
+    from tests.unit.conftest import HIDDEN
+
+    _head(store, tiny_base, "sentiment", (2, HIDDEN), labels=["negative", "positive"])
+    registry.scan()
+    events = []
+
+    class SlowStartEngine(FakeEngine):
+        async def start(self):
+            events.append(("begin", self.name))
+            await asyncio.sleep(0.1)
+            await super().start()
+            events.append(("end", self.name))
+
+    async def scenario():
+        host = SharedBaseHost(settings, tiny_base.path, tiny_base.name, registry, engine_factory=SlowStartEngine)
+        await host.start()
+        await host.stop()
+
+    asyncio.run(scenario())
+    assert [kind for kind, _ in events] == ["begin", "begin", "end", "end"]
+    assert {name for _, name in events} == {"generate", "classify"}

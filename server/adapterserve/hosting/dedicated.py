@@ -20,7 +20,7 @@ from pathlib import Path
 from adapterserve.config import Settings
 from adapterserve.errors import APIError, engine_unavailable, model_not_found
 
-from .engine import EngineSpec, VllmEngine
+from .engine import EngineSpec, VllmEngine, start_together
 from .protocol import (
     ENGINE_RUNTIME_BYTES, GiB, Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model,
 )
@@ -137,8 +137,7 @@ class DedicatedHost:
 
     async def start(self) -> None:
         self.check_budget()
-        for model in list(self.models.values())[: self.max_resident]:
-            await self._start_engine(model)
+        await start_together(self._start_engine(model) for model in list(self.models.values())[: self.max_resident])
         self._monitor = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:

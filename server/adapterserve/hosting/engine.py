@@ -139,6 +139,22 @@ def _construct_in_thread(construct) -> concurrent.futures.Future:
     return future
 
 
+async def start_together(starts) -> None:
+    """Await engine starts (coroutines) at the same time and return once every one has
+    ended; the first failure is raised then (the caller's stop stops every engine, started
+    or not).
+
+    An engine's start is mostly its spawned processes importing torch and vLLM: measured on
+    2 cores, the generate and classify engines of a server started together in 39-41 s,
+    one after the other in 54-57 s (the server ready in 52-56 s instead of 67-71). vLLM sets
+    the same environment for every engine it starts in a process, so the starts do not
+    disturb each other."""
+    outcomes = await asyncio.gather(*starts, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
 def _reap(name: str, processes: list[psutil.Process], wait_s: float) -> None:
     """Wait for the processes to exit; kill (by process id) those that outlive `wait_s`.
     psutil.Process objects remember their start time: a process id reused since is never

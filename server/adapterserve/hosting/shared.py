@@ -39,7 +39,7 @@ from adapterserve.registry.store import Registry
 
 from . import discovery, lora_table
 from .backoff import Backoff
-from .engine import EngineSpec, VllmEngine
+from .engine import EngineSpec, VllmEngine, start_together
 from .protocol import Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model, requested_name
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,6 @@ class SharedBaseHost:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.generate = self._new_engine(self._spec("generate", "generate"))
-        await self.generate.start()
         heads = [r for r in self.registry.adapters.values() if r.kind == "head"]
         if heads:
             widest = max(len(r.labels) for r in heads)
@@ -115,7 +114,7 @@ class SharedBaseHost:
                     log_stats=False,  # the generate engine keeps reporting vLLM's metrics
                 )
             )
-            await self.classify.start()
+        await start_together(e.start() for e in (self.generate, self.classify) if e is not None)
         for name in sorted(self.pinned - set(self.registry.adapters)):
             log.warning("pinned adapter %r is not in the stores (or was refused); nothing to pin", name)
         self._signatures = await asyncio.to_thread(discovery.store_signatures, self.registry.stores)
