@@ -181,6 +181,12 @@ class Settings(BaseSettings):
         description="On the CPU, replace vLLM's per-token LoRA path by adapterserve's: copy-free ops, "
         "fused layer slots, one call per layer (a vLLM plugin active in every engine process).",
     )
+    engine_reserved_cpus: int | None = Field(
+        None, ge=0,
+        description="CPUs vLLM keeps free of an engine worker's threads for its scheduler and the API server "
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU). Unset: that variable if set, else none on machines with at most 2 CPUs "
+        "(measured faster there), vLLM's default of 1 on larger ones.",
+    )
     enforce_eager: bool = Field(True, description="Skip graph compilation (faster start-up on CPU).")
     engine_start_timeout_s: float = Field(
         600.0, gt=0, description="Seconds to wait for an engine to become ready."

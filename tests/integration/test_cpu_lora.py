@@ -108,6 +108,19 @@ def test_base_requests_batched_with_adapters_keep_the_base_output(client, async_
 
 def test_the_engine_applies_lora_layers_fused(client, server):
     """The greedy tests above ran on the fused path, not on vLLM's wrapper."""
+    served_greedy(client, DEMO[0], question(QUESTIONS[0]))  # the wrapper logs at its first LoRA layer
     log = server.log_path.read_text()
     assert "fused CPU LoRA layers: active" in log
     assert "NOT laid out" not in log
+
+
+def test_the_engine_worker_threads_are_bound_as_the_rule_says(server):
+    """No CPU reserved on a machine of at most 2 (hosting/cpu_cores.py), vLLM's 1 above."""
+    import os
+
+    from adapterserve.hosting.cpu_cores import ENV_RESERVED, reserved_cpus
+
+    expected = reserved_cpus(None)
+    if expected is None:  # vLLM's: the operator's variable, or 1 per worker
+        expected = int(os.environ.get(ENV_RESERVED, "1"))
+    assert f"reserve_cpu_num={expected}" in server.log_path.read_text()

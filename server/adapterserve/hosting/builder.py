@@ -14,6 +14,7 @@ from pathlib import Path
 
 from adapterserve.config import Settings
 
+from .cpu_cores import apply_reserved_cpus
 from .protocol import Host, HostObserver
 
 
@@ -24,6 +25,7 @@ def build_host(settings: Settings, observer: HostObserver | None = None) -> Host
     # vLLM loads the CPU LoRA plugin in each engine process; they inherit this switch
     # (vLLM passes no per-engine setting to its plugins).
     os.environ[ENV_SWITCH] = "1" if settings.grouped_lora_ops else "0"
+    apply_reserved_cpus(settings.engine_reserved_cpus)
     if settings.mode.value == "dedicated" and settings.dedicated_models:
         from .dedicated import DedicatedHost, discover_models
 

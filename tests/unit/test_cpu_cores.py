@@ -1,0 +1,36 @@
+"""How many CPUs vLLM keeps free of an engine worker's threads (hosting/cpu_cores.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from adapterserve.hosting import cpu_cores
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, 0), (2, 0), (3, None), (64, None)])
+def test_none_reserved_on_small_machines_vllms_default_on_larger(monkeypatch, cpus, expected):
+    monkeypatch.delenv(cpu_cores.ENV_RESERVED, raising=False)
+    monkeypatch.setattr(cpu_cores, "usable_cpus", lambda: cpus)
+    assert cpu_cores.reserved_cpus(None) == expected
+
+
+def test_the_setting_then_the_operators_variable_win(monkeypatch):
+    monkeypatch.setattr(cpu_cores, "usable_cpus", lambda: 2)
+    monkeypatch.setenv(cpu_cores.ENV_RESERVED, "1")
+    assert cpu_cores.reserved_cpus(None) is None  # left to vLLM, which reads the variable
+    cpu_cores.apply_reserved_cpus(None)
+    assert os.environ[cpu_cores.ENV_RESERVED] == "1"
+    cpu_cores.apply_reserved_cpus(0)
+    assert os.environ[cpu_cores.ENV_RESERVED] == "0"
+
+
+def test_the_setting_is_a_flag_and_refuses_negative_counts():
+    from pydantic import ValidationError
+
+    from adapterserve.config import Settings
+
+    assert Settings(engine_reserved_cpus=1).engine_reserved_cpus == 1
+    with pytest.raises(ValidationError):
+        Settings(engine_reserved_cpus=-1)
