@@ -232,18 +232,21 @@ def test_float32_slots_of_a_bf16_model_compute_the_delta_in_float32(lora_ids):
 
 
 def tracked_layer(slots, rank, in_features, slices):
-    """A laid-out layer written through vLLM's own `set_lora` / `reset_lora` (of its merged
-    column layer: a list of slices, None for a slice the adapter does not train)."""
+    """A laid-out layer written through vLLM's own `set_lora` / `reset_lora`: of its merged
+    column layer (a list of slices, None for a slice the adapter does not train), or for
+    one slice of its base layer (o_proj, down_proj: one tensor each)."""
     from types import MethodType
 
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
 
     from adapterserve.engine_plugins.cpu_lora.layout import track_live_slots
 
     layer = vllm_layer(slots, rank, in_features, slices, torch.float32)
     layer.n_slices, layer.tp_size = len(slices), 1
-    layer.set_lora = MethodType(MergedColumnParallelLinearWithLoRA.set_lora, layer)
-    layer.reset_lora = MethodType(MergedColumnParallelLinearWithLoRA.reset_lora, layer)
+    vllm_class = BaseLinearLayerWithLoRA if len(slices) == 1 else MergedColumnParallelLinearWithLoRA
+    layer.set_lora = MethodType(vllm_class.set_lora, layer)
+    layer.reset_lora = MethodType(vllm_class.reset_lora, layer)
     lay_out(layer)
     track_live_slots(layer)
     return layer
@@ -287,6 +290,30 @@ def test_slots_empty_in_a_layer_are_skipped_and_the_others_still_apply(lora_ids,
     untouched = start.clone()
     dead.add_lora_linear(untouched, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
     assert dead._plan is not None and not calls and torch.equal(untouched, start)
+
+
+def test_a_layer_of_one_slice_an_adapter_does_not_train_is_skipped(reference_ops, monkeypatch):
+    """o_proj and down_proj are layers of one slice: vLLM resets their slot for an adapter
+    that trains q and v only (most adapters, every demo head). The fused path must see that
+    slot empty and compute nothing, and still apply the slot that trains the layer."""
+    generator = torch.Generator().manual_seed(17)
+    layer = tracked_layer(2, 8, 64, (48,))
+    layer.set_lora(0, torch.randn(8, 64, generator=generator), torch.randn(48, 8, generator=generator))
+    layer.reset_lora(1)  # as vLLM's activate_adapter does for a module the adapter lacks
+    assert fused_slots(layer.lora_a_stacked, layer.lora_b_stacked).live == [True, False]
+    x, start = torch.randn(4, 64, generator=generator), torch.randn(4, 48, generator=generator)
+    calls = []
+    monkeypatch.setattr(punica, "_apply_span", lambda *args: calls.append(args))
+    untouched = start.clone()
+    wrapper(punica.FusedPunicaWrapperCPU, [2] * 4, 2, False).add_lora_linear(
+        untouched, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, (48,))
+    assert not calls and torch.equal(untouched, start)
+    monkeypatch.undo()
+    applied, expected = start.clone(), start.clone()
+    wrapper(punica.FusedPunicaWrapperCPU, [1, 2, 1, 2], 2, False).add_lora_linear(
+        applied, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, (48,))
+    expected[[0, 2]] += x[[0, 2]] @ layer.lora_a_stacked[0][0, 0].T @ layer.lora_b_stacked[0][0, 0].T
+    torch.testing.assert_close(applied, expected, **tolerance(torch.float32))
 
 
 def test_a_non_finite_adapter_leaves_its_slot_empty_and_not_live():

@@ -69,7 +69,7 @@ def lay_out(layer, dtype: torch.dtype | None = None) -> None:
 def fused_slots(a_slices: tuple[torch.Tensor, ...], b_slices: tuple[torch.Tensor, ...]) -> FusedSlots | None:
     """The fused tensors behind a layer's slot views, or None when they are not laid out
     by `lay_out` (then the layer is applied slice by slice)."""
-    a_all = a_slices[0] if len(a_slices) == 1 else a_slices[0]._base
+    a_all = _fused_a(a_slices)
     if a_all is None or a_all.dim() != 4 or not a_all.is_contiguous():
         return None
     ranks = tuple(a.shape[2] for a in a_slices)
@@ -85,13 +85,20 @@ def fused_slots(a_slices: tuple[torch.Tensor, ...], b_slices: tuple[torch.Tensor
     return FusedSlots(a_all.reshape(-1, a_all.shape[3]), flat_b, ranks, sum(ranks), live)
 
 
+def _fused_a(a_slices: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The one A tensor the slices are views of (`lay_out`), where the live list is kept;
+    a layer of one slice that vLLM laid out itself has no such base: its slice is it."""
+    base = a_slices[0]._base
+    return a_slices[0] if base is None and len(a_slices) == 1 else base
+
+
 def track_live_slots(layer) -> None:
     """Wrap the layer's `set_lora` / `reset_lora` (laid out by `lay_out`) to keep which of its
     slots hold an adapter that changes this layer: one slice with both A and B not all zero
     (a conservative test: an adapter that changes the layer always passes it). The list
     lives on the fused A tensor, where `fused_slots` finds it."""
     a_all = layer.lora_a_stacked[0]._base
-    if a_all is None:
+    if a_all is None:  # not laid out by `lay_out`
         return
     live = [False] * a_all.shape[0]  # vLLM allocates the slots empty
     setattr(a_all, LIVE_ATTRIBUTE, live)
