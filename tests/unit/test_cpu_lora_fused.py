@@ -265,10 +265,10 @@ def test_slots_empty_in_a_layer_are_skipped_and_the_others_still_apply(lora_ids,
     layer.set_lora(0, [None, a[1], None], [None, b[1], None])
     layer.set_lora(1, [None] * 3, [None] * 3)
     layer.set_lora(2, a, b)
-    assert fused_slots(layer.lora_a_stacked, layer.lora_b_stacked).live == [True, False, True]
+    assert fused_slots(layer.lora_a_stacked, layer.lora_b_stacked).live == [0b010, 0, 0b111]  # bit i: slice i
     layer.reset_lora(2)
     slots_now = fused_slots(layer.lora_a_stacked, layer.lora_b_stacked)
-    assert slots_now.live == [True, False, False]
+    assert slots_now.live == [0b010, 0, 0]
 
     reference = vllm_layer(slots + 1, rank, in_features, slices, torch.float32)
     for i in range(len(slices)):
@@ -300,7 +300,7 @@ def test_a_layer_of_one_slice_an_adapter_does_not_train_is_skipped(reference_ops
     layer = tracked_layer(2, 8, 64, (48,))
     layer.set_lora(0, torch.randn(8, 64, generator=generator), torch.randn(48, 8, generator=generator))
     layer.reset_lora(1)  # as vLLM's activate_adapter does for a module the adapter lacks
-    assert fused_slots(layer.lora_a_stacked, layer.lora_b_stacked).live == [True, False]
+    assert fused_slots(layer.lora_a_stacked, layer.lora_b_stacked).live == [1, 0]
     x, start = torch.randn(4, 64, generator=generator), torch.randn(4, 48, generator=generator)
     calls = []
     monkeypatch.setattr(punica, "_apply_span", lambda *args: calls.append(args))
@@ -316,6 +316,33 @@ def test_a_layer_of_one_slice_an_adapter_does_not_train_is_skipped(reference_ops
     torch.testing.assert_close(applied, expected, **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("lora_ids", [[1] * 16, [1, 2] * 8, [1 + i % 2 for i in range(1200)]], ids=["one", "dense", "grouped"])
+def test_a_slice_no_adapter_of_the_batch_trains_is_not_expanded(lora_ids, reference_ops, monkeypatch):
+    """Adapters that train q and v only (peft's default) leave k empty in the q, k, v layer:
+    the fused path expands q and v only, in every form, and still equals vLLM's reference."""
+    generator = torch.Generator().manual_seed(19)
+    slots, rank, in_features, slices = 2, 8, 64, (64, 32, 32)
+    layer = tracked_layer(slots, rank, in_features, slices)
+    for slot in range(slots):
+        a = [torch.randn(rank, in_features, generator=generator) for _ in slices]
+        b = [torch.randn(out, rank, generator=generator) for out in slices]
+        layer.set_lora(slot, [a[0], None, a[2]], [b[0], None, b[2]])
+    reference = vllm_layer(slots + 1, rank, in_features, slices, torch.float32)
+    for i in range(len(slices)):
+        reference.lora_a_stacked[i][:slots] = layer.lora_a_stacked[i]
+        reference.lora_b_stacked[i][:slots] = layer.lora_b_stacked[i]
+    x = torch.randn(len(lora_ids), in_features, generator=generator)
+    expected, got = torch.zeros(len(lora_ids), sum(slices)), torch.zeros(len(lora_ids), sum(slices))
+    wrapper(VLLMWrapper, lora_ids, slots + 1, False).add_lora_linear(expected, x, reference.lora_a_stacked, reference.lora_b_stacked, 1.0, slices)
+    spans = []
+    apply_span = punica._apply_span
+    monkeypatch.setattr(punica, "_apply_span", lambda *args: spans.append(args[7]) or apply_span(*args))
+    wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, False).add_lora_linear(got, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
+    assert spans and all(live == 0b101 for live in spans)
+    torch.testing.assert_close(got, expected, **tolerance(torch.float32))
+    assert (got[:, 64:96] == 0).all() and (got[:, :64] != 0).all()  # k untouched, q changed
+
+
 def test_a_non_finite_adapter_leaves_its_slot_empty_and_not_live():
     from adapterserve.engine_plugins.cpu_lora.containment import guard_slots
 
@@ -324,4 +351,4 @@ def test_a_non_finite_adapter_leaves_its_slot_empty_and_not_live():
     bad = torch.full((8, 64), float("nan"))
     layer.set_lora(1, [bad, None, None], [torch.ones(64, 8), None, None])
     slots = fused_slots(layer.lora_a_stacked, layer.lora_b_stacked)
-    assert slots.live == [False, False] and not slots.a.isnan().any()
+    assert slots.live == [0, 0] and not slots.a.isnan().any()

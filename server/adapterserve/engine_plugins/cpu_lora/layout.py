@@ -16,10 +16,11 @@ transposed (copied) before it can be a matmul's right operand.
 vLLM keeps reading and writing the slots through the views it expects (set_lora,
 reset_lora, the reference ops). `fused_slots` recovers the fused tensors from the views.
 
-`track_live_slots` keeps, per layer and slot, whether the adapter in the slot changes that
-layer at all: vLLM fills the slots of the modules an adapter does not train with zeros
-(most LoRA adapters train q and v only; head adapters often nothing but q and v), and the
-fused path skips a layer whose slots in the batch are all empty instead of adding zeros.
+`track_live_slots` keeps, per layer and slot, which slices the adapter in the slot changes:
+vLLM fills the slots of the modules an adapter does not train with zeros (peft's default
+for Llama-like models trains q and v only, as do the demo heads), and the fused path skips
+a layer whose slots in the batch are all empty, and within a layer (q, k, v) the slices
+they all leave empty, instead of adding zeros.
 """
 
 from __future__ import annotations
@@ -41,10 +42,18 @@ class FusedSlots:
     b: tuple[torch.Tensor, ...]  # per slice [slots * rank, out]
     ranks: tuple[int, ...]
     rank_sum: int
-    live: list[bool] | None = None  # per slot: may change the output (None: not tracked, all may)
+    # per slot, bit i set where slice i may change the output (0: the slot changes nothing
+    # in this layer; None: not tracked, every slice may)
+    live: list[int] | None = None
 
-    def any_live(self, slots) -> bool:
-        return self.live is None or any(self.live[s] for s in slots)
+    def live_slices(self, slots) -> int:
+        """The slices any of `slots` may change, as bits (bit i: slice i)."""
+        if self.live is None:
+            return (1 << len(self.ranks)) - 1
+        bits = 0
+        for s in slots:
+            bits |= self.live[s]
+        return bits
 
 
 def lay_out(layer, dtype: torch.dtype | None = None) -> None:
@@ -93,23 +102,27 @@ def _fused_a(a_slices: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
 
 
 def track_live_slots(layer) -> None:
-    """Wrap the layer's `set_lora` / `reset_lora` (laid out by `lay_out`) to keep which of its
-    slots hold an adapter that changes this layer: one slice with both A and B not all zero
-    (a conservative test: an adapter that changes the layer always passes it). The list
-    lives on the fused A tensor, where `fused_slots` finds it."""
+    """Wrap the layer's `set_lora` / `reset_lora` (laid out by `lay_out`) to keep, per slot,
+    the slices its adapter changes: those with both A and B not all zero (a conservative
+    test: a slice the adapter changes always passes it). The list lives on the fused A
+    tensor, where `fused_slots` finds it."""
     a_all = layer.lora_a_stacked[0]._base
     if a_all is None:  # not laid out by `lay_out`
         return
-    live = [False] * a_all.shape[0]  # vLLM allocates the slots empty
+    live = [0] * a_all.shape[0]  # vLLM allocates the slots empty
     setattr(a_all, LIVE_ATTRIBUTE, live)
     set_lora, reset_lora = layer.set_lora, layer.reset_lora
 
     def tracked_reset_lora(index: int):
         reset_lora(index)
-        live[index] = False
+        live[index] = 0
 
     def tracked_set_lora(index: int, *args, **kwargs):
         set_lora(index, *args, **kwargs)
-        live[index] = any(bool(a[index].any()) and bool(b[index].any()) for a, b in zip(layer.lora_a_stacked, layer.lora_b_stacked))
+        live[index] = sum(
+            1 << i
+            for i, (a, b) in enumerate(zip(layer.lora_a_stacked, layer.lora_b_stacked))
+            if bool(a[index].any()) and bool(b[index].any())
+        )
 
     layer.set_lora, layer.reset_lora = tracked_set_lora, tracked_reset_lora

@@ -104,35 +104,40 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
 
     Computed in the slots' dtype (see `layout.lay_out`): the model's, or float32 where the
     slots are laid out in it for a bf16 model; then added into y in y's dtype. Nothing is
-    computed where the batch's slots are all empty in this layer (`layout.track_live_slots`).
+    computed where the batch's slots are all empty in this layer, and no slice is expanded
+    that they all leave empty (`layout.track_live_slots`).
     Written for few tensor operations per call: this runs ~120 times per forward pass."""
-    if plan.single == -1 or not slots.any_live(plan.present):
+    live = 0 if plan.single == -1 else slots.live_slices(plan.present)
+    if not live:
         return
     compute = slots.a.dtype
     if x.dtype != compute:
         x = x.to(compute)
     out = y if y.dtype == compute else torch.zeros(y.shape, dtype=compute, device=y.device)
     if plan.single is not None:
-        _apply_span(out, x, slots, plan.single, None, scale, output_slices)
+        _apply_span(out, x, slots, plan.single, None, scale, output_slices, live)
     elif plan.mask is None:
         for slot, rows in plan.groups:
-            if not slots.any_live((slot,)):
+            slot_live = slots.live_slices((slot,))
+            if not slot_live:
                 continue
             part = torch.zeros(rows.shape[0], y.shape[1], dtype=compute, device=y.device)
-            _apply_span(part, x.index_select(0, rows), slots, slot, None, scale, output_slices)
+            _apply_span(part, x.index_select(0, rows), slots, slot, None, scale, output_slices, slot_live)
             out.index_add_(0, rows, part)
     else:
-        _apply_span(out, x, slots, plan.first, plan.mask, scale, output_slices, plan.gather)
+        _apply_span(out, x, slots, plan.first, plan.mask, scale, output_slices, live, plan.gather)
     if out is not y:
         y.add_(out)
 
 
 def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int, mask: torch.Tensor | None,
-                scale: float, output_slices: tuple[int, ...], gather: torch.Tensor | None = None) -> None:
+                scale: float, output_slices: tuple[int, ...], live: int,
+                gather: torch.Tensor | None = None) -> None:
     """Every row of x through the A of every slot of the span (from `first`, `mask.shape[1]`
     slots; one slot without a mask; or the slots in `gather`), `mask` keeping each row's own
-    slot; then one `addmm_` per slice over those slots' B: the routed input is zero outside
-    each row's slot, so each row gets only its own adapter.
+    slot; then one `addmm_` per slice over those slots' B, for the slices set in `live`
+    (bit i: slice i; the others are zero in every slot of the span): the routed input is
+    zero outside each row's slot, so each row gets only its own adapter.
 
     Written for few tensor operations, each of which costs about as much as the arithmetic
     at decode sizes: each slice's [rows, span * rank] operand is a view, never a copy (one
@@ -160,7 +165,8 @@ def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int,
         routed = routed * scale
     out_start = 0
     for i, (b, size) in enumerate(zip(bs, output_slices)):
-        y[:, out_start : out_start + size].addmm_(routed[i], b)
+        if live >> i & 1:
+            y[:, out_start : out_start + size].addmm_(routed[i], b)
         out_start += size
 
 
