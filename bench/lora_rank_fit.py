@@ -10,7 +10,10 @@ defaults, for server variants one after the other:
   (vLLM's CPU guide; `LD_PRELOAD`), where the libraries are on this machine;
 - `allcores`: the default with no core reserved for vLLM's scheduler and the API server
   (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`): the worker's threads bound to every core, where
-  vLLM binds them to all cores but one.
+  vLLM binds them to all cores but one (on at most 2 CPUs this is the default since
+  `hosting/cpu_cores.py`);
+- `reserve1`: the default with one core reserved (`--engine-reserved-cpus 1`), as vLLM
+  does and as the server did on 2 CPUs before `hosting/cpu_cores.py`.
 
 Reproduce with:
 
@@ -96,6 +99,8 @@ def variant(name: str) -> tuple[list[str], dict]:
         return [], {"LD_PRELOAD": libraries}
     if name == "allcores":
         return [], {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    if name == "reserve1":
+        return ["--engine-reserved-cpus", "1"], {}
     raise SystemExit(f"unknown variant {name}")
 
 

@@ -22,10 +22,10 @@ NONE_RESERVED_UP_TO = 2  # usable CPUs: at most this many, no CPU is reserved
 
 
 def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+    """The CPUs vLLM binds an engine's threads from (its own count: this process's affinity)."""
+    from vllm.platforms.cpu import get_max_threads
+
+    return get_max_threads()
 
 
 def reserved_cpus(setting: int | None) -> int | None:
