@@ -54,7 +54,15 @@ class ServerProcess:
         )
 
     def start(self, timeout: float = 600) -> "ServerProcess":
+        return self.launch().wait_healthy(timeout)
+
+    def launch(self) -> "ServerProcess":
+        """Start the process without waiting for it: servers launched one after the other
+        then start side by side, and `wait_healthy` waits for each."""
         self._spawn("w")
+        return self
+
+    def wait_healthy(self, timeout: float = 600) -> "ServerProcess":
         deadline = time.monotonic() + timeout
         attempts = 1
         while time.monotonic() < deadline:

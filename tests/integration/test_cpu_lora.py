@@ -39,18 +39,21 @@ def lora_store(tmp_path_factory, demo_dir):
 @pytest.fixture(scope="module")
 def path_servers(tmp_path_factory, lora_store):
     """(dtype, fused) -> a client of a server over the demo LoRA adapters, started on first
-    use and kept for the module (four engines of ~1.6 GiB: this machine has 24)."""
+    use and kept for the module (four engines of ~1.6 GiB: this machine has 24). The two
+    paths of a dtype are always compared, so both of its servers start side by side."""
     running: dict[tuple[str, bool], ServerProcess] = {}
 
     def client(dtype: str, fused: bool) -> openai.OpenAI:
-        key = (dtype, fused)
-        if key not in running:
-            flags = ["--no-demo-adapters", "--adapter-dirs", str(lora_store), "--dtype", dtype, "--max-lora-rank", "16"]
-            if not fused:
-                flags.append("--no-grouped-lora-ops")
-            logs = tmp_path_factory.mktemp(f"logs-{dtype}-{'fused' if fused else 'reference'}")
-            running[key] = ServerProcess(flags, logs / "server.log").start()
-        return openai.OpenAI(base_url=f"{running[key].url}/v1", api_key="x", max_retries=0, timeout=300)
+        if (dtype, fused) not in running:
+            for path in (True, False):
+                flags = ["--no-demo-adapters", "--adapter-dirs", str(lora_store), "--dtype", dtype, "--max-lora-rank", "16"]
+                if not path:
+                    flags.append("--no-grouped-lora-ops")
+                logs = tmp_path_factory.mktemp(f"logs-{dtype}-{'fused' if path else 'reference'}")
+                running[(dtype, path)] = ServerProcess(flags, logs / "server.log").launch()  # stopped below either way
+            for path in (True, False):
+                running[(dtype, path)].wait_healthy()
+        return openai.OpenAI(base_url=f"{running[(dtype, fused)].url}/v1", api_key="x", max_retries=0, timeout=300)
 
     yield client
     for process in running.values():

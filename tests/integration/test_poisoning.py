@@ -59,14 +59,27 @@ def poison_store(tmp_path_factory, demo_dir, base_info):
     return store
 
 
-@pytest.fixture(scope="module", params=["fused", "reference"])
-def poisoned_server(request, tmp_path_factory, poison_store):
-    flags = ["--no-demo-adapters", "--adapter-dirs", str(poison_store), "--max-lora-rank", "16"]
-    if request.param == "reference":
-        flags.append("--no-grouped-lora-ops")
-    process = ServerProcess(flags, tmp_path_factory.mktemp(f"poison-{request.param}") / "server.log").start()
-    yield process
-    process.stop()
+@pytest.fixture(scope="module")
+def poisoned_servers(tmp_path_factory, poison_store):
+    """A server over the poisoned store per LoRA path, started side by side."""
+    servers = {}
+    try:
+        for path in ("fused", "reference"):
+            flags = ["--no-demo-adapters", "--adapter-dirs", str(poison_store), "--max-lora-rank", "16"]
+            if path == "reference":
+                flags.append("--no-grouped-lora-ops")
+            servers[path] = ServerProcess(flags, tmp_path_factory.mktemp(f"poison-{path}") / "server.log").launch()
+        for process in servers.values():
+            process.wait_healthy()
+        yield servers
+    finally:
+        for process in servers.values():
+            process.stop()
+
+
+@pytest.fixture(params=["fused", "reference"])
+def poisoned_server(request, poisoned_servers):
+    return poisoned_servers[request.param]
 
 
 def test_poison_never_changes_the_others(poisoned_server, base_name):
