@@ -202,7 +202,10 @@ class DedicatedHost:
     async def _engine_for(self, model: FullModel) -> Engine:
         engine = self.resident.get(model.name)
         if engine is not None:
-            if not engine.running:
+            # per request, so no process-table reads (`Engine.running`): the watcher takes a
+            # dead engine out of `resident` within its interval, and vLLM marks its client
+            # errored when its engine core dies
+            if engine.client is None or engine.client.errored:
                 raise APIError(
                     503, f"The engine serving `{model.name}` is down and is being restarted.",
                     code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
@@ -328,7 +331,7 @@ def _folder_bytes(path: Path) -> int:
 
 def _merged_adapter_elements(model_path: Path) -> int:
     """A merged full model records the adapter it came from: its weights' elements (0 if unknown)."""
-    from adapterserve.registry.safetensors_header import element_count, read_header
+    from adapterserve.registry.safetensors_header import safetensors_elements
     from adapterserve.training.merge import MERGE_INFO
 
     try:
@@ -336,6 +339,4 @@ def _merged_adapter_elements(model_path: Path) -> int:
     except (OSError, ValueError, AttributeError):
         return 0
     adapter = Path(str(source).rsplit(":", 2)[0])
-    if not adapter.is_dir():
-        return 0
-    return sum(element_count(read_header(file)) for file in sorted(adapter.glob("*.safetensors")))
+    return safetensors_elements(adapter) if adapter.is_dir() else 0

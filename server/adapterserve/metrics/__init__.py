@@ -24,11 +24,12 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 
 from adapterserve.hosting.protocol import HostObserver
+from adapterserve.registry.safetensors_header import safetensors_elements
 
 from .collector import HostCollector
 from .labels import OTHER, ModelLabels
 from .lora_routing import LoraRoutingCollector, WithoutVllmLoraInfo, WorkerLoadCounts
-from .memory import EngineMemory, folder_bytes, measure_engine, safetensors_elements
+from .memory import EngineMemory, folder_bytes, measure_engine
 from .traffic import RequestTraffic, current_endpoint, observe_client
 
 log = logging.getLogger(__name__)

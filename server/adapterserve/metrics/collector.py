@@ -13,10 +13,10 @@ from prometheus_client.core import GaugeMetricFamily
 from adapterserve.dtypes import dtype_bytes
 from adapterserve.hosting.protocol import ENGINE_RUNTIME_BYTES
 from adapterserve.registry.records import BaseModelInfo
+from adapterserve.registry.safetensors_header import safetensors_elements
 
 from . import costs, inventory
 from .labels import OTHER
-from .memory import safetensors_elements
 
 COMPONENTS = ("base_weights", "adapter_slots", "adapter_cpu_cache", "kv_cache")
 

@@ -62,13 +62,6 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def safetensors_elements(folder: Path) -> int:
-    """Elements of every tensor in the folder's safetensors files, from their headers."""
-    from adapterserve.registry.safetensors_header import element_count, read_header
-
-    return sum(element_count(read_header(file)) for file in sorted(Path(folder).glob("*.safetensors")))
-
-
 async def measure_engine(engine, settings, weights_elements: int) -> EngineMemory:
     """One engine's memory: the worker report where there is one, else computed figures."""
     report = await engine_report(engine.client) if engine.client is not None else None

@@ -76,3 +76,8 @@ def _checked(key: str, meta: object) -> dict:
 
 def element_count(header: dict[str, dict]) -> int:
     return sum(math.prod(meta["shape"]) for meta in header.values())
+
+
+def safetensors_elements(folder: Path) -> int:
+    """Elements of every tensor in the folder's safetensors files, from their headers."""
+    return sum(element_count(read_header(file)) for file in sorted(Path(folder).glob("*.safetensors")))
