@@ -1,19 +1,22 @@
 """Micro-benchmark of one decoder layer's LoRA work on the CPU, as vLLM runs it: the
 four LoRA linear layers of a SmolLM2-135M layer (q/k/v, o, gate/up, down; hidden 576,
 intermediate 1536), rank 8, 16 slots, in the model dtype given (fp32 by default; bf16 as
-`dtype auto` serves on CPUs with AVX512-bf16 or AMX), one torch thread (as vLLM's CPU
-worker runs), through `add_lora_linear` of
+`dtype auto` serves on CPUs with AVX512-bf16 or AMX), `--threads` torch threads (1 by default; vLLM's CPU
+worker runs one per core it binds), through `add_lora_linear` of
 
 - vLLM's `PunicaWrapperCPU` with its reference ops (vLLM as shipped), and
 - adapterserve's `FusedPunicaWrapperCPU` on the fused slot layout, in the form its plan
-  picks, and forced dense and forced grouped (how `SPAN_DENSE_MAX_WORK` was chosen);
+  picks, and forced dense and forced grouped (how `SPAN_DENSE_MAX_WORK` and
+  `GROUPED_DTYPES` were chosen);
   for a bf16 model also with the slots laid out in float32 (`f32_slots_ms`: the path then
-  computes in float32; how `dtypes.lora_slot_dtype` was chosen).
+  computes in float32; set by hand with `ADAPTERSERVE_LORA_SLOT_DTYPE=float32`), and
+  through the token-by-token kernel of `lora_kernel.cpp` (`kernel_ms`: how
+  `punica.KERNEL_MAX_TOKENS` was chosen per dtype).
 
 The mapping is made once per case (as vLLM does once per step), tokens spread
 round-robin over the adapters. Reproduce with:
 
-    .venv/bin/python bench/cpu_lora_layers.py [--dtype bfloat16]
+    .venv/bin/python bench/cpu_lora_layers.py [--dtype bfloat16] [--threads 1] [--out NAME.json]
 
 Writes bench/results/cpu_lora_layers[-bfloat16].json (with the CPU) and prints the rows.
 """
@@ -90,9 +93,11 @@ def timed(function, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the kernel uses one)")
+    parser.add_argument("--out", help="file name under bench/results (default: by dtype)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     reference_layers, fused_layers = make_layers(False, 0, dtype), make_layers(True, 0, dtype)
     f32_layers = make_layers(True, 0, dtype, torch.float32) if dtype != torch.float32 else None
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
@@ -109,6 +114,7 @@ def main() -> None:
             for e, g in zip(expected, got):
                 torch.testing.assert_close(g, e, **tolerance)
             row = {"adapters": adapters, "tokens": tokens}
+            saved_limits = punica.KERNEL_MAX_TOKENS, punica.KERNEL_FROM_SLOTS
             row["vllm_ms"] = round(timed(lambda: run_layers(reference, reference_layers, inputs), repeats), 3)
             row["adapterserve_ms"] = round(timed(lambda: run_layers(fused, fused_layers, inputs), repeats), 3)
             if f32_layers is not None:
@@ -116,14 +122,23 @@ def main() -> None:
                 for e, g in zip(expected, run_layers(f32, f32_layers, inputs)):
                     torch.testing.assert_close(g, e, **tolerance)
                 row["f32_slots_ms"] = round(timed(lambda: run_layers(f32, f32_layers, inputs), repeats), 3)
+            punica.KERNEL_MAX_TOKENS = {dtype: 1 << 30}
+            kernel = wrapper(punica.FusedPunicaWrapperCPU, tokens, adapters)
+            for e, g in zip(expected, run_layers(kernel, fused_layers, inputs)):
+                torch.testing.assert_close(g, e, **tolerance)
+            assert kernel._plan.slot_of is not None
+            row["kernel_ms"] = round(timed(lambda: run_layers(kernel, fused_layers, inputs), repeats), 3)
+            punica.KERNEL_MAX_TOKENS, punica.KERNEL_FROM_SLOTS = {}, {}
             plan = fused._plan
-            row["form"] = "one adapter" if plan.single is not None else "dense" if plan.mask is not None else "grouped"
+            row["form"] = "kernel" if plan.slot_of is not None else "one adapter" if plan.single is not None else "dense" if plan.mask is not None else "grouped"
             for form, limit in (("dense", 10**9), ("grouped", 0)):
                 if adapters > 1:
-                    punica.SPAN_DENSE_MAX_WORK, saved = limit, punica.SPAN_DENSE_MAX_WORK
+                    saved = punica.SPAN_DENSE_MAX_WORK, punica.GROUPED_DTYPES
+                    punica.SPAN_DENSE_MAX_WORK, punica.GROUPED_DTYPES = limit, (dtype,)
                     forced = wrapper(punica.FusedPunicaWrapperCPU, tokens, adapters)
                     row[f"{form}_ms"] = round(timed(lambda: run_layers(forced, fused_layers, inputs), repeats), 3)
-                    punica.SPAN_DENSE_MAX_WORK = saved
+                    punica.SPAN_DENSE_MAX_WORK, punica.GROUPED_DTYPES = saved
+            punica.KERNEL_MAX_TOKENS, punica.KERNEL_FROM_SLOTS = saved_limits
             row["speedup"] = round(row["vllm_ms"] / row["adapterserve_ms"], 2)
             rows.append(row)
             print(row, flush=True)
@@ -131,9 +146,9 @@ def main() -> None:
 
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    name = "cpu_lora_layers.json" if dtype == torch.float32 else f"cpu_lora_layers-{args.dtype}.json"
+    name = args.out or "cpu_lora_layers.json" if dtype == torch.float32 else f"cpu_lora_layers-{args.dtype}.json"
     (out / name).write_text(json.dumps(
-        {"machine": machine(), "dtype": args.dtype, "hidden": HIDDEN, "intermediate": INTERMEDIATE, "rank": RANK,
+        {"machine": machine(), "dtype": args.dtype, "threads": args.threads, "hidden": HIDDEN, "intermediate": INTERMEDIATE, "rank": RANK,
          "slots": SLOTS, "rows": rows}, indent=2,
     ) + "\n")
 

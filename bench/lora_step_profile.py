@@ -1,16 +1,16 @@
 """Where the LoRA time goes inside the engine: vLLM's `LLM` in this process (no API server,
 no engine-core process: `VLLM_ENABLE_V1_MULTIPROCESSING=0`), the fused CPU LoRA path of
-the plugin, and every call of `punica.apply_layer` timed by form (single adapter, dense,
-grouped) and phase (decode: at most 16 tokens; prefill: more).
+the plugin, and every call of `punica.apply_layer` timed by form (the kernel, single adapter,
+dense, grouped) and phase (decode: at most 16 tokens; prefill: more).
 
 The workload of `lora_rank_fit.py` without the server: 48 chats x 32 tokens (`ignore_eos`,
 greedy), at most 16 sequences at a time, base-only then 1, 3 and 8 demo-adapter copies
-(distinct adapters) mixed round-robin, `--rounds` times. The engine: float32 (what `dtype
-auto` serves on both CPU kinds measured so far), 16 slots fitted to rank 8, eager.
+(distinct adapters) mixed round-robin, `--rounds` times. The engine: `--dtype` (default
+auto, as `adapterserve serve` resolves it on this CPU), 16 slots fitted to rank 8, eager.
 
 Reproduce with:
 
-    .venv/bin/python bench/lora_step_profile.py [--rounds 2] [--out lora_step_profile.json]
+    .venv/bin/python bench/lora_step_profile.py [--rounds 2] [--dtype auto] [--out lora_step_profile.json]
 
 Writes bench/results/<out> (with the CPU) and prints the table.
 """
@@ -34,6 +34,7 @@ from lora_throughput import DEMO  # noqa: E402
 
 from adapterserve.compare.workload import PROMPTS  # noqa: E402
 from adapterserve.config import load_settings  # noqa: E402
+from adapterserve.dtypes import resolve_dtype  # noqa: E402
 from adapterserve.models import resolve_base_model  # noqa: E402
 from adapterserve.training.demo import build_demo_adapters, demo_store  # noqa: E402
 
@@ -52,7 +53,7 @@ class LayerTimer:
         def timed(plan, y, x, *args, **kwargs):
             began = time.perf_counter()
             apply_layer(plan, y, x, *args, **kwargs)
-            form = "single" if plan.single is not None else "dense" if plan.mask is not None else "grouped"
+            form = "kernel" if plan.slot_of is not None else "single" if plan.single is not None else "dense" if plan.mask is not None else "grouped"
             phase = "decode" if x.shape[0] <= DECODE_MAX_TOKENS else "prefill"
             entry = self.calls[(form, phase)]
             entry[0] += 1
@@ -73,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 3, 8])
+    parser.add_argument("--dtype", default="auto", help="auto (resolved as the server does), float32 or bfloat16")
     parser.add_argument("--out", default="lora_step_profile.json", help="file name under bench/results")
     args = parser.parse_args()
 
@@ -84,7 +86,7 @@ def main() -> None:
     build_demo_adapters(settings.demo_recipes_dir, settings.cache_dir, base, DEMO)
     demo = demo_store(settings.cache_dir, base)
     llm = LLM(
-        str(base), enable_lora=True, max_loras=16, max_lora_rank=8, enforce_eager=True, dtype="float32",
+        str(base), enable_lora=True, max_loras=16, max_lora_rank=8, enforce_eager=True, dtype=resolve_dtype(args.dtype),
         kv_cache_memory_bytes=256 << 20, max_model_len=4096, max_num_seqs=16,
     )
     timer = LayerTimer()  # after the engine is built: the plugin is installed by then
@@ -115,7 +117,7 @@ def main() -> None:
             rows.append({"round": round_, "adapters": count, "seconds": round(seconds, 2),
                          "tokens_per_second": round(48 * 32 / seconds, 1), "apply_layer": timer.take()})
             print(rows[-1], flush=True)
-    report = {"machine": machine(), "workload": vars(args), "rows": rows}
+    report = {"machine": machine(), "workload": {**vars(args), "dtype": resolve_dtype(args.dtype)}, "rows": rows}
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / args.out).write_text(json.dumps(report, indent=2))

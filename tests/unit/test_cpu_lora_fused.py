@@ -20,6 +20,7 @@ from vllm.lora.ops.torch_ops import lora_ops as vllm_ops
 
 from adapterserve.engine_plugins.cpu_lora import punica
 from adapterserve.engine_plugins.cpu_lora.layout import fused_slots, lay_out
+from adapterserve.engine_plugins.cpu_lora.native import LoraKernel, load_kernel
 
 # vLLM's class as shipped, whether or not the plugin replaced the module's name for it
 VLLMWrapper = punica.FusedPunicaWrapperCPU.__mro__[1]
@@ -36,6 +37,20 @@ def reference_ops(monkeypatch):
     """vLLM's wrapper calls the ops by their names in its module: make those the reference."""
     for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice"):
         monkeypatch.setattr(punica_cpu, name, getattr(vllm_ops, name))
+
+
+@pytest.fixture
+def matmul_forms(monkeypatch):
+    """The PyTorch forms (one adapter, dense, grouped) at every size: the kernel off."""
+    monkeypatch.setattr(punica, "KERNEL_MAX_TOKENS", {})
+    monkeypatch.setattr(punica, "KERNEL_FROM_SLOTS", {})
+
+
+@pytest.fixture
+def kernel_form(monkeypatch):
+    """The kernel of `lora_kernel.cpp` at every size (g++ is part of this machine kind)."""
+    assert load_kernel() is not None
+    monkeypatch.setattr(punica, "KERNEL_MAX_TOKENS", {torch.float32: 1 << 30, torch.bfloat16: 1 << 30})
 
 
 def vllm_layer(slots, rank, in_features, slices, dtype):
@@ -89,8 +104,10 @@ def random_case(seed):
     )
 
 
+@pytest.mark.parametrize("forms", ["matmul_forms", "kernel_form"])
 @pytest.mark.parametrize("seed", range(CASES))
-def test_fused_wrapper_equals_vllms_wrapper_with_reference_ops(seed, reference_ops):
+def test_fused_wrapper_equals_vllms_wrapper_with_reference_ops(seed, forms, reference_ops, request):
+    request.getfixturevalue(forms)
     case = random_case(seed)
     generator = torch.Generator().manual_seed(seed)
     dtype, slices = case["dtype"], case["slices"]
@@ -109,7 +126,7 @@ def test_fused_wrapper_equals_vllms_wrapper_with_reference_ops(seed, reference_o
     torch.testing.assert_close(got, expected, **tolerance(dtype))
 
 
-def test_each_form_is_chosen_by_the_size_of_the_batch():
+def test_each_form_is_chosen_by_the_size_of_the_batch(matmul_forms):
     plan = punica.make_step_plan
     assert plan(torch.tensor([2, 2, 2])).single == 2
     assert plan(torch.tensor([-1, -1])).single == -1
@@ -128,6 +145,21 @@ def test_each_form_is_chosen_by_the_size_of_the_batch():
     assert sum(rows.numel() for _, rows in grouped.groups) == count * (tokens // count + 1)  # not the -1 token
     narrow = plan(torch.tensor([0, 1] * 2048))  # 2 slots: dense at any size
     assert narrow.mask is not None and narrow.mask.shape == (4096, 2, 1) and narrow.present == (0, 1)
+
+
+def test_the_kernel_and_the_forms_are_chosen_per_dtype():
+    plan = punica.make_step_plan
+    for dtype in (torch.float32, torch.bfloat16):
+        limit = punica.KERNEL_MAX_TOKENS[dtype]
+        assert plan(torch.tensor([1, 2, -1, 3] * (limit // 4)), dtype, kernel=True).slot_of.tolist() == [1, 2, -1, 3] * (limit // 4)
+        assert plan(torch.tensor([1, 2] * limit), dtype, kernel=True).slot_of is None  # a prefill of 2 adapters: matmuls
+        assert plan(torch.tensor([1, 2] * 8), dtype, kernel=False).slot_of is None  # no kernel: the PyTorch forms
+        assert plan(torch.tensor([-1] * 8), dtype, kernel=True).single == -1  # no adapter: nothing at all
+        many = punica.KERNEL_FROM_SLOTS[dtype]
+        assert plan(torch.tensor(list(range(many)) * 128), dtype, kernel=True).slot_of is not None  # many adapters: any size
+    wide = torch.tensor(list(range(8)) * 128)  # 1024 tokens over 8 slots
+    assert plan(wide, torch.float32).mask is None  # grouped in float32
+    assert plan(wide, torch.bfloat16).mask is not None  # dense in bf16 (grouping never wins there)
 
 
 def test_a_new_mapping_gets_a_new_plan(reference_ops):
@@ -206,7 +238,7 @@ def test_logits_equal_vllms_and_skip_the_expand_without_lm_head_weights(lm_head_
 
 
 @pytest.mark.parametrize("lora_ids", [[1] * 16, [1, 2, 3, 0] * 4, [1 + i % 8 for i in range(300)]], ids=["one", "dense", "grouped"])
-def test_float32_slots_of_a_bf16_model_compute_the_delta_in_float32(lora_ids):
+def test_float32_slots_of_a_bf16_model_compute_the_delta_in_float32(lora_ids, kernel_form):
     """Every form with the slots in float32 and the model in bf16: the delta is the float32
     product of the bf16 weights and input, added into the bf16 output (one rounding)."""
     generator = torch.Generator().manual_seed(7)
@@ -253,7 +285,7 @@ def tracked_layer(slots, rank, in_features, slices):
 
 
 @pytest.mark.parametrize("lora_ids", [[1] * 16, [1, 2, 3, 0] * 4, [1 + i % 3 for i in range(1200)]], ids=["one", "dense", "grouped"])
-def test_slots_empty_in_a_layer_are_skipped_and_the_others_still_apply(lora_ids, reference_ops, monkeypatch):
+def test_slots_empty_in_a_layer_are_skipped_and_the_others_still_apply(lora_ids, reference_ops, monkeypatch, matmul_forms):
     """Slot 0 trains slice 1 only, slot 1 nothing in this layer (set with None slices),
     slot 2 trains it and is then reset: every form equals vLLM's reference, and a batch
     on empty slots computes nothing at all."""
@@ -292,7 +324,7 @@ def test_slots_empty_in_a_layer_are_skipped_and_the_others_still_apply(lora_ids,
     assert dead._plan is not None and not calls and torch.equal(untouched, start)
 
 
-def test_a_layer_of_one_slice_an_adapter_does_not_train_is_skipped(reference_ops, monkeypatch):
+def test_a_layer_of_one_slice_an_adapter_does_not_train_is_skipped(reference_ops, monkeypatch, matmul_forms):
     """o_proj and down_proj are layers of one slice: vLLM resets their slot for an adapter
     that trains q and v only (most adapters, every demo head). The fused path must see that
     slot empty and compute nothing, and still apply the slot that trains the layer."""
@@ -317,7 +349,7 @@ def test_a_layer_of_one_slice_an_adapter_does_not_train_is_skipped(reference_ops
 
 
 @pytest.mark.parametrize("lora_ids", [[1] * 16, [1, 2] * 8, [1 + i % 2 for i in range(1200)]], ids=["one", "dense", "grouped"])
-def test_a_slice_no_adapter_of_the_batch_trains_is_not_expanded(lora_ids, reference_ops, monkeypatch):
+def test_a_slice_no_adapter_of_the_batch_trains_is_not_expanded(lora_ids, reference_ops, monkeypatch, matmul_forms):
     """Adapters that train q and v only (peft's default) leave k empty in the q, k, v layer:
     the fused path expands q and v only, in every form, and still equals vLLM's reference."""
     generator = torch.Generator().manual_seed(19)
@@ -352,3 +384,86 @@ def test_a_non_finite_adapter_leaves_its_slot_empty_and_not_live():
     layer.set_lora(1, [bad, None, None], [torch.ones(64, 8), None, None])
     slots = fused_slots(layer.lora_a_stacked, layer.lora_b_stacked)
     assert slots.live == [0, 0] and not slots.a.isnan().any()
+
+
+@pytest.mark.parametrize("lora_ids", [[1] * 16, [1, 2, 3, 0] * 4, [1 + i % 8 for i in range(300)]], ids=["one", "three", "eight"])
+def test_the_kernel_computes_a_bf16_delta_in_float32_and_rounds_once(lora_ids, kernel_form):
+    """bf16 model and slots through the kernel: the delta is the float32 product of the
+    bf16 weights and input, added into the bf16 output and rounded once (to nearest even),
+    closer to the exact result than vLLM's reference, which rounds in between."""
+    generator = torch.Generator().manual_seed(23)
+    slots, rank, in_features, slices = 8, 8, 576, (64, 32, 32)
+    _, fused_layer = layers(slots, rank, in_features, slices, torch.bfloat16, generator)
+    x = torch.randn(len(lora_ids), in_features, generator=generator).to(torch.bfloat16)
+    start = torch.randn(len(lora_ids), sum(slices), generator=generator).to(torch.bfloat16)
+    got = start.clone()
+    fused = wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, False)
+    fused.add_lora_linear(got, x, fused_layer.lora_a_stacked, fused_layer.lora_b_stacked, 0.5, slices)
+    assert fused._plan.slot_of is not None  # the kernel ran
+    delta = torch.zeros(len(lora_ids), sum(slices), dtype=torch.float64)
+    for row, lora_id in enumerate(lora_ids):
+        if lora_id:
+            a = torch.cat([a[lora_id - 1, 0] for a in fused_layer.lora_a_stacked]).double()
+            h = x[row].double() @ a.T
+            start_col = 0
+            for i, b in enumerate(fused_layer.lora_b_stacked):
+                weights_b = b[lora_id - 1, 0].double()
+                delta[row, start_col : start_col + weights_b.shape[0]] = 0.5 * h[i * rank : (i + 1) * rank] @ weights_b.T
+                start_col += weights_b.shape[0]
+    exact = start.double() + delta
+    # one rounding of a float32 sum: within half a bf16 step of the exact value (plus the float32 sums' error)
+    half_step = exact.abs().clamp_min(1e-30) * 2.0**-8
+    assert ((got.double() - exact).abs() <= half_step * 1.01 + 1e-5).all()
+    assert torch.equal(got[[i for i, lora_id in enumerate(lora_ids) if not lora_id]], start[[i for i, lora_id in enumerate(lora_ids) if not lora_id]])
+
+
+def test_the_kernel_expands_only_live_slices_and_skips_empty_slots(reference_ops, monkeypatch, kernel_form):
+    """The kernel gets the live slices of the batch's slots (q and v, not k), and a batch on
+    empty slots never calls it; it still equals vLLM's reference."""
+    generator = torch.Generator().manual_seed(29)
+    slots, rank, in_features, slices = 3, 8, 64, (64, 32, 32)
+    layer = tracked_layer(slots, rank, in_features, slices)
+    for slot in range(2):
+        a = [torch.randn(rank, in_features, generator=generator) for _ in slices]
+        b = [torch.randn(out, rank, generator=generator) for out in slices]
+        layer.set_lora(slot, [a[0], None, a[2]], [b[0], None, b[2]])
+    layer.set_lora(2, [None] * 3, [None] * 3)
+    reference = vllm_layer(slots + 1, rank, in_features, slices, torch.float32)
+    for i in range(len(slices)):
+        reference.lora_a_stacked[i][:slots] = layer.lora_a_stacked[i]
+        reference.lora_b_stacked[i][:slots] = layer.lora_b_stacked[i]
+    lora_ids = [1, 2, 0, 3] * 4
+    x = torch.randn(len(lora_ids), in_features, generator=generator)
+    expected, got = torch.zeros(len(lora_ids), sum(slices)), torch.zeros(len(lora_ids), sum(slices))
+    wrapper(VLLMWrapper, lora_ids, slots + 1, False).add_lora_linear(expected, x, reference.lora_a_stacked, reference.lora_b_stacked, 1.0, slices)
+    lives = []
+    apply = LoraKernel.apply
+    monkeypatch.setattr(LoraKernel, "apply", lambda self, *args: lives.append(args[8]) or apply(self, *args))
+    wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, False).add_lora_linear(got, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
+    assert lives == [0b101]
+    torch.testing.assert_close(got, expected, **tolerance(torch.float32))
+    assert (got[:, 64:96] == 0).all() and (got[::4, :64] != 0).all()
+    untouched = torch.zeros(4, sum(slices))
+    wrapper(punica.FusedPunicaWrapperCPU, [3, 0, 3, 3], slots, False).add_lora_linear(untouched, x[:4], layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
+    assert lives == [0b101] and not untouched.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_non_finite_slot_changes_only_its_own_tokens_in_the_kernel(dtype, kernel_form):
+    """A slot holding NaN and inf (written past the guard) poisons the tokens that use it
+    and no other: the other tokens' rows equal those of a batch without it, bit for bit."""
+    generator = torch.Generator().manual_seed(31)
+    slots, rank, in_features, slices = 3, 8, 576, (64, 32, 32)
+    _, layer = layers(slots, rank, in_features, slices, dtype, generator)
+    layer.lora_a_stacked[0][1, 0, 0, :5] = float("nan")
+    layer.lora_b_stacked[1][1, 0, :3, 0] = float("inf")
+    x = torch.randn(8, in_features, generator=generator).to(dtype)
+    start = torch.randn(8, sum(slices), generator=generator).to(dtype)
+    mixed, clean = start.clone(), start.clone()
+    wrapper(punica.FusedPunicaWrapperCPU, [1, 2, 3, 0] * 2, slots, False).add_lora_linear(
+        mixed, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
+    wrapper(punica.FusedPunicaWrapperCPU, [1, 1, 3, 0] * 2, slots, False).add_lora_linear(
+        clean, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
+    others = [0, 2, 3, 4, 6, 7]
+    assert torch.equal(mixed[others], clean[others])
+    assert mixed[[1, 5]].isnan().any()

@@ -21,7 +21,7 @@ log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")
 CHECKED_VLLM_VERSIONS = ("0.32.0",)
 ENV_SWITCH = "ADAPTERSERVE_GROUPED_LORA"
 # The dtype the fused path keeps its slots and computes in ("float32"; unset: the model's).
-# Set by the host per served dtype and CPU (adapterserve.dtypes.lora_slot_dtype).
+# Set by hand only, for experiments (bench/cpu_lora_layers.py measured it: no default uses it).
 ENV_SLOT_DTYPE = "ADAPTERSERVE_LORA_SLOT_DTYPE"
 _installed = False
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from .layout import FusedSlots, fused_slots
+from .native import LoraKernel, int64_array, load_kernel, pointer_array
 from .ops import bgmv_expand, bgmv_shrink
 
 log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")  # configured by vLLM in its processes
@@ -55,6 +56,23 @@ GATHER_SPAN_OVER = 2
 # From this many tokens any gap is gathered: the arithmetic over the unused slots of the
 # span then outweighs the copy (slots 0 and 2: 128 tokens even, 256 tokens 48 vs 34 ms).
 GATHER_ANY_GAP_TOKENS = 256
+# In bf16 the grouped form never won (2 to 16 adapters, 16 to 1024 tokens, on an
+# AVX512-bf16 EPYC, bench/results/cpu_lora_layers-epyc-bfloat16-2threads.json): each of its
+# per-adapter matmuls costs ~20 us in bf16 whatever its size. Batches in other dtypes than
+# these stay dense at any size.
+GROUPED_DTYPES = (torch.float32,)
+# A layer goes token by token through the kernel of `lora_kernel.cpp` (one call, float32
+# sums; `native.py`) up to this many tokens, per dtype: there each PyTorch op costs more
+# than its arithmetic (a bf16 matmul of 16 x 576 by 576 x 24 ~20 us against ~3 in float32).
+# Beyond, the matmuls' blocking and threads win, except over many adapters (next). Measured
+# per decoder layer, 2 threads, on the EPYC: 1 adapter, 64 tokens, float32 0.39 against 0.36
+# ms, 128 tokens 0.88 against 0.59; bf16 128 tokens 0.93 against 0.94, 256 tokens 2.24
+# against 1.52.
+KERNEL_MAX_TOKENS = {torch.float32: 64, torch.bfloat16: 128}
+# ...and at any size from this many slots in use, where the dense form's work over every
+# slot grows past the kernel's: float32, 8 adapters, 1024 tokens 8.0 against 12.6 ms (16:
+# 11.2 against 17.3); bf16, 16 adapters, 1024 tokens 7.3 against 8.9 (8: 8.0 against 5.5).
+KERNEL_FROM_SLOTS = {torch.float32: 8, torch.bfloat16: 16}
 
 
 @dataclass(frozen=True)
@@ -67,22 +85,29 @@ class StepPlan:
     mask: torch.Tensor | None = None  # dense: [tokens, span, 1], True where the token uses the slot
     gather: torch.Tensor | None = None  # dense over slots with gaps between them: those slots (mask: [tokens, count, 1])
     present: tuple[int, ...] = ()  # the slots the tokens use (every form)
+    slot_of: torch.Tensor | None = None  # token by token (the kernel): each token's slot, int64
     groups: tuple[tuple[int, torch.Tensor], ...] = ()  # grouped: (slot, rows) per adapter present
 
 
-def make_step_plan(indices: torch.Tensor) -> StepPlan:
-    """The plan for a token-to-slot mapping (-1: no adapter)."""
+def make_step_plan(indices: torch.Tensor, dtype: torch.dtype = torch.float32, kernel: bool = False) -> StepPlan:
+    """The plan for a token-to-slot mapping (-1: no adapter), for layers in `dtype`;
+    `kernel`: the kernel may apply them (where it wins: `KERNEL_MAX_TOKENS`, `KERNEL_FROM_SLOTS`)."""
     tokens = indices.shape[0]
     present = torch.unique(indices)  # sorted
     if present.numel() == 0:
         return StepPlan(0, single=-1)
-    if present.numel() == 1:
-        single = max(int(present[0]), -1)
-        return StepPlan(tokens, single=single, present=() if single < 0 else (single,))
+    if present.numel() == 1 and int(present[0]) < 0:
+        return StepPlan(tokens, single=-1)
     used = present[present >= 0]
+    if kernel and (tokens <= KERNEL_MAX_TOKENS.get(dtype, 0) or used.numel() >= KERNEL_FROM_SLOTS.get(dtype, 1 << 62)):
+        slot_of = indices.to(torch.int64).contiguous()
+        return StepPlan(tokens, present=tuple(used.tolist()), slot_of=slot_of)
+    if present.numel() == 1:
+        single = int(present[0])
+        return StepPlan(tokens, single=single, present=(single,))
     first, last, count = int(used[0]), int(used[-1]), used.numel()
     span = last - first + 1
-    if count <= SPAN_DENSE_MAX_SLOTS or tokens * count <= SPAN_DENSE_MAX_WORK:
+    if dtype not in GROUPED_DTYPES or count <= SPAN_DENSE_MAX_SLOTS or tokens * count <= SPAN_DENSE_MAX_WORK:
         # the span read in place, or the slots in use gathered when they lie far apart
         gaps = span > count and (span > GATHER_SPAN_OVER * count or tokens >= GATHER_ANY_GAP_TOKENS)
         slots = used if gaps else torch.arange(first, last + 1, dtype=indices.dtype)
@@ -98,17 +123,34 @@ def make_step_plan(indices: torch.Tensor) -> StepPlan:
     return StepPlan(tokens, groups=tuple(groups), present=tuple(slot for slot, _ in groups))
 
 
+KernelArgs = tuple[LoraKernel, Any, Any]  # the kernel, the slices' sizes and B pointers (C arrays)
+
+
+def kernel_args(kernel: LoraKernel | None, slots: FusedSlots) -> KernelArgs | None:
+    """What the kernel needs of a layer's slots, made once per layer; None where it cannot
+    apply them (no kernel, or a dtype it does not have)."""
+    if kernel is None or not kernel.supports(slots.a.dtype) or any(b.dtype != slots.a.dtype for b in slots.b):
+        return None
+    return kernel, int64_array([b.shape[1] for b in slots.b]), pointer_array(slots.b)
+
+
 def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSlots,
-                scale: float, output_slices: tuple[int, ...]) -> None:
+                scale: float, output_slices: tuple[int, ...], kernel: KernelArgs | None = None) -> None:
     """y[:, slice i] += scale * x @ A_i[slot].T @ B_i[slot].T per token, for every slice.
 
     Computed in the slots' dtype (see `layout.lay_out`): the model's, or float32 where the
     slots are laid out in it for a bf16 model; then added into y in y's dtype. Nothing is
     computed where the batch's slots are all empty in this layer, and no slice is expanded
     that they all leave empty (`layout.track_live_slots`).
+    Token by token (`plan.slot_of`) the kernel applies the layer, in one call: x, y and
+    the slots then share a dtype and have rows of unit stride (`kernel_fits`).
     Written for few tensor operations per call: this runs ~120 times per forward pass."""
     live = 0 if plan.single == -1 else slots.live_slices(plan.present)
     if not live:
+        return
+    if plan.slot_of is not None:
+        kernel, sizes, b_pointers = kernel
+        kernel.apply(y, x, slots.a, slots.rank_sum, plan.slot_of, sizes, b_pointers, slots.ranks[0], live, scale)
         return
     compute = slots.a.dtype
     if x.dtype != compute:
@@ -128,6 +170,11 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
         _apply_span(out, x, slots, plan.first, plan.mask, scale, output_slices, live, plan.gather)
     if out is not y:
         y.add_(out)
+
+
+def kernel_fits(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots) -> bool:
+    """Whether the kernel can take this call's tensors as they are (no copy)."""
+    return x.dtype == y.dtype == slots.a.dtype and x.stride(1) == 1 and y.stride(1) == 1
 
 
 def _apply_span(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots, first: int, mask: torch.Tensor | None,
@@ -176,15 +223,18 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._plan: StepPlan | None = None
-        # the fused tensors of each layer, by the identity of its (persistent) tuple of A
-        # slots; the tuple is kept so that its identity cannot be reused
-        self._fused: dict[int, tuple[tuple, FusedSlots | None]] = {}
+        self._matmul_plan: StepPlan | None = None  # for a layer the kernel cannot take, in a kernel step
+        self._kernel = load_kernel()
+        # the fused tensors of each layer (and what the kernel needs of them), by the
+        # identity of its (persistent) tuple of A slots; the tuple is kept so that its
+        # identity cannot be reused
+        self._fused: dict[int, tuple[tuple, FusedSlots | None, KernelArgs | None]] = {}
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
-        self._plan = None  # the mapping changed: the next layer makes the new plan
+        self._plan = self._matmul_plan = None  # the mapping changed: the next layer makes the new plan
 
-    def _fused_slots(self, lora_a_stacked: tuple, lora_b_stacked: tuple) -> FusedSlots | None:
+    def _fused_slots(self, lora_a_stacked: tuple, lora_b_stacked: tuple) -> tuple[FusedSlots | None, KernelArgs | None]:
         known = self._fused.get(id(lora_a_stacked))
         if known is None or known[0] is not lora_a_stacked:
             slots = fused_slots(lora_a_stacked, lora_b_stacked)
@@ -192,18 +242,24 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
                 log.info("fused CPU LoRA layers: %s in pid %d", "active" if slots else "NOT laid out, vLLM's wrapper applies them", os.getpid())
             elif slots is None:
                 log.debug("fused CPU LoRA layers: a layer is not laid out (A %s)", tuple(lora_a_stacked[0].shape))
-            known = self._fused[id(lora_a_stacked)] = (lora_a_stacked, slots)
-        return known[1]
+            args = None if slots is None else kernel_args(self._kernel, slots)
+            known = self._fused[id(lora_a_stacked)] = (lora_a_stacked, slots, args)
+        return known[1], known[2]
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
-        x2 = x.view(-1, x.shape[-1])
+        x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         tokens = self.indices_len[0]  # of the mapping (a plain int: cheaper than the indices' view)
-        slots = self._fused_slots(lora_a_stacked, lora_b_stacked)
+        slots, kernel = self._fused_slots(lora_a_stacked, lora_b_stacked)
         if slots is None or tokens != x2.shape[0]:
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
         if self._plan is None or self._plan.tokens != tokens:
-            self._plan = make_step_plan(self.token_lora_indices)
-        apply_layer(self._plan, y.view(-1, y.shape[-1]), x2, slots, scale, output_slices)
+            self._plan = make_step_plan(self.token_lora_indices, slots.a.dtype, self._kernel is not None)
+        plan = self._plan
+        if plan.slot_of is not None and (kernel is None or not kernel_fits(y2, x2, slots)):
+            if self._matmul_plan is None or self._matmul_plan.tokens != tokens:
+                self._matmul_plan = make_step_plan(self.token_lora_indices, slots.a.dtype)
+            plan = self._matmul_plan
+        apply_layer(plan, y2, x2, slots, scale, output_slices, kernel)
         return None
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):

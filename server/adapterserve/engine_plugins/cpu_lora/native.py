@@ -1,0 +1,129 @@
+"""The token-by-token LoRA kernel (`lora_kernel.cpp`): built for this CPU, loaded, called.
+
+Built with the system's g++ (`-O3 -march=native`: vectorised for the CPU it runs on) into
+the cache, one file per source, compiler and CPU, written under a temporary name and
+renamed, so that engine processes starting together never load a half-written file; a
+build takes ~2 s. Loaded with ctypes: a plain C ABI, no PyTorch headers to compile
+against, one foreign call per layer (~2 us).
+
+Where it cannot be built or loaded (no compiler, another architecture), `load_kernel`
+returns None, says why in the log, and the fused path keeps to its PyTorch forms.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")
+
+SOURCE = Path(__file__).with_name("lora_kernel.cpp")
+ABI_VERSION = 1  # adapterserve_lora_kernel_version() of the source this module calls
+ENV_SWITCH = "ADAPTERSERVE_LORA_KERNEL"  # 0: never use the kernel (the PyTorch forms only)
+COMPILER = os.environ.get("CXX", "g++")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
+_ARGUMENTS = [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # y, y stride, x, x stride, k
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,  # a, rank_sum, slot per token, tokens
+    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # slices, sizes, b pointers, rank
+    ctypes.c_int64, ctypes.c_float,  # live slices, scale
+]
+
+
+def kernel_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "adapterserve" / "kernels"
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+
+
+def _compiler_version() -> str:
+    done = subprocess.run([COMPILER, "--version"], capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout.splitlines()[0] if done.stdout else ""
+
+
+def built_kernel_path() -> Path:
+    """Where the kernel for this source, compiler and CPU is (built if it is not yet)."""
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), _compiler_version(), " ".join(FLAGS), platform.machine(), _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    target = kernel_dir() / f"lora_kernel-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        done = subprocess.run([COMPILER, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{COMPILER} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(built, target)  # atomic: a concurrent build of the same key writes the same bytes
+    return target
+
+
+class LoraKernel:
+    """The loaded kernel: `apply` runs one LoRA linear layer over a batch's tokens."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._by_dtype = {torch.float32: library.adapterserve_lora_apply_f32, torch.bfloat16: library.adapterserve_lora_apply_bf16}
+        for function in self._by_dtype.values():
+            function.argtypes, function.restype = _ARGUMENTS, None
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype in self._by_dtype
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, rank_sum: int, slot_of: torch.Tensor,
+              sizes: ctypes.Array, b_pointers: ctypes.Array, rank: int, live: int, scale: float) -> None:
+        """y[t] += scale * x[t] A[slot]^T B[slot]^T per token (`lora_kernel.cpp`). The caller
+        guarantees the layout: rows of x and y with unit column stride, `a` and each B
+        contiguous, `slot_of` int64 and contiguous, one dtype for x, y, a and b."""
+        self._by_dtype[y.dtype](
+            y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), x.shape[1], a.data_ptr(), rank_sum,
+            slot_of.data_ptr(), slot_of.shape[0], len(sizes), sizes, b_pointers, rank, live, scale,
+        )
+
+
+@functools.cache
+def load_kernel() -> LoraKernel | None:
+    """The kernel for this CPU, or None (logged) where it is switched off or cannot be built."""
+    if not enabled_by_env():
+        log.info("CPU LoRA kernel: off (%s=0)", ENV_SWITCH)
+        return None
+    try:
+        library = ctypes.CDLL(str(built_kernel_path()))
+        version = library.adapterserve_lora_kernel_version
+        version.restype = ctypes.c_int64
+        if version() != ABI_VERSION:
+            raise RuntimeError(f"kernel ABI {version()}, expected {ABI_VERSION}")
+    except Exception as error:  # any failure: the PyTorch forms serve instead
+        log.warning("CPU LoRA kernel: not available, the PyTorch forms serve (%s)", error)
+        return None
+    log.info("CPU LoRA kernel: loaded %s in pid %d", library._name, os.getpid())
+    return LoraKernel(library)
+
+
+def pointer_array(tensors) -> ctypes.Array:
+    """The data pointers of `tensors` as a C array (kept alive by the caller with them)."""
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def int64_array(values) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
