@@ -18,13 +18,20 @@
 //
 // Built by native.py with `g++ -O3 -march=native` (vectorised for the CPU it runs on).
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 namespace {
 
+// 16 floats: one AVX512 register, two AVX2 ones (GCC's vector extensions lower them to
+// what -march=native has), so one source serves both CPU kinds.
 constexpr int LANES = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef uint32_t vu32 __attribute__((vector_size(64)));
+typedef int32_t vi32 __attribute__((vector_size(64)));
+typedef uint16_t vu16 __attribute__((vector_size(32)));
 
 inline float load(float v) { return v; }
 inline float load(uint16_t v) {
@@ -32,6 +39,20 @@ inline float load(uint16_t v) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+inline vf loadv(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf loadv(const uint16_t* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof h);
+  vu32 bits = __builtin_convertvector(h, vu32) << 16;
+  vf v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
 }
 
 inline void store(float& out, float v) { out = v; }
@@ -46,88 +67,135 @@ inline void store(uint16_t& out, float v) {
   out = uint16_t(bits >> 16);
 }
 
-// out[j] = x . rows[j] for 4 rows of length k (x in float32): 4 independent sums of 16
-// lanes each, so the loop is vectorised and not bound by one sum's latency.
-template <typename T>
-inline void dot4(const float* x, const T* r0, const T* r1, const T* r2, const T* r3, int64_t k, float* out) {
-  float s0[LANES] = {}, s1[LANES] = {}, s2[LANES] = {}, s3[LANES] = {};
-  int64_t i = 0;
-  for (; i + LANES <= k; i += LANES) {
-    for (int l = 0; l < LANES; ++l) {
-      const float xv = x[i + l];
-      s0[l] += xv * load(r0[i + l]);
-      s1[l] += xv * load(r1[i + l]);
-      s2[l] += xv * load(r2[i + l]);
-      s3[l] += xv * load(r3[i + l]);
-    }
-  }
-  float t0 = 0, t1 = 0, t2 = 0, t3 = 0;
-  for (int l = 0; l < LANES; ++l) {
-    t0 += s0[l];
-    t1 += s1[l];
-    t2 += s2[l];
-    t3 += s3[l];
-  }
-  for (; i < k; ++i) {
-    t0 += x[i] * load(r0[i]);
-    t1 += x[i] * load(r1[i]);
-    t2 += x[i] * load(r2[i]);
-    t3 += x[i] * load(r3[i]);
-  }
-  out[0] = t0;
-  out[1] = t1;
-  out[2] = t2;
-  out[3] = t3;
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline void storev(uint16_t* p, vf v) {  // the same rounding as `store`, 16 at a time
+  vu32 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  vu32 nan = (vu32)((bits & 0x7fffffffu) > 0x7f800000u);
+  vu32 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  vu32 quiet = (bits >> 16) | 0x40u;
+  vu16 h = __builtin_convertvector((nan & quiet) | (~nan & rounded), vu16);
+  std::memcpy(p, &h, sizeof h);
 }
 
-template <typename T>
-inline float dot1(const float* x, const T* r, int64_t k) {
-  float s[LANES] = {};
-  int64_t i = 0;
-  for (; i + LANES <= k; i += LANES)
-    for (int l = 0; l < LANES; ++l) s[l] += x[i + l] * load(r[i + l]);
+inline float sum(vf v) {
   float t = 0;
-  for (int l = 0; l < LANES; ++l) t += s[l];
-  for (; i < k; ++i) t += x[i] * load(r[i]);
+  for (int l = 0; l < LANES; ++l) t += v[l];
   return t;
 }
+
+// h[m][j] = x[m] . rows[j] for M tokens of one slot and 4 rows of length k (x in float32):
+// 4 x M independent sums, so the loop is bound by loads and FMAs, not by one sum's
+// latency, and each row is loaded (and converted) once for the M tokens.
+template <int M, typename T>
+inline void dot4(const float* const* x, const T* const* rows, int64_t k, float* const* h, int64_t j) {
+  vf s[M][4] = {};
+  int64_t i = 0;
+  for (; i + LANES <= k; i += LANES) {
+    vf r[4];
+    for (int q = 0; q < 4; ++q) r[q] = loadv(rows[q] + i);
+    for (int m = 0; m < M; ++m) {
+      const vf xv = loadv(x[m] + i);
+      for (int q = 0; q < 4; ++q) s[m][q] += xv * r[q];
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int q = 0; q < 4; ++q) {
+      float t = sum(s[m][q]);
+      for (int64_t e = i; e < k; ++e) t += x[m][e] * load(rows[q][e]);
+      h[m][j + q] = t;
+    }
+}
+
+template <int M, typename T>
+inline void dot1(const float* const* x, const T* row, int64_t k, float* const* h, int64_t j) {
+  for (int m = 0; m < M; ++m) {
+    vf s = {};
+    int64_t i = 0;
+    for (; i + LANES <= k; i += LANES) s += loadv(x[m] + i) * loadv(row + i);
+    float t = sum(s);
+    for (; i < k; ++i) t += x[m][i] * load(row[i]);
+    h[m][j] = t;
+  }
+}
+
+// The tokens `t[0..M)`, all in `slot`: shrink, then expand each live slice into y.
+template <int M, typename T>
+inline void apply_tokens(const int64_t* t, int64_t slot, T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k,
+                         const T* a, int64_t rank_sum, int64_t slices, const int64_t* sizes, const T* const* b,
+                         int64_t rank, int64_t live, float scale, float* work) {
+  float* xf[M];
+  float* h[M];
+  float* c[M];
+  for (int m = 0; m < M; ++m) {
+    xf[m] = work + m * (k + 2 * rank_sum);
+    h[m] = xf[m] + k;
+    c[m] = h[m] + rank_sum;
+    const T* xt = x + t[m] * x_stride;
+    for (int64_t i = 0; i < k; ++i) xf[m][i] = load(xt[i]);
+  }
+  const T* as = a + slot * rank_sum * k;
+  int64_t j = 0;
+  for (; j + 4 <= rank_sum; j += 4) {
+    const T* rows[4] = {as + j * k, as + (j + 1) * k, as + (j + 2) * k, as + (j + 3) * k};
+    dot4<M>(xf, rows, k, h, j);
+  }
+  for (; j < rank_sum; ++j) dot1<M>(xf, as + j * k, k, h, j);
+  int64_t offset = 0;
+  for (int64_t i = 0; i < slices; ++i) {
+    const int64_t size = sizes[i];
+    if (live >> i & 1) {
+      // 16 columns at a time: each rank's row of B read once for the M tokens, the sums
+      // kept in registers, added into y and rounded once
+      const T* bs = b[i] + slot * rank * size;
+      for (int m = 0; m < M; ++m)
+        for (int64_t r = 0; r < rank; ++r) c[m][r] = scale * h[m][i * rank + r];
+      int64_t n = 0;
+      for (; n + LANES <= size; n += LANES) {
+        vf acc[M] = {};
+        for (int64_t r = 0; r < rank; ++r) {
+          const vf row = loadv(bs + r * size + n);
+          for (int m = 0; m < M; ++m) acc[m] += c[m][r] * row;
+        }
+        for (int m = 0; m < M; ++m) {
+          T* yo = y + t[m] * y_stride + offset + n;
+          storev(yo, loadv(yo) + acc[m]);
+        }
+      }
+      for (; n < size; ++n)
+        for (int m = 0; m < M; ++m) {
+          float acc = 0.0f;
+          for (int64_t r = 0; r < rank; ++r) acc += c[m][r] * load(bs[r * size + n]);
+          T& yo = y[t[m] * y_stride + offset + n];
+          store(yo, load(yo) + acc);
+        }
+    }
+    offset += size;
+  }
+}
+
+constexpr int PAIR = 2;  // tokens of one slot taken together (4 measured no faster)
 
 template <typename T>
 void apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k, const T* a, int64_t rank_sum,
            const int64_t* slot_of, int64_t tokens, int64_t slices, const int64_t* sizes, const T* const* b,
            int64_t rank, int64_t live, float scale) {
-  int64_t widest = 0;
-  for (int64_t i = 0; i < slices; ++i) widest = sizes[i] > widest ? sizes[i] : widest;
-  std::vector<float> xf(k), h(rank_sum), acc(widest);
-  for (int64_t t = 0; t < tokens; ++t) {
-    const int64_t slot = slot_of[t];
-    if (slot < 0) continue;
-    const T* xt = x + t * x_stride;
-    for (int64_t i = 0; i < k; ++i) xf[i] = load(xt[i]);
-    const T* as = a + slot * rank_sum * k;
-    int64_t j = 0;
-    for (; j + 4 <= rank_sum; j += 4)
-      dot4(xf.data(), as + j * k, as + (j + 1) * k, as + (j + 2) * k, as + (j + 3) * k, k, h.data() + j);
-    for (; j < rank_sum; ++j) h[j] = dot1(xf.data(), as + j * k, k);
-    T* yt = y + t * y_stride;
-    int64_t offset = 0;
-    for (int64_t i = 0; i < slices; ++i) {
-      const int64_t size = sizes[i];
-      if (live >> i & 1) {
-        // the rank's rows one after the other into a float32 sum (in L1: at most a few
-        // thousand columns), then added into y and rounded once
-        const T* bs = b[i] + slot * rank * size;
-        float* out = acc.data();
-        for (int64_t n = 0; n < size; ++n) out[n] = 0.0f;
-        for (int64_t r = 0; r < rank; ++r) {
-          const float c = scale * h[i * rank + r];
-          const T* row = bs + r * size;
-          for (int64_t n = 0; n < size; ++n) out[n] += c * load(row[n]);
-        }
-        T* yo = yt + offset;
-        for (int64_t n = 0; n < size; ++n) store(yo[n], load(yo[n]) + out[n]);
-      }
-      offset += size;
+  // the tokens with an adapter, by slot (stable), so that tokens of one slot go together
+  std::vector<int64_t> order;
+  order.reserve(tokens);
+  for (int64_t t = 0; t < tokens; ++t)
+    if (slot_of[t] >= 0) order.push_back(t);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return slot_of[p] < slot_of[q]; });
+  std::vector<float> work(PAIR * (k + 2 * rank_sum));
+  size_t p = 0;
+  while (p < order.size()) {
+    const int64_t slot = slot_of[order[p]];
+    if (p + 1 < order.size() && slot_of[order[p + 1]] == slot) {
+      apply_tokens<PAIR>(&order[p], slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work.data());
+      p += PAIR;
+    } else {
+      apply_tokens<1>(&order[p], slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work.data());
+      p += 1;
     }
   }
 }
