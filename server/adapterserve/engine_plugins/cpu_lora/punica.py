@@ -65,14 +65,16 @@ GROUPED_DTYPES = (torch.float32,)
 # sums; `native.py`) up to this many tokens, per dtype: there each PyTorch op costs more
 # than its arithmetic (a bf16 matmul of 16 x 576 by 576 x 24 ~20 us against ~3 in float32).
 # Beyond, the matmuls' blocking and threads win, except over many adapters (next). Measured
-# per decoder layer, 2 threads, on the EPYC: 1 adapter, 64 tokens, float32 0.39 against 0.36
-# ms, 128 tokens 0.88 against 0.59; bf16 128 tokens 0.93 against 0.94, 256 tokens 2.24
-# against 1.52.
+# per decoder layer, 2 threads, on the EPYC (bench/cpu_lora_layers.py --threads 2,
+# results/cpu_lora_layers-epyc-*-2threads.json): 1 adapter, float32 64 tokens 0.42 against
+# 0.45 ms, 256 tokens 2.24 against 1.85; bf16 128 tokens 0.91 against 1.12, 256 tokens
+# 1.76 against 0.93.
 KERNEL_MAX_TOKENS = {torch.float32: 64, torch.bfloat16: 128}
 # ...and at any size from this many slots in use, where the dense form's work over every
-# slot grows past the kernel's: float32, 8 adapters, 1024 tokens 8.0 against 12.6 ms (16:
-# 11.2 against 17.3); bf16, 16 adapters, 1024 tokens 7.3 against 8.9 (8: 8.0 against 5.5).
-KERNEL_FROM_SLOTS = {torch.float32: 8, torch.bfloat16: 16}
+# slot grows past the kernel's: 8 adapters, 256 tokens, float32 1.9 against 4.4 ms (dense;
+# grouped 7.5), bf16 1.7 against 3.6; 1024 tokens float32 8.3 against 14.6 (grouped), bf16
+# 6.7 against 7.7 (dense; an earlier run 8.0 against 5.5: even).
+KERNEL_FROM_SLOTS = {torch.float32: 8, torch.bfloat16: 8}
 
 
 @dataclass(frozen=True)
