@@ -4,7 +4,7 @@ anything), `vllm serve --enable-lora` with adapterserve's slot flags, which sepa
 having LoRA enabled from the cost of adapterserve's own layer, and `vllm serve
 --enforce-eager`, which separates the gain of compiled execution. Reproduce with:
 
-    .venv/bin/python bench/base_vs_vllm_serve.py [--rounds 2 --requests 48 --concurrency 16 --max-tokens 32]
+    .venv/bin/python bench/base_vs_vllm_serve.py [--rounds 2 --requests 48 --concurrency 16 --max-tokens 32] [--out NAME.json]
 
 vLLM's server runs as `python -m vllm.entrypoints.openai.api_server --model <base>` with
 only the KV cache size given (adapterserve's 256 MiB: memory, not speed; vLLM's CPU default
@@ -61,6 +61,7 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--only", nargs="+", help="labels to run (default: all)")
+    parser.add_argument("--out", default="base_vs_vllm_serve.json", help="file name under bench/results")
     args = parser.parse_args()
 
     base = resolve_base_model(None, load_settings().models_dir)
@@ -75,7 +76,7 @@ async def main() -> None:
     report = {"machine": machine(), "workload": vars(args), "results": results, "mean_tokens_per_second": mean}
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "base_vs_vllm_serve.json").write_text(json.dumps(report, indent=2))
+    (out / args.out).write_text(json.dumps(report, indent=2))
     print(f"\n{report['machine']}")
     print("| server | tok/s per run | mean tok/s | vs vllm serve | TTFT p50 ms per run |\n|---|---|---|---|---|")
     reference = mean.get("vllm serve")

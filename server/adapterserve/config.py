@@ -181,6 +181,12 @@ class Settings(BaseSettings):
         description="On the CPU, replace vLLM's per-token LoRA path by adapterserve's: copy-free ops, "
         "fused layer slots, one call per layer (a vLLM plugin active in every engine process).",
     )
+    cpu_lora_kernel: bool = Field(
+        True,
+        description="With grouped_lora_ops: apply small batches' LoRA layers token by token in adapterserve's "
+        "C++ kernel (built for this CPU with g++ at the first engine start; the PyTorch forms serve where it "
+        "cannot be built).",
+    )
     engine_reserved_cpus: int | None = Field(
         None, ge=0,
         description="CPUs vLLM keeps free of an engine worker's threads for its scheduler and the API server "

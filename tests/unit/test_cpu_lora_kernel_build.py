@@ -40,3 +40,36 @@ def test_the_switch_turns_the_kernel_off(monkeypatch):
         assert native.load_kernel() is None
     finally:
         native.load_kernel.cache_clear()
+
+
+def test_the_avx2_build_gives_the_same_sums(tmp_path, monkeypatch):
+    """CI runs on AVX2-only CPUs too: the kernel built for AVX2 (`-march=haswell`, which
+    this machine can run) equals the float64 reference as the native build does."""
+    import ctypes
+
+    import torch
+
+    if "avx2" not in native._cpu_flags().split():
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", tuple("-march=haswell" if f == "-march=native" else f for f in native.FLAGS))
+    kernel = native.LoraKernel(ctypes.CDLL(str(native.built_kernel_path())))
+    generator = torch.Generator().manual_seed(5)
+    rank, k, sizes = 8, 100, (70, 33)  # sizes off the 16-lane blocks: the tails too
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(3 * 2 * rank, k, generator=generator).to(dtype)
+        bs = [torch.randn(3 * rank, n, generator=generator).to(dtype) for n in sizes]
+        x, start = torch.randn(6, k, generator=generator).to(dtype), torch.randn(6, sum(sizes), generator=generator).to(dtype)
+        slot_of = torch.tensor([0, 2, -1, 1, 2, 0])
+        got = start.clone()
+        kernel.apply(got, x, a, 2 * rank, slot_of, native.int64_array(sizes), native.pointer_array(bs), rank, 0b11, 0.5)
+        expected = start.double().clone()
+        for t, slot in enumerate(slot_of.tolist()):
+            if slot < 0:
+                continue
+            h = x[t].double() @ a[slot * 2 * rank : (slot + 1) * 2 * rank].double().T
+            expected[t, :70] += 0.5 * h[:rank] @ bs[0][slot * rank : (slot + 1) * rank].double()
+            expected[t, 70:] += 0.5 * h[rank:] @ bs[1][slot * rank : (slot + 1) * rank].double()
+        tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-2)
+        torch.testing.assert_close(got.double(), expected, **tolerance)
+        assert torch.equal(got[2], start[2])  # the token without adapter

@@ -20,11 +20,13 @@ from .protocol import Host, HostObserver
 
 def build_host(settings: Settings, observer: HostObserver | None = None) -> Host:
     """The real host for these settings: prepares the base, builds and validates adapters."""
+    from adapterserve.engine_plugins.cpu_lora import native
     from adapterserve.engine_plugins.cpu_lora.plugin import ENV_SWITCH
 
-    # vLLM loads the CPU LoRA plugin in each engine process; they inherit this switch
+    # vLLM loads the CPU LoRA plugin in each engine process; they inherit these switches
     # (vLLM passes no per-engine setting to its plugins).
     os.environ[ENV_SWITCH] = "1" if settings.grouped_lora_ops else "0"
+    os.environ[native.ENV_SWITCH] = "1" if settings.cpu_lora_kernel else "0"
     apply_reserved_cpus(settings.engine_reserved_cpus)
     if settings.mode.value == "dedicated" and settings.dedicated_models:
         from .dedicated import DedicatedHost, discover_models

@@ -28,9 +28,12 @@ log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")
 
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
 ABI_VERSION = 1  # adapterserve_lora_kernel_version() of the source this module calls
-ENV_SWITCH = "ADAPTERSERVE_LORA_KERNEL"  # 0: never use the kernel (the PyTorch forms only)
+# 0: never use the kernel (the PyTorch forms only); set from the `cpu_lora_kernel` setting
+ENV_SWITCH = "ADAPTERSERVE_LORA_KERNEL"
 COMPILER = os.environ.get("CXX", "g++")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
+# -Wno-psabi: GCC notes that 64-byte vectors pass differently without AVX512 (internal
+# functions only; the exported ABI is plain pointers and integers)
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 _ARGUMENTS = [
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # y, y stride, x, x stride, k
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,  # a, rank_sum, slot per token, tokens
