@@ -49,7 +49,8 @@ def resolve_dtype(requested: str) -> str:
     return measured_cpu_dtype() if cpu_has_native_bf16() else "float32"
 
 
-def _cpu_identity() -> str:
+def cpu_identity() -> str:
+    """This CPU's model, flags and count: the key of what is measured or built per CPU."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     lines = text.splitlines()
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
@@ -91,8 +92,10 @@ def measured_cpu_dtype() -> str:
     engines and its tests read the same answer."""
     import torch
 
-    identity = f"{_cpu_identity()}|torch {torch.__version__}"
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adapterserve"
+    identity = f"{cpu_identity()}|torch {torch.__version__}"
+    from adapterserve.config import default_cache_dir
+
+    root = default_cache_dir()
     path = root / f"dtype-probe-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
     try:
         return json.loads(path.read_text())["dtype"]

@@ -30,7 +30,6 @@ namespace {
 constexpr int LANES = 16;
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu32 __attribute__((vector_size(64)));
-typedef int32_t vi32 __attribute__((vector_size(64)));
 typedef uint16_t vu16 __attribute__((vector_size(32)));
 
 inline float load(float v) { return v; }
