@@ -1,25 +1,70 @@
-import time, torch
-@torch.library.custom_op("t::f", mutates_args=("y",))
-def f(y: torch.Tensor, x: torch.Tensor, k: int) -> None:
-    return None
-@f.register_fake
-def _(y, x, k): return None
-def direct(y, x, k): return None
-y=torch.zeros(16,576,dtype=torch.bfloat16); x=torch.zeros(16,576,dtype=torch.bfloat16)
-for name, fn in (("custom op eager", f), ("direct", direct)):
-    for _ in range(200): fn(y,x,1)
-    t=time.perf_counter(); n=5000
-    for _ in range(n): fn(y,x,1)
-    print(name, round((time.perf_counter()-t)/n*1e6,1), "us")
-def g(y,x):
-    y = y*2
-    f(y,x,1)
-    return y+1
-def h(y,x):
-    y = y*2
-    return y+1
-for name, fn in (("compiled with op", torch.compile(g, dynamic=True)), ("compiled without", torch.compile(h, dynamic=True))):
-    for _ in range(50): fn(y,x)
-    t=time.perf_counter(); n=2000
-    for _ in range(n): fn(y,x)
-    print(name, round((time.perf_counter()-t)/n*1e6,1), "us")
+"""What a Python custom op costs per call, eager and inside a compiled graph.
+
+Why compiled execution with LoRA lost on the CPU (bench/RESULTS.md, "Compiled execution
+with LoRA"): the experiment of commit d8d0b51 made each LoRA linear layer's adapter step
+an opaque Python custom op (mutating the layer's output) so that vLLM's trace-once
+compilation could keep LoRA enabled. This measures that op's fixed cost at decode sizes
+(16 tokens x 576, bf16; the op's body does nothing): the dispatcher and Python in eager,
+and in a compiled graph the functionalization of the mutated output and the graph split
+around the op.
+
+Reproduce with:
+
+    .venv/bin/python bench/custom_op_cost.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lora_rank_fit import machine  # noqa: E402
+
+
+def per_call_us(fn, *args, warmup: int = 200, calls: int = 5000) -> float:
+    for _ in range(warmup):
+        fn(*args)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(*args)
+    return round((time.perf_counter() - start) / calls * 1e6, 1)
+
+
+def main() -> None:
+    @torch.library.custom_op("bench::mutate_output", mutates_args=("y",))
+    def op(y: torch.Tensor, x: torch.Tensor, key: int) -> None:
+        return None
+
+    @op.register_fake
+    def _(y, x, key):
+        return None
+
+    def direct(y, x, key):
+        return None
+
+    def with_op(y, x):
+        y = y * 2
+        op(y, x, 1)
+        return y + 1
+
+    def without_op(y, x):
+        y = y * 2
+        return y + 1
+
+    y = torch.zeros(16, 576, dtype=torch.bfloat16)
+    x = torch.zeros(16, 576, dtype=torch.bfloat16)
+    print(machine())
+    print("| call | us per call |\n|---|---|")
+    print(f"| Python function | {per_call_us(direct, y, x, 1)} |")
+    print(f"| custom op, eager | {per_call_us(op, y, x, 1)} |")
+    print(f"| compiled graph without the op | {per_call_us(torch.compile(without_op, dynamic=True), y, x, calls=2000)} |")
+    print(f"| compiled graph with the op | {per_call_us(torch.compile(with_op, dynamic=True), y, x, calls=2000)} |")
+
+
+if __name__ == "__main__":
+    main()

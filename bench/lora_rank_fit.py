@@ -12,8 +12,6 @@ defaults, for server variants one after the other:
   (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`): the worker's threads bound to every core, where
   vLLM binds them to all cores but one (on at most 2 CPUs this is the default since
   `hosting/cpu_cores.py`);
-- `compiled`: the default with compiled execution (`ADAPTERSERVE_ENFORCE_EAGER=false`;
-  with LoRA enabled since `engine_plugins/cpu_lora/compiled.py`);
 - `reserve1`: the default with one core reserved (`--engine-reserved-cpus 1`), as vLLM
   does and as the server did on 2 CPUs before `hosting/cpu_cores.py`.
 
@@ -101,8 +99,6 @@ def variant(name: str) -> tuple[list[str], dict]:
         return [], {"LD_PRELOAD": libraries}
     if name == "allcores":
         return [], {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    if name == "compiled":  # the default with compiled execution (vLLM's trace-once mode) instead of eager
-        return [], {"ADAPTERSERVE_ENFORCE_EAGER": "false"}
     if name == "reserve1":
         return ["--engine-reserved-cpus", "1"], {}
     raise SystemExit(f"unknown variant {name}")

@@ -93,7 +93,6 @@ def install() -> None:
     import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
-    from . import compiled
     from .containment import guard_slots, zero_new_kv_blocks
     from .layout import lay_out, track_live_slots
     from .ops import OPS
@@ -110,6 +109,5 @@ def install() -> None:
         log.info("fused CPU LoRA slots kept and computed in %s", slot_dtype)
     else:
         slot_dtype = None
-    register_for_compilation = compiled.install()
-    _wrap_from_layer(functools.partial(lay_out, dtype=slot_dtype), track_live_slots, guard_slots, register_for_compilation)
+    _wrap_from_layer(functools.partial(lay_out, dtype=slot_dtype), track_live_slots, guard_slots)
     _installed = True
