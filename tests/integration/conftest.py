@@ -3,6 +3,7 @@ adapters, extra random LoRA adapters, and a store of broken adapters."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,14 @@ MAX_LORA_RANK = 16
 DEMO = ["french", "json", "pirate"]  # LoRA demos
 HEADS = ["sentiment", "topic"]
 RANDOM_ADAPTERS = [f"random-{i}" for i in range(5)]  # with the demos: 8 > MAX_LORAS
+
+
+def pytest_configure(config):
+    """Engines run eager in this session unless a server asks for compiled execution (the
+    session server does: it is the default). Compiling takes ~1-2 min per engine
+    configuration at its first start on 2 CPUs, and the tests start over a dozen
+    configurations; every server started here inherits this environment."""
+    os.environ.setdefault("ADAPTERSERVE_ENFORCE_EAGER", "true")
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +82,7 @@ def server(tmp_path_factory, extra_store, broken_expected):
             "--base-mismatch", "refuse",
             "--admin-api-key", ADMIN_KEY,
             "--metrics-refresh-s", "5",  # fresh memory readings for the Prometheus test
+            "--no-enforce-eager",  # compiled, as the default serves (the other servers run eager)
         ],
         logs / "server.log",
     ).start()

@@ -43,7 +43,7 @@ class EngineSpec:
     max_model_len: int = 2048
     max_num_seqs: int = 32
     kv_cache_memory_bytes: int = 256 * 1024 * 1024
-    enforce_eager: bool = True
+    enforce_eager: bool = False  # compiled, as vLLM's default
     enable_lora: bool = False
     max_loras: int = 16
     max_lora_rank: int = 64

@@ -48,6 +48,9 @@ def register() -> None:
             "vLLM's reference ops are used", version, ", ".join(CHECKED_VLLM_VERSIONS),
         )
         return
+    from .compiled import load_trace_once_artifacts
+
+    load_trace_once_artifacts()  # with LoRA or without (dedicated engines): only a first start compiles
     if not enabled_by_env():
         install_containment_only()
         log.info("grouped CPU LoRA ops: off (%s=0); vLLM's reference ops, without delta for tokens with no adapter", ENV_SWITCH)
@@ -93,6 +96,7 @@ def install() -> None:
     import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
+    from . import compiled
     from .containment import guard_slots, zero_new_kv_blocks
     from .layout import lay_out, track_live_slots
     from .ops import OPS
@@ -109,5 +113,6 @@ def install() -> None:
         log.info("fused CPU LoRA slots kept and computed in %s", slot_dtype)
     else:
         slot_dtype = None
-    _wrap_from_layer(functools.partial(lay_out, dtype=slot_dtype), track_live_slots, guard_slots)
+    register_for_compilation = compiled.install()
+    _wrap_from_layer(functools.partial(lay_out, dtype=slot_dtype), track_live_slots, guard_slots, register_for_compilation)
     _installed = True

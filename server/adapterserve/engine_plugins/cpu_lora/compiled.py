@@ -1,0 +1,128 @@
+"""Compiled execution with LoRA enabled on the CPU.
+
+vLLM's CPU platform turns compilation off whenever LoRA is enabled
+(`vllm/platforms/cpu.py`), because its trace-once mode runs Dynamo over the model's forward
+pass once and keeps what it saw: the CPU punica wrapper's Python choices (prefill or
+decode, the fused path's plan for the step, the kernel's call) would be frozen into the
+graph. adapterserve's engines always have LoRA enabled (adapters come and go at any time),
+so without this they lose compiled execution (~25% of decode throughput in bf16 on an
+AVX512-bf16 EPYC, bench/RESULTS.md).
+
+`install()` makes each LoRA linear layer's adapter step one opaque op,
+`adapterserve::apply_lora_linear(output, x, layer_key)`: the compiler keeps the op whole
+and calls it in every step, and the op runs the eager fused wrapper (`punica.py`), which
+reads the step's mapping as it does without compilation. The op takes the layer by a key
+(an int baked into the graph) rather than its slot tensors, so the fused layout's views
+reach the wrapper as they are. Then the platform's override is lifted: where vLLM would
+compile without LoRA (`enforce_eager` off, adapterserve's default), it compiles with LoRA too.
+
+Only the linear layers go through the op: the logits (outside the compiled forward pass)
+and an embedding layer (wrapped only for adapters that train new tokens, which the
+registry refuses) stay as vLLM has them.
+
+`load_trace_once_artifacts()` lets vLLM load back the compiled forward pass it saved, so
+only the first start of an engine configuration compiles (~1-2 min on 2 cores; ~5 s after).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")  # configured by vLLM in its processes
+
+OP_NAME = "adapterserve::apply_lora_linear"
+KEY_ATTRIBUTE = "adapterserve_layer_key"
+
+
+def install():
+    """Register the op, route the linear layers' adapter step through it while Dynamo
+    traces, and keep compilation on with LoRA. Returns the step that registers each LoRA
+    linear layer vLLM creates (for `plugin._wrap_from_layer`)."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    layers: dict[int, weakref.ref] = {}  # key -> layer, in this process
+
+    # The low-level registration: `torch.library.custom_op` wraps its function in ~20 us of
+    # Python per call (~70 us inside a compiled graph, bench/custom_op_cost.py); a schema and
+    # a CPU kernel registered on a `Library` cost ~2 us eager and ~7 in a compiled graph.
+    library = torch.library.Library("adapterserve", "DEF")
+    library.define("apply_lora_linear(Tensor(a!) output, Tensor x, int layer_key) -> ()")
+
+    def apply_lora_linear(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
+        layer = layers[layer_key]()
+        layer.punica_wrapper.add_lora_linear(
+            output, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, layer.output_slices
+        )
+
+    library.impl("apply_lora_linear", apply_lora_linear, "CPU")
+    torch.library.register_fake(OP_NAME, lambda output, x, layer_key: None, lib=library)
+    op = torch.ops.adapterserve.apply_lora_linear.default
+
+    def register_layer(layer) -> None:
+        key = len(layers)
+        layers[key] = weakref.ref(layer)
+        setattr(layer, KEY_ATTRIBUTE, key)
+
+    eager_apply = BaseLinearLayerWithLoRA._apply_lora_to_output
+
+    def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        key = getattr(self, KEY_ATTRIBUTE, None)
+        if key is None or not torch.compiler.is_compiling():
+            return eager_apply(self, x, output)
+        flat_output = output.flatten(0, 1) if output.ndim == 3 else output
+        flat_x = x.flatten(0, 1) if x.ndim == 3 else x
+        op(flat_output, flat_x, key)
+        return output
+
+    _apply_lora_to_output.library = library  # kept alive: a Library unregisters its ops when collected
+    BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
+    keep_compilation_with_lora()
+    return register_layer
+
+
+def keep_compilation_with_lora() -> None:
+    """Undo the CPU platform's `mode = NONE` for LoRA: the trace-once mode it chose for
+    the same config without LoRA is kept (with its inductor settings)."""
+    from vllm.config import CompilationMode
+    from vllm.platforms.cpu import CpuPlatform
+
+    platform_update = CpuPlatform.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        wanted = vllm_config.compilation_config.mode
+        platform_update(cls, vllm_config)
+        compiling = wanted in (CompilationMode.VLLM_COMPILE, CompilationMode.DYNAMO_TRACE_ONCE)
+        if vllm_config.lora_config is not None and compiling:
+            vllm_config.compilation_config.mode = CompilationMode.DYNAMO_TRACE_ONCE
+            log.info("compiled execution kept with LoRA enabled (adapter steps as the opaque op %s)", OP_NAME)
+
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+
+
+def load_trace_once_artifacts() -> None:
+    """Let vLLM load back the trace-once artifact it saved at the first start.
+
+    vLLM 0.32 saves the compiled forward pass of the CPU's trace-once mode and, at the next
+    start, calls `finalize_loading` on what it loads, which only its own backend's compiled
+    function has (the CPU compiles with inductor): the load fails and every start compiles
+    again (~60-100 s per engine on 2 cores). Inductor's function needs no finalizing, so
+    the loaded function gets a step that does nothing."""
+    load = torch.compiler.load_compiled_function
+    if getattr(load, "adapterserve_wrapped", False):
+        return
+
+    def load_compiled_function(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        compiled_fn = getattr(getattr(loaded, "_artifacts", None), "compiled_fn", None)
+        if compiled_fn is not None and not hasattr(compiled_fn, "finalize_loading"):
+            try:
+                compiled_fn.finalize_loading = lambda vllm_config: None
+            except AttributeError:  # not a plain function: vLLM compiles again, as without this
+                pass
+        return loaded
+
+    load_compiled_function.adapterserve_wrapped = True
+    torch.compiler.load_compiled_function = load_compiled_function
