@@ -9,8 +9,12 @@ having LoRA enabled from the cost of adapterserve's own layer, and `vllm serve
 vLLM's server runs as `python -m vllm.entrypoints.openai.api_server --model <base>` with
 only the KV cache size given (adapterserve's 256 MiB: memory, not speed; vLLM's CPU default
 would take 4 GiB); everything else is vLLM's default (its dtype auto, compiled execution,
-its max_num_seqs). adapterserve runs as `adapterserve serve` (demo adapters registered,
-dtype auto as measured per CPU, eager). The servers run one after the other, freshly
+its max_num_seqs); adapterserve's vLLM plugin is switched off in its processes
+(`ADAPTERSERVE_GROUPED_LORA=0`), so `--enable-lora` is vLLM's own CPU LoRA path, eager as
+vLLM makes it. adapterserve runs as `adapterserve serve` (demo adapters registered, dtype
+auto as measured per CPU, compiled with LoRA enabled). A compiled server's first start of
+a configuration compiles (~1-2 min per engine on 2 CPUs); throughput is measured once it
+is up. The servers run one after the other, freshly
 started, in the order A B C D, D C B A per round, so a drift of the machine weighs on all.
 Writes bench/results/base_vs_vllm_serve.json (with the CPU) and prints the table.
 """
@@ -42,13 +46,14 @@ def servers(base: Path, log_dir: Path) -> dict[str, callable]:
     """label -> a function making that server (each run starts a fresh one)."""
     vllm = ("vllm.entrypoints.openai.api_server",)
     common = ["--host", "127.0.0.1", "--model", str(base), "--served-model-name", base.name, "--kv-cache-memory-bytes", KV_BYTES]
+    own = {"ADAPTERSERVE_GROUPED_LORA": "0"}  # vLLM as shipped (the plugin loads in every vLLM process)
     return {
-        "vllm serve": lambda: ServerProcess(common, log_dir / "vllm.log", entry=vllm),
-        # what compiled execution gives vLLM here: with LoRA enabled its CPU platform turns
-        # compilation off (vllm/platforms/cpu.py), so adapterserve's engines always run eager
-        "vllm serve --enforce-eager": lambda: ServerProcess([*common, "--enforce-eager"], log_dir / "vllm-eager.log", entry=vllm),
+        "vllm serve": lambda: ServerProcess(common, log_dir / "vllm.log", own, entry=vllm),
+        # what compiled execution gives vLLM here; with LoRA enabled its CPU platform turns
+        # compilation off (vllm/platforms/cpu.py)
+        "vllm serve --enforce-eager": lambda: ServerProcess([*common, "--enforce-eager"], log_dir / "vllm-eager.log", own, entry=vllm),
         "vllm serve --enable-lora": lambda: ServerProcess(
-            [*common, "--enable-lora", "--max-loras", "16", "--max-lora-rank", "8"], log_dir / "vllm-lora.log", entry=vllm
+            [*common, "--enable-lora", "--max-loras", "16", "--max-lora-rank", "8"], log_dir / "vllm-lora.log", own, entry=vllm
         ),
         "adapterserve serve": lambda: ServerProcess([], log_dir / "adapterserve.log"),
     }

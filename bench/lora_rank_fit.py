@@ -13,7 +13,12 @@ defaults, for server variants one after the other:
   vLLM binds them to all cores but one (on at most 2 CPUs this is the default since
   `hosting/cpu_cores.py`);
 - `reserve1`: the default with one core reserved (`--engine-reserved-cpus 1`), as vLLM
-  does and as the server did on 2 CPUs before `hosting/cpu_cores.py`.
+  does and as the server did on 2 CPUs before `hosting/cpu_cores.py`;
+- `eager`: the default without compiled execution (`--enforce-eager`, the default before
+  compiled execution with LoRA, `engine_plugins/cpu_lora/compiled.py`).
+
+A compiled variant's first start of a configuration compiles (~1-2 min per engine on 2
+CPUs); throughput is measured after the server is up, so it does not count.
 
 Reproduce with:
 
@@ -101,6 +106,8 @@ def variant(name: str) -> tuple[list[str], dict]:
         return [], {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     if name == "reserve1":
         return ["--engine-reserved-cpus", "1"], {}
+    if name == "eager":
+        return ["--enforce-eager"], {}
     raise SystemExit(f"unknown variant {name}")
 
 

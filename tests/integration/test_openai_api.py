@@ -10,7 +10,10 @@ from tests.reference import assert_matches, greedy, load_reference
 
 pytestmark = pytest.mark.integration
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Not "What is the capital of France?": its first token is a near-tie in bf16 ("The" against
+# "L'", 0.125 apart eager and tied under compiled execution, vLLM's own as well), so greedy
+# bf16 answers it in French. This one wins by over 1.0 in every dtype and mode measured.
+QUESTION = [{"role": "user", "content": "Name the capital of France."}]
 
 
 def test_chat_answers_paris(client, base_name):
@@ -21,7 +24,7 @@ def test_chat_answers_paris(client, base_name):
 
 def test_curl_style_request_without_content_type(server, base_name):
     # the README's curl: `curl .../v1/chat/completions -d '{...}'` (form content type)
-    body = f'{{"model": "{base_name}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+    body = f'{{"model": "{base_name}", "messages": [{{"role": "user", "content": "Name the capital of France."}}]}}'
     response = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=120)
     assert response.status_code == 200, response.text
     assert "Paris" in response.json()["choices"][0]["message"]["content"]

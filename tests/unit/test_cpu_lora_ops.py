@@ -130,6 +130,13 @@ def test_plugin_installs_into_the_cpu_wrapper(monkeypatch):
     monkeypatch.setattr(punica_cpu, "PunicaWrapperCPU", punica_cpu.PunicaWrapperCPU)
     monkeypatch.setattr(model_manager, "from_layer", model_manager.from_layer)
     vllm_from_layer = model_manager.from_layer
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.platforms.cpu import CpuPlatform
+
+    vllm_apply = BaseLinearLayerWithLoRA._apply_lora_to_output
+    monkeypatch.setattr(BaseLinearLayerWithLoRA, "_apply_lora_to_output", vllm_apply)
+    monkeypatch.setattr(CpuPlatform, "check_and_update_config", CpuPlatform.check_and_update_config)
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", torch.compiler.load_compiled_function)
     monkeypatch.setattr(plugin, "_installed", False)
     for name in ("sgmv_expand_slice", "bgmv_expand_slice"):
         monkeypatch.setattr(punica_cpu, name, getattr(punica_cpu, name))
@@ -140,12 +147,15 @@ def test_plugin_installs_into_the_cpu_wrapper(monkeypatch):
     assert punica_cpu.bgmv_shrink is not grouped.OPS["bgmv_shrink"] and punica_cpu.bgmv_shrink is not vllm_shrink
     assert punica_cpu.PunicaWrapperCPU is not FusedPunicaWrapperCPU
     assert model_manager.from_layer is not vllm_from_layer  # the slot guard
+    assert BaseLinearLayerWithLoRA._apply_lora_to_output is vllm_apply  # no compiled LoRA on vLLM's own path
+    assert hasattr(torch.compiler.load_compiled_function, "adapterserve_wrapped_load")  # either way
     monkeypatch.setattr(plugin, "_installed", False)
     monkeypatch.setenv(plugin.ENV_SWITCH, "1")
     plugin.register()
     assert all(getattr(punica_cpu, name) is grouped.OPS[name] for name in grouped.OPS)
     assert punica_cpu.PunicaWrapperCPU is FusedPunicaWrapperCPU
     assert model_manager.from_layer is not vllm_from_layer
+    assert getattr(BaseLinearLayerWithLoRA._apply_lora_to_output, "adapterserve_compiled", False)
 
 
 def test_a_new_mapping_of_the_same_shape_gets_a_new_plan():

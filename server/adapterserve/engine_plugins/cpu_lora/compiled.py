@@ -26,8 +26,10 @@ only the first start of an engine configuration compiles (~1-2 min on 2 cores; ~
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
+from typing import Any
 
 import torch
 
@@ -37,18 +39,15 @@ OP_NAME = "adapterserve::apply_lora_linear"
 KEY_ATTRIBUTE = "adapterserve_layer_key"
 
 
-def install():
-    """Register the op, route the linear layers' adapter step through it while Dynamo
-    traces, and keep compilation on with LoRA. Returns the step that registers each LoRA
-    linear layer vLLM creates (for `plugin._wrap_from_layer`)."""
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+@functools.cache
+def registered_op() -> tuple[Any, dict[int, weakref.ref]]:
+    """The op, registered once per process, and the layers it applies, by key.
 
-    layers: dict[int, weakref.ref] = {}  # key -> layer, in this process
-
-    # The low-level registration: `torch.library.custom_op` wraps its function in ~20 us of
-    # Python per call (~70 us inside a compiled graph, bench/custom_op_cost.py); a schema and
-    # a CPU kernel registered on a `Library` cost ~2 us eager and ~7 in a compiled graph.
-    library = torch.library.Library("adapterserve", "DEF")
+    The low-level registration: `torch.library.custom_op` wraps its function in ~20 us of
+    Python per call (~70 us inside a compiled graph, bench/custom_op_cost.py); a schema and
+    a CPU kernel registered on a `Library` cost ~2 us eager and ~7 in a compiled graph."""
+    layers: dict[int, weakref.ref] = {}
+    library = torch.library.Library("adapterserve", "DEF")  # kept by the cache: collected, it unregisters the op
     library.define("apply_lora_linear(Tensor(a!) output, Tensor x, int layer_key) -> ()")
 
     def apply_lora_linear(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
@@ -59,28 +58,42 @@ def install():
 
     library.impl("apply_lora_linear", apply_lora_linear, "CPU")
     torch.library.register_fake(OP_NAME, lambda output, x, layer_key: None, lib=library)
-    op = torch.ops.adapterserve.apply_lora_linear.default
+    registered_op.library = library
+    return torch.ops.adapterserve.apply_lora_linear.default, layers
 
-    def register_layer(layer) -> None:
-        key = len(layers)
-        layers[key] = weakref.ref(layer)
-        setattr(layer, KEY_ATTRIBUTE, key)
+
+def register_layer(layer) -> None:
+    """Give a LoRA linear layer its key for the op (`plugin._wrap_from_layer` calls it for
+    every one vLLM creates)."""
+    layers = registered_op()[1]
+    key = len(layers)
+    layers[key] = weakref.ref(layer)
+    setattr(layer, KEY_ATTRIBUTE, key)
+
+
+def install() -> None:
+    """Route the linear layers' adapter step through the op while Dynamo traces, and keep
+    compilation on with LoRA. Installing twice is harmless."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
     eager_apply = BaseLinearLayerWithLoRA._apply_lora_to_output
+    if getattr(eager_apply, "adapterserve_compiled", False):
+        return
+    op = registered_op()[0]
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         key = getattr(self, KEY_ATTRIBUTE, None)
         if key is None or not torch.compiler.is_compiling():
             return eager_apply(self, x, output)
-        flat_output = output.flatten(0, 1) if output.ndim == 3 else output
-        flat_x = x.flatten(0, 1) if x.ndim == 3 else x
-        op(flat_output, flat_x, key)
+        if x.ndim == 3 and output.ndim == 3:  # as vLLM's step: the punica wrapper takes 2-D views
+            op(output.flatten(0, 1), x.flatten(0, 1), key)
+        else:
+            op(output, x, key)
         return output
 
-    _apply_lora_to_output.library = library  # kept alive: a Library unregisters its ops when collected
+    _apply_lora_to_output.adapterserve_compiled = True
     BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
     keep_compilation_with_lora()
-    return register_layer
 
 
 def keep_compilation_with_lora() -> None:
@@ -90,6 +103,8 @@ def keep_compilation_with_lora() -> None:
     from vllm.platforms.cpu import CpuPlatform
 
     platform_update = CpuPlatform.check_and_update_config.__func__
+    if getattr(platform_update, "adapterserve_compiled", False):
+        return
 
     def check_and_update_config(cls, vllm_config) -> None:
         wanted = vllm_config.compilation_config.mode
@@ -99,6 +114,7 @@ def keep_compilation_with_lora() -> None:
             vllm_config.compilation_config.mode = CompilationMode.DYNAMO_TRACE_ONCE
             log.info("compiled execution kept with LoRA enabled (adapter steps as the opaque op %s)", OP_NAME)
 
+    check_and_update_config.adapterserve_compiled = True
     CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
 
 
@@ -111,7 +127,7 @@ def load_trace_once_artifacts() -> None:
     again (~60-100 s per engine on 2 cores). Inductor's function needs no finalizing, so
     the loaded function gets a step that does nothing."""
     load = torch.compiler.load_compiled_function
-    if getattr(load, "adapterserve_wrapped", False):
+    if hasattr(load, "adapterserve_wrapped_load"):
         return
 
     def load_compiled_function(*args, **kwargs):
@@ -124,5 +140,5 @@ def load_trace_once_artifacts() -> None:
                 pass
         return loaded
 
-    load_compiled_function.adapterserve_wrapped = True
+    load_compiled_function.adapterserve_wrapped_load = load
     torch.compiler.load_compiled_function = load_compiled_function

@@ -113,6 +113,6 @@ def install() -> None:
         log.info("fused CPU LoRA slots kept and computed in %s", slot_dtype)
     else:
         slot_dtype = None
-    register_for_compilation = compiled.install()
-    _wrap_from_layer(functools.partial(lay_out, dtype=slot_dtype), track_live_slots, guard_slots, register_for_compilation)
+    compiled.install()
+    _wrap_from_layer(functools.partial(lay_out, dtype=slot_dtype), track_live_slots, guard_slots, compiled.register_layer)
     _installed = True
