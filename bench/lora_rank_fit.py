@@ -14,6 +14,8 @@ defaults, for server variants one after the other:
   `hosting/cpu_cores.py`);
 - `reserve1`: the default with one core reserved (`--engine-reserved-cpus 1`), as vLLM
   does and as the server did on 2 CPUs before `hosting/cpu_cores.py`;
+- `kernel1`: the default with the LoRA kernel on one thread (`ADAPTERSERVE_LORA_KERNEL_THREADS=1`,
+  as it ran before it split a layer's tokens over PyTorch's OpenMP threads);
 - `eager`: the default without compiled execution (`--enforce-eager`, the default before
   compiled execution with LoRA, `engine_plugins/cpu_lora/compiled.py`).
 
@@ -108,6 +110,8 @@ def variant(name: str) -> tuple[list[str], dict]:
         return ["--engine-reserved-cpus", "1"], {}
     if name == "eager":
         return ["--enforce-eager"], {}
+    if name == "kernel1":
+        return [], {"ADAPTERSERVE_LORA_KERNEL_THREADS": "1"}
     raise SystemExit(f"unknown variant {name}")
 
 

@@ -4,6 +4,7 @@ built the fused path says so and serves with its PyTorch forms."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,42 @@ def test_the_avx2_build_gives_the_same_sums(tmp_path, monkeypatch):
         tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-2)
         torch.testing.assert_close(got.double(), expected, **tolerance)
         assert torch.equal(got[2], start[2])  # the token without adapter
+
+
+def test_threads_split_the_tokens_without_changing_a_bit(monkeypatch):
+    """The kernel splits a layer's tokens over PyTorch's OpenMP threads (the one runtime
+    in the process): every token gets the bits one thread gives it, and the tokens
+    without an adapter keep theirs."""
+    import ctypes
+
+    import torch
+
+    runtimes = native.openmp_runtimes()
+    library = ctypes.CDLL(str(native.built_kernel_path()))
+    assert native.openmp_runtimes() == runtimes  # it runs on PyTorch's
+    assert any(Path(r).parent == Path(torch.__file__).parent / "lib" for r in runtimes)
+    one, team = native.LoraKernel(library, threads=1), native.LoraKernel(library, threads=2)
+    generator = torch.Generator().manual_seed(11)
+    rank, k, sizes, slots = 8, 576, (576, 192, 192), 5
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(slots * 3 * rank, k, generator=generator).to(dtype)
+        bs = [torch.randn(slots * rank, n, generator=generator).to(dtype) for n in sizes]
+        for tokens in (1, 2, 3, 16, 37, 200):
+            slot_of = torch.randint(-1, slots, (tokens,), generator=generator)
+            x = torch.randn(tokens, k, generator=generator).to(dtype)
+            start = torch.randn(tokens, sum(sizes), generator=generator).to(dtype)
+            got = {}
+            for name, kernel in (("one", one), ("team", team)):
+                y = start.clone()
+                kernel.apply(y, x, a, 3 * rank, slot_of, native.int64_array(sizes), native.pointer_array(bs), rank, 0b111, 2.0)
+                got[name] = y
+            assert torch.equal(got["one"], got["team"]), (dtype, tokens)
+            unused = slot_of < 0
+            assert torch.equal(got["team"][unused], start[unused])
+            assert not torch.equal(got["team"][~unused], start[~unused]) or not (~unused).any()
+
+
+def test_the_thread_count_comes_from_the_environment(monkeypatch):
+    for value, expected in (("", 0), ("1", 1), ("3", 3), ("-2", 0), ("many", 0)):
+        monkeypatch.setenv(native.ENV_THREADS, value)
+        assert native.threads_from_env() == expected

@@ -16,12 +16,16 @@
 // inf changes nothing outside the tokens that use it. No -ffast-math: NaN must stay NaN
 // and the sums are not reassociated beyond the fixed 16 lanes written below.
 //
-// Built by native.py with `g++ -O3 -march=native` (vectorised for the CPU it runs on).
+// Built by native.py with `g++ -O3 -march=native -fopenmp` (vectorised for the CPU it runs on;
+// without OpenMP the pragmas are ignored and one thread applies the layer).
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -178,23 +182,43 @@ constexpr int PAIR = 2;  // tokens of one slot taken together (4 measured no fas
 template <typename T>
 void apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k, const T* a, int64_t rank_sum,
            const int64_t* slot_of, int64_t tokens, int64_t slices, const int64_t* sizes, const T* const* b,
-           int64_t rank, int64_t live, float scale) {
+           int64_t rank, int64_t live, float scale, int64_t threads) {
   // the tokens with an adapter, by slot (stable), so that tokens of one slot go together
   std::vector<int64_t> order;
   order.reserve(tokens);
   for (int64_t t = 0; t < tokens; ++t)
     if (slot_of[t] >= 0) order.push_back(t);
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return slot_of[p] < slot_of[q]; });
-  std::vector<float> work(PAIR * (k + 2 * rank_sum));
-  size_t p = 0;
-  while (p < order.size()) {
-    const int64_t slot = slot_of[order[p]];
-    if (p + 1 < order.size() && slot_of[order[p + 1]] == slot) {
-      apply_tokens<PAIR>(&order[p], slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work.data());
-      p += PAIR;
-    } else {
-      apply_tokens<1>(&order[p], slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work.data());
-      p += 1;
+  // the units of work: PAIR tokens of one slot, or one token; each writes only its own rows of y
+  std::vector<int64_t> unit_start;
+  unit_start.reserve(order.size() + 1);
+  for (size_t p = 0; p < order.size();) {
+    unit_start.push_back(int64_t(p));
+    p += (p + 1 < order.size() && slot_of[order[p + 1]] == slot_of[order[p]]) ? PAIR : 1;
+  }
+  const int64_t units = int64_t(unit_start.size());
+  unit_start.push_back(int64_t(order.size()));
+  const size_t work_size = PAIR * (k + 2 * rank_sum);
+  // The units split over the threads of the OpenMP runtime PyTorch runs on (libgomp.so.1,
+  // already loaded: the loader shares it, so these are the threads vLLM bound to the
+  // cores), in contiguous ranges: the units of one slot mostly stay on one core's cache.
+  // One unit runs on the calling thread alone. `threads` 0: as many as PyTorch runs.
+#ifdef _OPENMP
+  const int team = threads > 0 ? int(threads) : omp_get_max_threads();
+#else
+  const int team = 1;
+#endif
+#pragma omp parallel if (units > 1 && team > 1) num_threads(team)
+  {
+    std::vector<float> work(work_size);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t p = unit_start[u];
+      const int64_t slot = slot_of[order[p]];
+      if (unit_start[u + 1] - p == PAIR)
+        apply_tokens<PAIR>(&order[p], slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work.data());
+      else
+        apply_tokens<1>(&order[p], slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work.data());
     }
   }
 }
@@ -204,19 +228,19 @@ void apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k, cons
 extern "C" {
 
 // The ABI version native.py checks (bump on any change of the signatures below).
-int64_t adapterserve_lora_kernel_version() { return 1; }
+int64_t adapterserve_lora_kernel_version() { return 2; }
 
 void adapterserve_lora_apply_f32(float* y, int64_t y_stride, const float* x, int64_t x_stride, int64_t k,
                                  const float* a, int64_t rank_sum, const int64_t* slot_of, int64_t tokens,
                                  int64_t slices, const int64_t* sizes, const float* const* b, int64_t rank,
-                                 int64_t live, float scale) {
-  apply(y, y_stride, x, x_stride, k, a, rank_sum, slot_of, tokens, slices, sizes, b, rank, live, scale);
+                                 int64_t live, float scale, int64_t threads) {
+  apply(y, y_stride, x, x_stride, k, a, rank_sum, slot_of, tokens, slices, sizes, b, rank, live, scale, threads);
 }
 
 void adapterserve_lora_apply_bf16(uint16_t* y, int64_t y_stride, const uint16_t* x, int64_t x_stride, int64_t k,
                                   const uint16_t* a, int64_t rank_sum, const int64_t* slot_of, int64_t tokens,
                                   int64_t slices, const int64_t* sizes, const uint16_t* const* b, int64_t rank,
-                                  int64_t live, float scale) {
-  apply(y, y_stride, x, x_stride, k, a, rank_sum, slot_of, tokens, slices, sizes, b, rank, live, scale);
+                                  int64_t live, float scale, int64_t threads) {
+  apply(y, y_stride, x, x_stride, k, a, rank_sum, slot_of, tokens, slices, sizes, b, rank, live, scale, threads);
 }
 }

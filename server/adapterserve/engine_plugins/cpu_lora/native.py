@@ -30,18 +30,24 @@ from adapterserve.dtypes import cpu_identity
 log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")
 
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
-ABI_VERSION = 1  # adapterserve_lora_kernel_version() of the source this module calls
+ABI_VERSION = 2  # adapterserve_lora_kernel_version() of the source this module calls
 # 0: never use the kernel (the PyTorch forms only); set from the `cpu_lora_kernel` setting
 ENV_SWITCH = "ADAPTERSERVE_LORA_KERNEL"
+# the kernel's OpenMP threads; unset or 0: as many as PyTorch runs (1: how it ran before
+# it was threaded, for the bench's `kernel1` variant)
+ENV_THREADS = "ADAPTERSERVE_LORA_KERNEL_THREADS"
 COMPILER = os.environ.get("CXX", "g++")
 # -Wno-psabi: GCC notes that 64-byte vectors pass differently without AVX512 (internal
 # functions only; the exported ABI is plain pointers and integers)
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
+# -fopenmp: the kernel splits a layer's tokens over PyTorch's OpenMP threads. The library
+# it links by name (libgomp.so.1) is the one PyTorch has already loaded, so no second
+# thread pool is made (`load_kernel` checks that).
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
 _ARGUMENTS = [
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # y, y stride, x, x stride, k
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,  # a, rank_sum, slot per token, tokens
     ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # slices, sizes, b pointers, rank
-    ctypes.c_int64, ctypes.c_float,  # live slices, scale
+    ctypes.c_int64, ctypes.c_float, ctypes.c_int64,  # live slices, scale, threads
 ]
 
 
@@ -51,6 +57,13 @@ def kernel_dir() -> Path:
 
 def enabled_by_env() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def threads_from_env() -> int:
+    try:
+        return max(0, int(os.environ.get(ENV_THREADS, "0")))
+    except ValueError:
+        return 0
 
 
 def _compiler_version() -> str:
@@ -79,7 +92,8 @@ def built_kernel_path() -> Path:
 class LoraKernel:
     """The loaded kernel: `apply` runs one LoRA linear layer over a batch's tokens."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, threads: int = 0) -> None:
+        self._threads = threads
         self._by_dtype = {torch.float32: library.adapterserve_lora_apply_f32, torch.bfloat16: library.adapterserve_lora_apply_bf16}
         for function in self._by_dtype.values():
             function.argtypes, function.restype = _ARGUMENTS, None
@@ -94,7 +108,7 @@ class LoraKernel:
         contiguous, `slot_of` int64 and contiguous, one dtype for x, y, a and b."""
         self._by_dtype[y.dtype](
             y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), x.shape[1], a.data_ptr(), rank_sum,
-            slot_of.data_ptr(), slot_of.shape[0], len(sizes), sizes, b_pointers, rank, live, scale,
+            slot_of.data_ptr(), slot_of.shape[0], len(sizes), sizes, b_pointers, rank, live, scale, self._threads,
         )
 
 
@@ -105,7 +119,9 @@ def load_kernel() -> LoraKernel | None:
         log.info("CPU LoRA kernel: off (%s=0)", ENV_SWITCH)
         return None
     try:
+        runtimes = set(openmp_runtimes())
         library = ctypes.CDLL(str(built_kernel_path()))
+        added = set(openmp_runtimes()) - runtimes
         version = library.adapterserve_lora_kernel_version
         version.restype = ctypes.c_int64
         if version() != ABI_VERSION:
@@ -113,8 +129,23 @@ def load_kernel() -> LoraKernel | None:
     except Exception as error:  # any failure: the PyTorch forms serve instead
         log.warning("CPU LoRA kernel: not available, the PyTorch forms serve (%s)", error)
         return None
-    log.info("CPU LoRA kernel: loaded %s in pid %d", library._name, os.getpid())
-    return LoraKernel(library)
+    if added:  # not PyTorch's runtime: two thread pools would contend for the cores
+        log.warning("CPU LoRA kernel: it loaded the OpenMP runtime %s beside PyTorch's, it runs on one thread", sorted(added))
+        threads = 1
+    else:
+        threads = threads_from_env()
+    log.info("CPU LoRA kernel: loaded %s in pid %d (threads: %s)", library._name, os.getpid(), threads or "PyTorch's")
+    return LoraKernel(library, threads)
+
+
+def openmp_runtimes() -> list[str]:
+    """The OpenMP runtime libraries mapped into this process (Linux; else unknown: [])."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    paths = {line[line.index("/"):] for line in maps.splitlines() if "/" in line}
+    return sorted(p for p in paths if Path(p).name.startswith(("libgomp", "libiomp", "libomp")))
 
 
 def pointer_array(tensors) -> ctypes.Array:
