@@ -102,7 +102,7 @@ def main() -> None:
     f32_layers = make_layers(True, 0, dtype, torch.float32) if dtype != torch.float32 else None
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     rows = []
-    for adapters in (1, 2, 4, 8, 16):
+    for adapters in (1, 2, 3, 4, 8, 16):
         for tokens in (1, 16, 32, 64, 128, 256, 1024):
             if adapters > tokens:
                 continue

@@ -157,6 +157,10 @@ def test_the_kernel_and_the_forms_are_chosen_per_dtype():
         assert plan(torch.tensor([-1] * 8), dtype, kernel=True).single == -1  # no adapter: nothing at all
         many = punica.KERNEL_FROM_SLOTS[dtype]
         assert plan(torch.tensor(list(range(many)) * 128), dtype, kernel=True).slot_of is not None  # many adapters: any size
+    # the slots counted are those the dense form would read: 4 in use (fewer than float32's 8)
+    # over the span 0..7, read in place at this size (252 tokens, above float32's limit)
+    spread = torch.tensor([0, 2, 5, 7] * (punica.GATHER_ANY_GAP_TOKENS // 4 - 1))
+    assert plan(spread, torch.float32).gather is None and plan(spread, torch.float32, kernel=True).slot_of is not None
     wide = torch.tensor(list(range(8)) * 128)  # 1024 tokens over 8 slots
     assert plan(wide, torch.float32).mask is None  # grouped in float32
     assert plan(wide, torch.bfloat16).mask is not None  # dense in bf16 (grouping never wins there)

@@ -62,19 +62,23 @@ GATHER_ANY_GAP_TOKENS = 256
 # these stay dense at any size.
 GROUPED_DTYPES = (torch.float32,)
 # A layer goes token by token through the kernel of `lora_kernel.cpp` (one call, float32
-# sums; `native.py`) up to this many tokens, per dtype: there each PyTorch op costs more
-# than its arithmetic (a bf16 matmul of 16 x 576 by 576 x 24 ~20 us against ~3 in float32).
-# Beyond, the matmuls' blocking and threads win, except over many adapters (next). Measured
-# per decoder layer, 2 threads, on the EPYC (bench/cpu_lora_layers.py --threads 2,
-# results/cpu_lora_layers-epyc-*-2threads.json): 1 adapter, float32 64 tokens 0.42 against
-# 0.45 ms, 256 tokens 2.24 against 1.85; bf16 128 tokens 0.91 against 1.12, 256 tokens
-# 1.76 against 0.93.
-KERNEL_MAX_TOKENS = {torch.float32: 64, torch.bfloat16: 128}
-# ...and at any size from this many slots in use, where the dense form's work over every
-# slot grows past the kernel's: 8 adapters, 256 tokens, float32 1.9 against 4.4 ms (dense;
-# grouped 7.5), bf16 1.7 against 3.6; 1024 tokens float32 8.3 against 14.6 (grouped), bf16
-# 6.7 against 7.7 (dense; an earlier run 8.0 against 5.5: even).
-KERNEL_FROM_SLOTS = {torch.float32: 8, torch.bfloat16: 8}
+# sums, the tokens split over PyTorch's threads; `native.py`) up to this many tokens, per
+# dtype: there each PyTorch op costs more than its arithmetic (a bf16 matmul of 16 x 576
+# by 576 x 24 ~20 us against ~3 in float32). Beyond, the matmuls' blocking wins, except
+# over many slots (next). Measured per decoder layer, 2 threads, on the EPYC
+# (bench/cpu_lora_layers.py --threads 2): float32 (kernel on one thread,
+# results/cpu_lora_layers-epyc-float32-2threads.json) 1 adapter 64 tokens 0.42 against
+# 0.45 ms, 256 tokens 2.24 against 1.85; bf16 (kernel threaded,
+# results/cpu_lora_layers-epyc-bf16-2threads-omp.json) 256 tokens over 1, 2, 3 adapters
+# 0.67 / 0.65 / 0.80 against 0.64 / 0.80 / 1.29 ms, 1024 tokens over 2 adapters 2.68
+# against 1.75.
+KERNEL_MAX_TOKENS = {torch.float32: 64, torch.bfloat16: 256}
+# ...and at any size from this many slots the dense form would compute every token
+# through (the span of the slots in use, or those gathered), where its work grows past
+# the kernel's: float32 8 adapters 256 tokens 1.9 against 4.4 ms (dense; grouped 7.5),
+# 1024 tokens 8.3 against 14.6 (grouped); bf16 (threaded) 4 adapters 1024 tokens 3.44
+# against 3.67, 8 adapters 3.13 against 5.13.
+KERNEL_FROM_SLOTS = {torch.float32: 8, torch.bfloat16: 4}
 
 
 @dataclass(frozen=True)
@@ -101,17 +105,18 @@ def make_step_plan(indices: torch.Tensor, dtype: torch.dtype = torch.float32, ke
     if present.numel() == 1 and int(present[0]) < 0:
         return StepPlan(tokens, single=-1)
     used = present[present >= 0]
-    if kernel and (tokens <= KERNEL_MAX_TOKENS.get(dtype, 0) or used.numel() >= KERNEL_FROM_SLOTS.get(dtype, 1 << 62)):
+    first, last, count = int(used[0]), int(used[-1]), used.numel()
+    span = last - first + 1
+    # the dense form reads the span in place, or gathers the slots in use when they lie far apart
+    gaps = span > count and (span > GATHER_SPAN_OVER * count or tokens >= GATHER_ANY_GAP_TOKENS)
+    dense_slots = count if gaps else span
+    if kernel and (tokens <= KERNEL_MAX_TOKENS.get(dtype, 0) or dense_slots >= KERNEL_FROM_SLOTS.get(dtype, 1 << 62)):
         slot_of = indices.to(torch.int64).contiguous()
         return StepPlan(tokens, present=tuple(used.tolist()), slot_of=slot_of)
     if present.numel() == 1:
         single = int(present[0])
         return StepPlan(tokens, single=single, present=(single,))
-    first, last, count = int(used[0]), int(used[-1]), used.numel()
-    span = last - first + 1
     if dtype not in GROUPED_DTYPES or count <= SPAN_DENSE_MAX_SLOTS or tokens * count <= SPAN_DENSE_MAX_WORK:
-        # the span read in place, or the slots in use gathered when they lie far apart
-        gaps = span > count and (span > GATHER_SPAN_OVER * count or tokens >= GATHER_ANY_GAP_TOKENS)
         slots = used if gaps else torch.arange(first, last + 1, dtype=indices.dtype)
         mask = (indices.unsqueeze(1) == slots.unsqueeze(0)).unsqueeze(2)
         return StepPlan(tokens, first=first, mask=mask, gather=used if gaps else None, present=tuple(used.tolist()))
