@@ -4,7 +4,9 @@ Built with the system's g++ (`-O3 -march=native`: vectorised for the CPU it runs
 the cache, one file per source, compiler and CPU, written under a temporary name and
 renamed, so that engine processes starting together never load a half-written file; a
 build takes ~1 s. Loaded with ctypes: a plain C ABI, no PyTorch headers to compile
-against, one foreign call per layer (~6 us with its arguments' conversion).
+against, one foreign call per layer (~6 us with its arguments' conversion). The kernel
+splits a layer's tokens over PyTorch's OpenMP threads (`-fopenmp`, linked to the runtime
+PyTorch has loaded; one thread where loading it brought another runtime).
 
 Where it cannot be built or loaded (no compiler, another architecture), `load_kernel`
 returns None, says why in the log, and the fused path keeps to its PyTorch forms.

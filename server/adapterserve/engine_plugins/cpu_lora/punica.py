@@ -254,7 +254,9 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         return known[1], known[2]
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
-        x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        # 2-D already (as the compiled op passes them): a view costs ~1.4 us, ~120 calls a step
+        x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
+        y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
         tokens = self.indices_len[0]  # of the mapping (a plain int: cheaper than the indices' view)
         slots, kernel = self._fused_slots(lora_a_stacked, lora_b_stacked)
         if slots is None or tokens != x2.shape[0]:
