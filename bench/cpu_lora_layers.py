@@ -146,7 +146,7 @@ def main() -> None:
 
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    name = args.out or "cpu_lora_layers.json" if dtype == torch.float32 else f"cpu_lora_layers-{args.dtype}.json"
+    name = args.out or ("cpu_lora_layers.json" if dtype == torch.float32 else f"cpu_lora_layers-{args.dtype}.json")
     (out / name).write_text(json.dumps(
         {"machine": machine(), "dtype": args.dtype, "threads": args.threads, "hidden": HIDDEN, "intermediate": INTERMEDIATE, "rank": RANK,
          "slots": SLOTS, "rows": rows}, indent=2,
