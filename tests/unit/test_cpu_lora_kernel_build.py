@@ -77,7 +77,7 @@ def test_the_avx2_build_gives_the_same_sums(tmp_path, monkeypatch):
         assert torch.equal(got[2], start[2])  # the token without adapter
 
 
-def test_threads_split_the_tokens_without_changing_a_bit(monkeypatch):
+def test_threads_split_the_tokens_without_changing_a_bit():
     """The kernel splits a layer's tokens over PyTorch's OpenMP threads (the one runtime
     in the process): every token gets the bits one thread gives it, and the tokens
     without an adapter keep theirs."""
