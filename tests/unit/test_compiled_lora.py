@@ -69,6 +69,56 @@ def test_the_compiled_graph_keeps_the_op_and_the_op_reads_each_steps_state(insta
     assert torch.ops.adapterserve.apply_lora_linear.default in targets
 
 
+class IdleWrapper:
+    """A punica wrapper counting its calls, which reports `result` (False: nothing of the
+    layer applies to the step's mapping, as the fused wrapper does; None: vLLM's)."""
+
+    def __init__(self, result) -> None:
+        self.calls, self.result = 0, result
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices):
+        self.calls += 1
+        return self.result
+
+
+def test_the_op_skips_an_idle_layer_until_the_mapping_or_a_slot_changes(installed):
+    op = compiled.registered_op()[0]
+    idle, active, vllms = a_layer(), a_layer(), a_layer()
+    idle.punica_wrapper, active.punica_wrapper, vllms.punica_wrapper = IdleWrapper(False), IdleWrapper(True), IdleWrapper(None)
+    compiled.adapters_changed()
+    x, output = torch.ones(2, 4), torch.zeros(2, 4)
+    for _ in range(3):
+        for layer in (idle, active, vllms):
+            op(output, x, getattr(layer, compiled.KEY_ATTRIBUTE))
+    assert (idle.punica_wrapper.calls, active.punica_wrapper.calls, vllms.punica_wrapper.calls) == (1, 3, 3)
+    compiled.adapters_changed()  # a new step mapping, or a slot set or reset
+    op(output, x, getattr(idle, compiled.KEY_ATTRIBUTE))
+    op(output, x, getattr(idle, compiled.KEY_ATTRIBUTE))
+    assert idle.punica_wrapper.calls == 2
+    idle.punica_wrapper.result = True  # now it applies: never skipped again
+    compiled.adapters_changed()
+    for _ in range(2):
+        op(output, x, getattr(idle, compiled.KEY_ATTRIBUTE))
+    assert idle.punica_wrapper.calls == 4
+
+
+def test_a_step_mapping_over_other_slots_makes_the_fused_wrapper_report_a_change(monkeypatch):
+    from adapterserve.engine_plugins.cpu_lora import punica
+
+    changes, mapping = [], {}
+    monkeypatch.setattr(punica, "adapters_changed", lambda: changes.append(mapping["indices"]))
+    monkeypatch.setattr(punica.PunicaWrapperCPU, "update_metadata", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(punica.PunicaWrapperCPU, "token_lora_indices", property(lambda self: torch.tensor(mapping["indices"])))
+    wrapper = punica.FusedPunicaWrapperCPU.__new__(punica.FusedPunicaWrapperCPU)
+    wrapper._present = None
+    for indices in ([2, 2, 2], [2, 2], [2, -1], [-1, 2, 2], [3], [-1], [-1, -1]):
+        mapping["indices"] = indices
+        wrapper.update_metadata(None)
+        assert wrapper._plan is None
+    # the slots used (-1: none) changed 4 times; the same slots in another batch are no change
+    assert changes == [[2, 2, 2], [2, -1], [3], [-1]]
+
+
 def test_eager_calls_do_not_go_through_the_op(installed):
     layer = a_layer()
     layer.punica_wrapper.factor = 2.0

@@ -315,7 +315,7 @@ def test_slots_empty_in_a_layer_are_skipped_and_the_others_still_apply(lora_ids,
     expected, got = start.clone(), start.clone()
     wrapper(VLLMWrapper, lora_ids, slots + 1, False).add_lora_linear(expected, x, reference.lora_a_stacked, reference.lora_b_stacked, 1.0, slices)
     fused = wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, False)
-    fused.add_lora_linear(got, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
+    assert fused.add_lora_linear(got, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices) is True
     torch.testing.assert_close(got, expected, **tolerance(torch.float32))
     assert not torch.equal(got, start)  # slot 0's slice 1 applied
 
@@ -324,8 +324,34 @@ def test_slots_empty_in_a_layer_are_skipped_and_the_others_still_apply(lora_ids,
     monkeypatch.setattr(punica, "_apply_span", lambda *args: calls.append(args))
     dead = wrapper(punica.FusedPunicaWrapperCPU, dead_ids, slots, False)
     untouched = start.clone()
-    dead.add_lora_linear(untouched, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices)
+    # False: the compiled op may skip this layer until the mapping or a slot changes
+    assert dead.add_lora_linear(untouched, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, slices) is False
     assert dead._plan is not None and not calls and torch.equal(untouched, start)
+
+
+def test_every_slot_update_is_reported_to_the_idle_layer_tracker():
+    """Setting or resetting a slot may give an idle layer something to add: the callback
+    (`compiled.adapters_changed` in the engine) hears of each, after the live list is updated."""
+    from adapterserve.engine_plugins.cpu_lora.layout import track_live_slots
+
+    slots, rank, in_features, slices = 2, 8, 64, (64, 32, 32)
+    layer = vllm_layer(slots, rank, in_features, slices, torch.float32)
+    layer.n_slices, layer.tp_size = len(slices), 1
+    from types import MethodType
+
+    from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
+
+    layer.set_lora = MethodType(MergedColumnParallelLinearWithLoRA.set_lora, layer)
+    layer.reset_lora = MethodType(MergedColumnParallelLinearWithLoRA.reset_lora, layer)
+    lay_out(layer)
+    seen = []
+    track_live_slots(layer, changed=lambda: seen.append(list(fused_slots(layer.lora_a_stacked, layer.lora_b_stacked).live)))
+    a = [torch.ones(rank, in_features) for _ in slices]
+    b = [torch.ones(out, rank) for out in slices]
+    layer.set_lora(1, a, b)  # (vLLM's set_lora resets the slot first: heard too)
+    assert seen[-1] == [0, 0b111]
+    layer.reset_lora(1)
+    assert seen[-1] == [0, 0]
 
 
 def test_a_layer_of_one_slice_an_adapter_does_not_train_is_skipped(reference_ops, monkeypatch, matmul_forms):

@@ -39,27 +39,57 @@ OP_NAME = "adapterserve::apply_lora_linear"
 KEY_ATTRIBUTE = "adapterserve_layer_key"
 
 
+class IdleLayers:
+    """The layers whose adapter step added nothing for the slots the step's tokens use and
+    what those slots hold: the op returns at once for them until either changes.
+
+    A head adapter trained on q and v leaves 3 of every 4 LoRA linear layers of a llama
+    idle; each op call still cost ~10 us of Python (its wrapper's checks) to find that,
+    ~0.9 ms of a ~20 ms classification step (bench/RESULTS.md). Whatever can make a layer
+    add something again calls `changed()`: a step mapping over other slots (the fused
+    wrapper's `update_metadata`), and a slot's adapter set or reset (`layout.track_live_slots`)."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.idle_since: dict[int, int] = {}  # layer key -> the generation it was found idle in
+
+    def changed(self) -> None:
+        self.generation += 1
+
+
 @functools.cache
-def registered_op() -> tuple[Any, dict[int, weakref.ref]]:
-    """The op, registered once per process, and the layers it applies, by key.
+def registered_op() -> tuple[Any, dict[int, weakref.ref], IdleLayers]:
+    """The op, registered once per process, the layers it applies, by key, and those that
+    have nothing to add for now.
 
     The low-level registration: `torch.library.custom_op` wraps its function in ~20 us of
     Python per call (~70 us inside a compiled graph, bench/custom_op_cost.py); a schema and
     a CPU kernel registered on a `Library` cost ~2 us eager and ~7 in a compiled graph."""
     layers: dict[int, weakref.ref] = {}
+    idle = IdleLayers()
     library = torch.library.Library("adapterserve", "DEF")  # kept by the cache: collected, it unregisters the op
     library.define("apply_lora_linear(Tensor(a!) output, Tensor x, int layer_key) -> ()")
 
     def apply_lora_linear(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
+        generation = idle.generation
+        if idle.idle_since.get(layer_key) == generation:
+            return
         layer = layers[layer_key]()
-        layer.punica_wrapper.add_lora_linear(
+        added = layer.punica_wrapper.add_lora_linear(
             output, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, layer.output_slices
         )
+        if added is False:  # the fused wrapper's word that nothing applies (vLLM's returns None)
+            idle.idle_since[layer_key] = generation
 
     library.impl("apply_lora_linear", apply_lora_linear, "CPU")
     torch.library.register_fake(OP_NAME, lambda output, x, layer_key: None, lib=library)
     registered_op.library = library
-    return torch.ops.adapterserve.apply_lora_linear.default, layers
+    return torch.ops.adapterserve.apply_lora_linear.default, layers, idle
+
+
+def adapters_changed() -> None:
+    """A step mapping or a slot's adapter changed: every layer may have something to add."""
+    registered_op()[2].changed()
 
 
 def register_layer(layer) -> None:

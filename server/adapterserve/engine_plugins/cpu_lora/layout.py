@@ -101,11 +101,12 @@ def _fused_a(a_slices: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     return a_slices[0] if base is None and len(a_slices) == 1 else base
 
 
-def track_live_slots(layer) -> None:
+def track_live_slots(layer, changed=lambda: None) -> None:
     """Wrap the layer's `set_lora` / `reset_lora` (laid out by `lay_out`) to keep, per slot,
     the slices its adapter changes: those with both A and B not all zero (a conservative
     test: a slice the adapter changes always passes it). The list lives on the fused A
-    tensor, where `fused_slots` finds it."""
+    tensor, where `fused_slots` finds it. `changed()` is called after every update (the
+    compiled op then looks at every layer again: `compiled.IdleLayers`)."""
     a_all = layer.lora_a_stacked[0]._base
     if a_all is None:  # not laid out by `lay_out`
         return
@@ -116,6 +117,7 @@ def track_live_slots(layer) -> None:
     def tracked_reset_lora(index: int):
         reset_lora(index)
         live[index] = 0
+        changed()
 
     def tracked_set_lora(index: int, *args, **kwargs):
         set_lora(index, *args, **kwargs)
@@ -124,5 +126,6 @@ def track_live_slots(layer) -> None:
             for i, (a, b) in enumerate(zip(layer.lora_a_stacked, layer.lora_b_stacked))
             if bool(a[index].any()) and bool(b[index].any())
         )
+        changed()
 
     layer.set_lora, layer.reset_lora = tracked_set_lora, tracked_reset_lora

@@ -114,5 +114,10 @@ def install() -> None:
     else:
         slot_dtype = None
     compiled.install()
-    _wrap_from_layer(functools.partial(lay_out, dtype=slot_dtype), track_live_slots, guard_slots, compiled.register_layer)
+    _wrap_from_layer(
+        functools.partial(lay_out, dtype=slot_dtype),
+        functools.partial(track_live_slots, changed=compiled.adapters_changed),
+        guard_slots,
+        compiled.register_layer,
+    )
     _installed = True

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+from .compiled import adapters_changed
 from .layout import FusedSlots, fused_slots
 from .native import LoraKernel, int64_array, load_kernel, pointer_array
 from .ops import bgmv_expand, bgmv_shrink
@@ -95,31 +96,37 @@ class StepPlan:
     groups: tuple[tuple[int, torch.Tensor], ...] = ()  # grouped: (slot, rows) per adapter present
 
 
+def slots_in_use(indices: torch.Tensor) -> tuple[int, ...]:
+    """The distinct slots of a token-to-slot mapping, sorted (-1, no adapter, first).
+    In Python: ~1-4 us up to 256 tokens, against ~7 for `torch.unique` and its `tolist`."""
+    return tuple(sorted(set(indices.tolist())))
+
+
 def make_step_plan(indices: torch.Tensor, dtype: torch.dtype = torch.float32, kernel: bool = False) -> StepPlan:
     """The plan for a token-to-slot mapping (-1: no adapter), for layers in `dtype`;
     `kernel`: the kernel may apply them (where it wins: `KERNEL_MAX_TOKENS`, `KERNEL_FROM_SLOTS`)."""
     tokens = indices.shape[0]
-    present = torch.unique(indices)  # sorted
-    if present.numel() == 0:
+    present = slots_in_use(indices)
+    if not present:
         return StepPlan(0, single=-1)
-    if present.numel() == 1 and int(present[0]) < 0:
+    if present == (-1,):
         return StepPlan(tokens, single=-1)
-    used = present[present >= 0]
-    first, last, count = int(used[0]), int(used[-1]), used.numel()
+    used = present[1:] if present[0] < 0 else present
+    first, last, count = used[0], used[-1], len(used)
     span = last - first + 1
     # the dense form reads the span in place, or gathers the slots in use when they lie far apart
     gaps = span > count and (span > GATHER_SPAN_OVER * count or tokens >= GATHER_ANY_GAP_TOKENS)
     dense_slots = count if gaps else span
     if kernel and (tokens <= KERNEL_MAX_TOKENS.get(dtype, 0) or dense_slots >= KERNEL_FROM_SLOTS.get(dtype, 1 << 62)):
         slot_of = indices.to(torch.int64).contiguous()
-        return StepPlan(tokens, present=tuple(used.tolist()), slot_of=slot_of)
-    if present.numel() == 1:
-        single = int(present[0])
-        return StepPlan(tokens, single=single, present=(single,))
+        return StepPlan(tokens, present=used, slot_of=slot_of)
+    if len(present) == 1:
+        return StepPlan(tokens, single=first, present=used)
     if dtype not in GROUPED_DTYPES or count <= SPAN_DENSE_MAX_SLOTS or tokens * count <= SPAN_DENSE_MAX_WORK:
-        slots = used if gaps else torch.arange(first, last + 1, dtype=indices.dtype)
+        gather = torch.tensor(used, dtype=indices.dtype) if gaps else None
+        slots = gather if gaps else torch.arange(first, last + 1, dtype=indices.dtype)
         mask = (indices.unsqueeze(1) == slots.unsqueeze(0)).unsqueeze(2)
-        return StepPlan(tokens, first=first, mask=mask, gather=used if gaps else None, present=tuple(used.tolist()))
+        return StepPlan(tokens, first=first, mask=mask, gather=gather, present=used)
     order = torch.argsort(indices, stable=True)
     counts = torch.bincount(indices[order] + 1)  # +1: -1 counts at 0
     groups, start = [], int(counts[0])  # the -1 tokens come first in the order
@@ -142,7 +149,7 @@ def kernel_args(kernel: LoraKernel | None, slots: FusedSlots) -> KernelArgs | No
 
 
 def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSlots,
-                scale: float, output_slices: tuple[int, ...], kernel: KernelArgs | None = None) -> None:
+                scale: float, output_slices: tuple[int, ...], kernel: KernelArgs | None = None) -> bool:
     """y[:, slice i] += scale * x @ A_i[slot].T @ B_i[slot].T per token, for every slice.
 
     Computed in the slots' dtype (see `layout.lay_out`): the model's, or float32 where the
@@ -151,14 +158,15 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
     that they all leave empty (`layout.track_live_slots`).
     Token by token (`plan.slot_of`) the kernel applies the layer, in one call: x, y and
     the slots then share a dtype and have rows of unit stride (`kernel_fits`).
-    Written for few tensor operations per call: this runs ~120 times per forward pass."""
+    Written for few tensor operations per call: this runs ~120 times per forward pass.
+    Returns False where nothing applies (no slot of the plan changes this layer)."""
     live = 0 if plan.single == -1 else slots.live_slices(plan.present)
     if not live:
-        return
+        return False
     if plan.slot_of is not None:
         kernel, sizes, b_pointers = kernel
         kernel.apply(y, x, slots.a, slots.rank_sum, plan.slot_of, sizes, b_pointers, slots.ranks[0], live, scale)
-        return
+        return True
     compute = slots.a.dtype
     if x.dtype != compute:
         x = x.to(compute)
@@ -177,6 +185,7 @@ def apply_layer(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, slots: FusedSl
         _apply_span(out, x, slots, plan.first, plan.mask, scale, output_slices, live, plan.gather)
     if out is not y:
         y.add_(out)
+    return True
 
 
 def kernel_fits(y: torch.Tensor, x: torch.Tensor, slots: FusedSlots) -> bool:
@@ -231,6 +240,7 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         super().__init__(*args, **kwargs)
         self._plan: StepPlan | None = None
         self._matmul_plan: StepPlan | None = None  # for a layer the kernel cannot take, in a kernel step
+        self._present: tuple[int, ...] | None = None  # the slots of the step's mapping (-1: none)
         self._kernel = load_kernel()
         # the fused tensors of each layer (and what the kernel needs of them), by the
         # identity of its (persistent) tuple of A slots; the tuple is kept so that its
@@ -240,6 +250,13 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
         self._plan = self._matmul_plan = None  # the mapping changed: the next layer makes the new plan
+        # Which layers have nothing to add depends only on the slots the tokens use (and on
+        # the slots' contents, `layout.track_live_slots`): while they stay the same from step
+        # to step, the compiled op keeps skipping those layers (`compiled.IdleLayers`).
+        present = slots_in_use(self.token_lora_indices)
+        if present != self._present:
+            self._present = present
+            adapters_changed()
 
     def _fused_slots(self, lora_a_stacked: tuple, lora_b_stacked: tuple) -> tuple[FusedSlots | None, KernelArgs | None]:
         known = self._fused.get(id(lora_a_stacked))
@@ -268,8 +285,9 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
             if self._matmul_plan is None or self._matmul_plan.tokens != tokens:
                 self._matmul_plan = make_step_plan(self.token_lora_indices, slots.a.dtype)
             plan = self._matmul_plan
-        apply_layer(plan, y2, x2, slots, scale, output_slices, kernel)
-        return None
+        # False (nothing of this layer applies to the step's mapping) lets the compiled op
+        # skip the layer until the mapping or a slot changes (`compiled.IdleLayers`)
+        return apply_layer(plan, y2, x2, slots, scale, output_slices, kernel)
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
         """y += scale * x @ A[slot].T @ B[slot].T per sequence, as vLLM's wrapper does, except
