@@ -6,15 +6,18 @@ versus one transformers+peft classifier switching heads per request. Reproduce w
 The 4 heads are the two demo heads and copies of them under other names. Writes
 bench/results/classify_throughput.json and prints the table.
 
-    .venv/bin/python bench/classify_throughput.py --vs-dedicated [--rounds 2] [--out NAME.json]
+    .venv/bin/python bench/classify_throughput.py --vs-dedicated [--rounds 8] [--out NAME.json]
 
 instead compares one head over the shared base (`adapterserve serve`, the demo head
 `sentiment` only) with a dedicated classifier engine serving the full model merged from
-it (`adapterserve serve --mode dedicated`), one server after the other in the order
-A B, B A per round; writes bench/results/classify_vs_dedicated.json (or --out).
+it (`adapterserve serve --mode dedicated`); writes bench/results/classify_vs_dedicated.json
+(or --out). Both servers run side by side and take turns, in the order A B, B A per
+round: one idles while the other is measured. (Until the eighteenth session each round
+started the servers one after the other; the machine's speed drifted by a third between
+rounds, more than the difference measured.)
 
 Each server first answers a burst of warm-up requests (its adapter loaded into a slot, every
-batch size seen once); 256 requests take ~10 s: 64 (~2 s) moved one run by a third.
+batch size seen once); 256 requests take ~5-10 s: 64 (~2 s) moved one run by a third.
 """
 
 from __future__ import annotations
@@ -102,16 +105,22 @@ async def versus_dedicated(args, settings, base_path: Path, demo: Path) -> dict:
             "dedicated": ["--mode", "dedicated", "--dedicated-models", str(merged)],
         }
         results: dict[str, list[float]] = {mode: [] for mode in flags}
-        for i in range(args.rounds):
-            for mode in list(flags) if i % 2 == 0 else list(flags)[::-1]:
-                server = ServerProcess(flags[mode], Path(tmp) / f"{mode}.log").start()
-                try:
-                    results[mode].append(round(await served_rps(server.url, [head], args.requests, args.concurrency), 1))
-                finally:
-                    server.stop()
-                print(mode, results[mode][-1], flush=True)
-    return {"machine": machine(), "workload": vars(args), "head": head, "requests_per_second": results,
-            "mean": {mode: round(sum(r) / len(r), 1) for mode, r in results.items()}}
+        servers = {mode: ServerProcess(flags[mode], Path(tmp) / f"{mode}.log").launch() for mode in flags}
+        try:
+            for server in servers.values():
+                server.wait_healthy()
+            for i in range(args.rounds):
+                for mode in list(flags) if i % 2 == 0 else list(flags)[::-1]:
+                    results[mode].append(round(await served_rps(servers[mode].url, [head], args.requests, args.concurrency), 1))
+                    print(mode, results[mode][-1], flush=True)
+        finally:
+            for server in servers.values():
+                server.stop()
+    mean = {mode: round(sum(r) / len(r), 1) for mode, r in results.items()}
+    ratios = sorted(s / d for s, d in zip(results["shared"], results["dedicated"]))
+    return {"machine": machine(), "workload": vars(args), "head": head, "requests_per_second": results, "mean": mean,
+            "shared_over_dedicated": {"of_means": round(mean["shared"] / mean["dedicated"], 3),
+                                      "median_of_rounds": round(ratios[len(ratios) // 2], 3)}}
 
 
 async def main() -> None:
@@ -119,7 +128,7 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--vs-dedicated", action="store_true", help="one head: shared mode vs a dedicated engine")
-    parser.add_argument("--rounds", type=int, default=2, help="with --vs-dedicated: rounds of A B / B A")
+    parser.add_argument("--rounds", type=int, default=8, help="with --vs-dedicated: rounds of A B / B A")
     parser.add_argument("--out", default="classify_vs_dedicated.json", help="with --vs-dedicated: file in bench/results")
     args = parser.parse_args()
     settings = load_settings()
