@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -35,15 +34,14 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engines in this proces
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from classify_throughput import head_and_merged  # noqa: E402
 from lora_rank_fit import machine  # noqa: E402
 
 from adapterserve.compare.workload import TEXTS  # noqa: E402
 from adapterserve.config import load_settings  # noqa: E402
 from adapterserve.dtypes import resolve_dtype  # noqa: E402
 from adapterserve.models import resolve_base_model  # noqa: E402
-from adapterserve.registry.store import open_registry  # noqa: E402
 from adapterserve.training.demo import build_demo_adapters, demo_store  # noqa: E402
-from adapterserve.training.merge import merge_adapters, merged_store  # noqa: E402
 
 HEAD = "sentiment"
 PHASES = ["execute_model", "_model_forward", "_prepare_inputs", "_pool"]
@@ -103,11 +101,7 @@ def main() -> None:
     build_demo_adapters(settings.demo_recipes_dir, settings.cache_dir, base, [HEAD])
     demo = demo_store(settings.cache_dir, base)
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "store"
-        store.mkdir()
-        shutil.copytree(demo / HEAD, store / HEAD)
-        record = open_registry(settings, [store]).adapters[HEAD]
-        merged = merge_adapters(base, [record], merged_store(settings.cache_dir, base))[HEAD]
+        _, record, merged = head_and_merged(settings, base, demo, HEAD, Path(tmp))
     common = dict(runner="pooling", convert="classify", dtype=resolve_dtype("auto"), kv_cache_memory_bytes=256 << 20,
                   max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs)
     engines = {

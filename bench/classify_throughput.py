@@ -86,20 +86,28 @@ def naive_rps(base_path: Path, heads: dict[str, Path], requests: int) -> float:
     return requests / (time.perf_counter() - began)
 
 
+def head_and_merged(settings, base_path: Path, demo: Path, head: str, tmp: Path):
+    """A store in `tmp` holding only the demo head `head`, its registry record, and the
+    full classifier merged from it (cached): what both sides of a head-versus-dedicated
+    comparison serve."""
+    from adapterserve.registry.store import open_registry
+    from adapterserve.training.merge import merge_adapters, merged_store
+
+    store = tmp / "store"
+    store.mkdir()
+    shutil.copytree(demo / head, store / head)
+    record = open_registry(settings, [store]).adapters[head]
+    merged = merge_adapters(base_path, [record], merged_store(settings.cache_dir, base_path))[head]
+    return store, record, merged
+
+
 async def versus_dedicated(args, settings, base_path: Path, demo: Path) -> dict:
     """One head: shared mode against a dedicated engine on the merged model, A B B A."""
     from lora_rank_fit import machine
 
-    from adapterserve.registry.store import open_registry
-    from adapterserve.training.merge import merge_adapters, merged_store
-
     head = HEADS[0]
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "store"
-        store.mkdir()
-        shutil.copytree(demo / head, store / head)
-        record = open_registry(settings, [store]).adapters[head]
-        merged = merge_adapters(base_path, [record], merged_store(settings.cache_dir, base_path))[head]
+        store, _, merged = head_and_merged(settings, base_path, demo, head, Path(tmp))
         flags = {
             "shared": ["--adapter-dirs", str(store), "--no-demo-adapters"],
             "dedicated": ["--mode", "dedicated", "--dedicated-models", str(merged)],

@@ -267,7 +267,7 @@ def test_float32_slots_of_a_bf16_model_compute_the_delta_in_float32(lora_ids, ke
     torch.testing.assert_close(got.float(), expected, rtol=8e-3, atol=1e-5)  # within bf16's last bit
 
 
-def tracked_layer(slots, rank, in_features, slices):
+def tracked_layer(slots, rank, in_features, slices, changed=lambda: None):
     """A laid-out layer written through vLLM's own `set_lora` / `reset_lora`: of its merged
     column layer (a list of slices, None for a slice the adapter does not train), or for
     one slice of its base layer (o_proj, down_proj: one tensor each)."""
@@ -284,7 +284,7 @@ def tracked_layer(slots, rank, in_features, slices):
     layer.set_lora = MethodType(vllm_class.set_lora, layer)
     layer.reset_lora = MethodType(vllm_class.reset_lora, layer)
     lay_out(layer)
-    track_live_slots(layer)
+    track_live_slots(layer, changed)
     return layer
 
 
@@ -332,20 +332,10 @@ def test_slots_empty_in_a_layer_are_skipped_and_the_others_still_apply(lora_ids,
 def test_every_slot_update_is_reported_to_the_idle_layer_tracker():
     """Setting or resetting a slot may give an idle layer something to add: the callback
     (`compiled.adapters_changed` in the engine) hears of each, after the live list is updated."""
-    from adapterserve.engine_plugins.cpu_lora.layout import track_live_slots
-
     slots, rank, in_features, slices = 2, 8, 64, (64, 32, 32)
-    layer = vllm_layer(slots, rank, in_features, slices, torch.float32)
-    layer.n_slices, layer.tp_size = len(slices), 1
-    from types import MethodType
-
-    from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
-
-    layer.set_lora = MethodType(MergedColumnParallelLinearWithLoRA.set_lora, layer)
-    layer.reset_lora = MethodType(MergedColumnParallelLinearWithLoRA.reset_lora, layer)
-    lay_out(layer)
     seen = []
-    track_live_slots(layer, changed=lambda: seen.append(list(fused_slots(layer.lora_a_stacked, layer.lora_b_stacked).live)))
+    layer = tracked_layer(slots, rank, in_features, slices,
+                          changed=lambda: seen.append(list(fused_slots(layer.lora_a_stacked, layer.lora_b_stacked).live)))
     a = [torch.ones(rank, in_features) for _ in slices]
     b = [torch.ones(out, rank) for out in slices]
     layer.set_lora(1, a, b)  # (vLLM's set_lora resets the slot first: heard too)

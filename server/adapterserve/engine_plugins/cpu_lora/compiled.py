@@ -44,8 +44,8 @@ class IdleLayers:
     what those slots hold: the op returns at once for them until either changes.
 
     A head adapter trained on q and v leaves 3 of every 4 LoRA linear layers of a llama
-    idle; each op call still cost ~10 us of Python (its wrapper's checks) to find that,
-    ~0.9 ms of a ~20 ms classification step (bench/RESULTS.md). Whatever can make a layer
+    idle; each op call still ran the wrapper's Python checks (~5-10 us) to find that, 90
+    times in a ~17 ms classification step (bench/RESULTS.md). Whatever can make a layer
     add something again calls `changed()`: a step mapping over other slots (the fused
     wrapper's `update_metadata`), and a slot's adapter set or reset (`layout.track_live_slots`)."""
 

@@ -102,11 +102,13 @@ def slots_in_use(indices: torch.Tensor) -> tuple[int, ...]:
     return tuple(sorted(set(indices.tolist())))
 
 
-def make_step_plan(indices: torch.Tensor, dtype: torch.dtype = torch.float32, kernel: bool = False) -> StepPlan:
+def make_step_plan(indices: torch.Tensor, dtype: torch.dtype = torch.float32, kernel: bool = False,
+                   present: tuple[int, ...] | None = None) -> StepPlan:
     """The plan for a token-to-slot mapping (-1: no adapter), for layers in `dtype`;
-    `kernel`: the kernel may apply them (where it wins: `KERNEL_MAX_TOKENS`, `KERNEL_FROM_SLOTS`)."""
+    `kernel`: the kernel may apply them (where it wins: `KERNEL_MAX_TOKENS`, `KERNEL_FROM_SLOTS`);
+    `present`: the mapping's `slots_in_use`, where the caller has them already."""
     tokens = indices.shape[0]
-    present = slots_in_use(indices)
+    present = slots_in_use(indices) if present is None else present
     if not present:
         return StepPlan(0, single=-1)
     if present == (-1,):
@@ -279,11 +281,11 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         if slots is None or tokens != x2.shape[0]:
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
         if self._plan is None or self._plan.tokens != tokens:
-            self._plan = make_step_plan(self.token_lora_indices, slots.a.dtype, self._kernel is not None)
+            self._plan = make_step_plan(self.token_lora_indices, slots.a.dtype, self._kernel is not None, self._present)
         plan = self._plan
         if plan.slot_of is not None and (kernel is None or not kernel_fits(y2, x2, slots)):
             if self._matmul_plan is None or self._matmul_plan.tokens != tokens:
-                self._matmul_plan = make_step_plan(self.token_lora_indices, slots.a.dtype)
+                self._matmul_plan = make_step_plan(self.token_lora_indices, slots.a.dtype, present=self._present)
             plan = self._matmul_plan
         # False (nothing of this layer applies to the step's mapping) lets the compiled op
         # skip the layer until the mapping or a slot changes (`compiled.IdleLayers`)
