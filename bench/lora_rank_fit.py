@@ -16,6 +16,8 @@ defaults, for server variants one after the other:
   does and as the server did on 2 CPUs before `hosting/cpu_cores.py`;
 - `kernel1`: the default with the LoRA kernel on one thread (`ADAPTERSERVE_LORA_KERNEL_THREADS=1`,
   as it ran before it split a layer's tokens over PyTorch's OpenMP threads);
+- `pyop`: the default with the compiled graph's LoRA op in Python (`ADAPTERSERVE_LORA_OP=0`,
+  as it ran before the op's steady state moved to C++, `engine_plugins/cpu_lora/lora_op.cpp`);
 - `eager`: the default without compiled execution (`--enforce-eager`, the default before
   compiled execution with LoRA, `engine_plugins/cpu_lora/compiled.py`).
 
@@ -112,6 +114,8 @@ def variant(name: str) -> tuple[list[str], dict]:
         return ["--enforce-eager"], {}
     if name == "kernel1":
         return [], {"ADAPTERSERVE_LORA_KERNEL_THREADS": "1"}
+    if name == "pyop":
+        return [], {"ADAPTERSERVE_LORA_OP": "0"}
     raise SystemExit(f"unknown variant {name}")
 
 

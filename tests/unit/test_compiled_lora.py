@@ -110,7 +110,7 @@ def test_a_step_mapping_over_other_slots_makes_the_fused_wrapper_report_a_change
     monkeypatch.setattr(punica.PunicaWrapperCPU, "update_metadata", lambda self, *args, **kwargs: None)
     monkeypatch.setattr(punica.PunicaWrapperCPU, "token_lora_indices", property(lambda self: torch.tensor(mapping["indices"])))
     wrapper = punica.FusedPunicaWrapperCPU.__new__(punica.FusedPunicaWrapperCPU)
-    wrapper._present = None
+    wrapper._present, wrapper._op_state = None, None
     for indices in ([2, 2, 2], [2, 2], [2, -1], [-1, 2, 2], [3], [-1], [-1, -1]):
         mapping["indices"] = indices
         wrapper.update_metadata(None)
@@ -155,3 +155,106 @@ def test_a_loaded_trace_once_function_gets_a_finalize_step(monkeypatch):
     loaded["fn"] = own = VllmBackendFunction()
     torch.compiler.load_compiled_function(None)._artifacts.compiled_fn.finalize_loading(object())
     assert own.finalized, "vLLM's own backend function keeps its finalize step"
+
+
+# The op's steady state in C++ (`lora_op.cpp`; g++ is part of this machine kind).
+
+class KernelLayer:
+    """A laid-out layer (random adapters in 3 slots) with the fused wrapper of a step,
+    whose Python calls are counted: those are the op's misses."""
+
+    def __init__(self, lora_ids, dtype, seed=3) -> None:
+        from adapterserve.engine_plugins.cpu_lora import punica
+        from tests.unit.test_cpu_lora_fused import layers, wrapper
+
+        self.output_slices = (64, 32, 32)
+        _, fused = layers(3, 8, 576, self.output_slices, dtype, torch.Generator().manual_seed(seed))
+        self.lora_a_stacked, self.lora_b_stacked = fused.lora_a_stacked, fused.lora_b_stacked
+        self.punica_wrapper = wrapper(punica.FusedPunicaWrapperCPU, lora_ids, 3, False)
+        self.python_calls = 0
+        python_path = self.punica_wrapper.add_lora_linear
+
+        def counted(*args, **kwargs):
+            self.python_calls += 1
+            return python_path(*args, **kwargs)
+
+        self.punica_wrapper.add_lora_linear = counted
+        self.python_path = python_path
+        compiled.register_layer(self)
+
+    def expected(self, x):
+        """The Python path's output for `x` over zeros (the wrapper's current step)."""
+        y = torch.zeros(x.shape[0], sum(self.output_slices), dtype=x.dtype)
+        self.python_path(y, x, self.lora_a_stacked, self.lora_b_stacked, 1.0, self.output_slices)
+        return y
+
+    def op(self, x):
+        y = torch.zeros(x.shape[0], sum(self.output_slices), dtype=x.dtype)
+        compiled.registered_op()[0](y, x, getattr(self, compiled.KEY_ATTRIBUTE))
+        return y
+
+    def new_step(self, lora_ids):
+        from vllm.lora.layers.utils import LoRAMapping
+
+        self.punica_wrapper.update_metadata(LoRAMapping(tuple(lora_ids), tuple(lora_ids), is_prefill=False), [1, 2, 3, None], 5, 1000)
+
+
+def test_the_cpp_op_is_built_and_used():
+    assert compiled.op_state() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpp_op_repeats_the_kernels_step_without_python_and_to_the_bit(dtype):
+    layer = KernelLayer([1, 2, 3, 0] * 4, dtype)
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(4)).to(dtype)
+    expected = layer.expected(x)
+    assert expected[3].abs().sum() == 0 and expected[0].abs().sum() > 0  # a token without adapter, one with
+    compiled.adapters_changed()
+    outputs = [layer.op(x) for _ in range(3)]
+    assert layer.python_calls == 1, "the op went to Python after the kernel's first step"
+    assert all(torch.equal(output, expected) for output in outputs)
+    # the next step over the same slots: the same generation, the new step's array
+    layer.new_step([3, 3, 1, 2] * 4)
+    assert layer.op(x).equal(layer.expected(x))
+    assert layer.python_calls == 2  # the step's first call made its plan
+    assert layer.op(x).equal(layer.expected(x)) and layer.python_calls == 2
+    # another generation (a slot set or reset, or other slots in use): Python again
+    compiled.adapters_changed()
+    assert layer.op(x).equal(layer.expected(x)) and layer.python_calls == 3
+
+
+@pytest.mark.parametrize(
+    "case", ["another token count", "a strided input", "another dtype", "a wider input"],
+)
+def test_the_cpp_op_leaves_what_it_did_not_see_to_python(case):
+    layer = KernelLayer([1, 2, 3, 0] * 4, torch.float32)
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(4))
+    compiled.adapters_changed()
+    layer.op(x)
+    assert layer.python_calls == 1
+    if case == "another token count":
+        x = x[:8]  # the mapping has 16: the wrapper hands it to vLLM's own path
+    elif case == "a strided input":
+        x = torch.randn(576, 16).t()
+    elif case == "another dtype":
+        x = x.to(torch.bfloat16)
+    else:
+        x = torch.randn(16, 600)
+    try:
+        layer.op(x)
+    except Exception:  # vLLM's path may refuse what the layer cannot take: the C++ op did not apply it
+        pass
+    assert layer.python_calls == 2
+
+
+def test_the_cpp_op_applies_each_layer_with_its_own_engines_step():
+    """Two engines in one process (as bench/classify_step_profile.py runs them): each
+    layer reads the step of its own wrapper, whatever the other's is."""
+    first, second = KernelLayer([1] * 16, torch.float32, seed=5), KernelLayer([3, 2] * 8, torch.float32, seed=6)
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(7))
+    compiled.adapters_changed()
+    expected = (first.expected(x), second.expected(x))
+    for _ in range(3):
+        assert first.op(x).equal(expected[0]) and second.op(x).equal(expected[1])
+    assert (first.python_calls, second.python_calls) == (1, 1)
+    assert not expected[0].equal(expected[1])

@@ -487,3 +487,28 @@ def test_a_non_finite_slot_changes_only_its_own_tokens_in_the_kernel(dtype, kern
     others = [0, 2, 3, 4, 6, 7]
     assert torch.equal(mixed[others], clean[others])
     assert mixed[[1, 5]].isnan().any()
+
+
+@pytest.mark.parametrize("lora_ids", [[2], [2, 2, 2], [1, 0, 3, 2, 3], [0, 0], [4, 1]], ids=["one", "one-head", "mixed", "none", "disabled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_classification_heads_equal_vllms(lora_ids, dtype, reference_ops):
+    """A head trained in full (`ClassificationHeadWithLoRA`): each row gets its own slot's
+    head and bias, rows without adapter or whose slot has no head keep the base's output,
+    and a slot holding NaN changes only its own rows."""
+    generator = torch.Generator().manual_seed(31)
+    slots, labels, in_features = 4, 5, 64
+    weight = torch.randn(slots, 1, labels, in_features, generator=generator).to(dtype)
+    bias = torch.randn(slots, labels, generator=generator).to(dtype)
+    enabled = torch.tensor([True, True, True, False])  # slot 3 (adapter id 4) has no full head
+    x = torch.randn(len(lora_ids), in_features, generator=generator).to(dtype)
+    base = torch.randn(len(lora_ids), labels, generator=generator).to(dtype)
+    expected, got = base.clone(), base.clone()
+    wrapper(VLLMWrapper, lora_ids, slots, True).apply_lora_full_linear(expected, x, weight, bias, enabled)
+    wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, True).apply_lora_full_linear(got, x, weight, bias, enabled)
+    torch.testing.assert_close(got, expected, **tolerance(dtype))
+    unchanged = [row for row, lora_id in enumerate(lora_ids) if lora_id in (0, 4)]
+    assert torch.equal(got[unchanged], base[unchanged])
+    weight[0] = float("nan")  # adapter id 1
+    wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, True).apply_lora_full_linear(got := base.clone(), x, weight, bias, enabled)
+    assert got[[row for row, lora_id in enumerate(lora_ids) if lora_id == 1]].isnan().all()
+    assert not got[[row for row, lora_id in enumerate(lora_ids) if lora_id != 1]].isnan().any()

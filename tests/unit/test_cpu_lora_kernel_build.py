@@ -114,3 +114,46 @@ def test_the_thread_count_comes_from_the_environment(monkeypatch):
     for value, expected in (("", 0), ("1", 1), ("3", 3), ("-2", 0), ("many", 0)):
         monkeypatch.setenv(native.ENV_THREADS, value)
         assert native.threads_from_env() == expected
+
+
+def test_the_op_is_built_once_against_pytorch_and_a_failed_build_leaves_it_in_python(tmp_path, monkeypatch, caplog):
+    """The compiled graph's C++ op (`lora_op.cpp`): built into the cache once; where it
+    cannot be built, `load_op_state` says so and compiled.py registers the op in Python."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = native.built_op_path()
+    assert built.name.startswith("lora_op-") and built.exists()
+    stamp = built.stat().st_mtime_ns
+    assert native.built_op_path() == built and built.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(native, "COMPILER", "/no/such/compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
+    native.load_op_state.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=native.log.name):
+            assert native.load_op_state() is None
+        assert "the compiled graph's op runs in Python" in caplog.text
+    finally:
+        native.load_op_state.cache_clear()
+
+
+def test_the_switches_keep_the_op_in_python(tmp_path):
+    """`ADAPTERSERVE_LORA_OP=0` (or the kernel off): the op is registered in Python, under
+    the same name, and applies the layer through the wrapper."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from adapterserve.engine_plugins.cpu_lora import compiled\n"
+        "assert compiled.op_state() is None\n"
+        "class Wrapper:\n"
+        "    def add_lora_linear(self, y, x, a, b, scale, slices): y.add_(x)\n"
+        "class Layer: punica_wrapper, lora_a_stacked, lora_b_stacked, output_slices = Wrapper(), (), (), (2,)\n"
+        "layer = Layer(); compiled.register_layer(layer)\n"
+        "y = torch.zeros(2, 2); compiled.registered_op()[0](y, torch.ones(2, 2), layer.adapterserve_layer_key)\n"
+        "assert y.eq(1).all()\n"
+    )
+    for switch in (native.ENV_OP_SWITCH, native.ENV_SWITCH):
+        env = {**__import__("os").environ, switch: "0", "XDG_CACHE_HOME": str(tmp_path)}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert not list((tmp_path / "adapterserve" / "kernels").glob("lora_op-*")), "built though switched off"

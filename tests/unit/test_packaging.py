@@ -68,6 +68,8 @@ def test_the_wheel_holds_the_demo_recipes_and_no_server_package(installed):
         assert f"adapterserve/demo_recipes/{recipe}/data.jsonl" in names
     assert not [n for n in names if n.startswith("server/")]
     assert "adapterserve/engine_plugins/cpu_lora/punica.py" in names
+    for source in ("lora_kernel.cpp", "lora_op.cpp"):  # built on the serving machine (native.py)
+        assert f"adapterserve/engine_plugins/cpu_lora/{source}" in names
 
 
 def test_the_installed_package_imports_from_the_fresh_environment(installed):

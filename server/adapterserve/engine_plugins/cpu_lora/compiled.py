@@ -11,7 +11,9 @@ AVX512-bf16 EPYC, bench/RESULTS.md).
 `install()` makes each LoRA linear layer's adapter step one opaque op,
 `adapterserve::apply_lora_linear(output, x, layer_key)`: the compiler keeps the op whole
 and calls it in every step, and the op runs the eager fused wrapper (`punica.py`), which
-reads the step's mapping as it does without compilation. The op takes the layer by a key
+reads the step's mapping as it does without compilation; where the C++ op builds
+(`lora_op.cpp`), it repeats without Python what the wrapper found for a layer until the
+slots in use or their contents change (idle, or the kernel's call). The op takes the layer by a key
 (an int baked into the graph) rather than its slot tensors, so the fused layout's views
 reach the wrapper as they are. Then the platform's override is lifted: where vLLM would
 compile without LoRA (`enforce_eager` off, adapterserve's default), it compiles with LoRA too.
@@ -47,14 +49,18 @@ class IdleLayers:
     idle; each op call still ran the wrapper's Python checks (~5-10 us) to find that, 90
     times in a ~17 ms classification step (bench/RESULTS.md). Whatever can make a layer
     add something again calls `changed()`: a step mapping over other slots (the fused
-    wrapper's `update_metadata`), and a slot's adapter set or reset (`layout.track_live_slots`)."""
+    wrapper's `update_metadata`), and a slot's adapter set or reset (`layout.track_live_slots`).
+    With the C++ op (`native.load_op_state`), the generation is its too."""
 
-    def __init__(self) -> None:
+    def __init__(self, op_state=None) -> None:
         self.generation = 0
         self.idle_since: dict[int, int] = {}  # layer key -> the generation it was found idle in
+        self.op_state = op_state
 
     def changed(self) -> None:
         self.generation += 1
+        if self.op_state is not None:
+            self.op_state.set_generation(self.generation)
 
 
 @functools.cache
@@ -62,26 +68,39 @@ def registered_op() -> tuple[Any, dict[int, weakref.ref], IdleLayers]:
     """The op, registered once per process, the layers it applies, by key, and those that
     have nothing to add for now.
 
-    The low-level registration: `torch.library.custom_op` wraps its function in ~20 us of
-    Python per call (~70 us inside a compiled graph, bench/custom_op_cost.py); a schema and
-    a CPU kernel registered on a `Library` cost ~2 us eager and ~7 in a compiled graph."""
+    In C++ where it builds (`lora_op.cpp`): the op then applies, without Python, a layer
+    that is idle or that the kernel applied the last time in the same generation, and calls
+    the Python function below (registered as `apply_lora_linear_miss`) for anything else.
+    In Python otherwise, registered the low-level way: `torch.library.custom_op` wraps its
+    function in ~20 us of Python per call (~70 us inside a compiled graph,
+    bench/custom_op_cost.py); a schema and a CPU kernel registered on a `Library` cost ~2 us
+    eager and ~7 in a compiled graph."""
+    from .native import load_op_state
+
     layers: dict[int, weakref.ref] = {}
-    idle = IdleLayers()
-    library = torch.library.Library("adapterserve", "DEF")  # kept by the cache: collected, it unregisters the op
-    library.define("apply_lora_linear(Tensor(a!) output, Tensor x, int layer_key) -> ()")
+    op_state = load_op_state()  # loading the C++ op defines `apply_lora_linear`
+    idle = IdleLayers(op_state)
+    library = torch.library.Library("adapterserve", "FRAGMENT")  # kept by the cache: collected, it unregisters
+    python_name = "apply_lora_linear" if op_state is None else "apply_lora_linear_miss"
+    library.define(f"{python_name}(Tensor(a!) output, Tensor x, int layer_key) -> ()")
 
     def apply_lora_linear(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
         generation = idle.generation
         if idle.idle_since.get(layer_key) == generation:
             return
         layer = layers[layer_key]()
-        added = layer.punica_wrapper.add_lora_linear(
-            output, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, layer.output_slices
-        )
+        wrapper = layer.punica_wrapper
+        added = wrapper.add_lora_linear(output, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, layer.output_slices)
         if added is False:  # the fused wrapper's word that nothing applies (vLLM's returns None)
             idle.idle_since[layer_key] = generation
+            if op_state is not None:
+                op_state.remember_idle(layer_key, generation)
+        elif added and op_state is not None:
+            kernel_call = getattr(wrapper, "kernel_call", lambda: None)()
+            if kernel_call is not None:  # the kernel applied the layer: the C++ op can, next time
+                op_state.remember_kernel(layer_key, generation, *kernel_call)
 
-    library.impl("apply_lora_linear", apply_lora_linear, "CPU")
+    library.impl(python_name, apply_lora_linear, "CPU")
     torch.library.register_fake(OP_NAME, lambda output, x, layer_key: None, lib=library)
     registered_op.library = library
     return torch.ops.adapterserve.apply_lora_linear.default, layers, idle
@@ -90,6 +109,11 @@ def registered_op() -> tuple[Any, dict[int, weakref.ref], IdleLayers]:
 def adapters_changed() -> None:
     """A step mapping or a slot's adapter changed: every layer may have something to add."""
     registered_op()[2].changed()
+
+
+def op_state():
+    """The C++ op's state (`native.LoraOpState`), or None where the op is in Python."""
+    return registered_op()[2].op_state
 
 
 def register_layer(layer) -> None:

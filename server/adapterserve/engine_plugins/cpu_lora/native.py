@@ -10,6 +10,11 @@ PyTorch has loaded; one thread where loading it brought another runtime).
 
 Where it cannot be built or loaded (no compiler, another architecture), `load_kernel`
 returns None, says why in the log, and the fused path keeps to its PyTorch forms.
+
+The compiled graph's op (`lora_op.cpp`, the kernel included) is built the same way, against
+PyTorch's headers and libraries (~6 s): `load_op_state` loads it, which registers the op,
+and returns the handle that sets the op's state; None where it cannot be built, and then
+compiled.py registers the op in Python instead.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")
 
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
 ABI_VERSION = 2  # adapterserve_lora_kernel_version() of the source this module calls
+OP_SOURCE = Path(__file__).with_name("lora_op.cpp")
+# 0: the compiled graph's op stays in Python (for the bench's A/B; the kernel is unaffected)
+ENV_OP_SWITCH = "ADAPTERSERVE_LORA_OP"
 # 0: never use the kernel (the PyTorch forms only); set from the `cpu_lora_kernel` setting
 ENV_SWITCH = "ADAPTERSERVE_LORA_KERNEL"
 # the kernel's OpenMP threads; unset or 0: as many as PyTorch runs (1: how it ran before
@@ -75,16 +83,36 @@ def _compiler_version() -> str:
 
 def built_kernel_path() -> Path:
     """Where the kernel for this source, compiler and CPU is (built if it is not yet)."""
+    return _built("lora_kernel", [SOURCE], [*FLAGS, str(SOURCE)])
+
+
+def built_op_path() -> Path:
+    """Where the compiled graph's op for this source, PyTorch, compiler and CPU is (built if
+    it is not yet): linked to the PyTorch libraries this process runs, found at run time."""
+    from torch.utils import cpp_extension
+
+    libraries = cpp_extension.library_paths()[0]
+    flags = [
+        *FLAGS, "-std=c++20",  # PyTorch's headers use C++20 initialisers (C++17 warns)
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{path}" for path in cpp_extension.include_paths()),
+        str(OP_SOURCE), f"-L{libraries}", f"-Wl,-rpath,{libraries}", "-lc10", "-ltorch_cpu",
+    ]
+    return _built("lora_op", [OP_SOURCE, SOURCE], flags, extra=torch.__version__)
+
+
+def _built(name: str, sources: list[Path], arguments: list[str], extra: str = "") -> Path:
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), _compiler_version(), " ".join(FLAGS), platform.machine(), cpu_identity()]).encode()
+        "\n".join([*(source.read_text() for source in sources), _compiler_version(), " ".join(arguments),
+                   platform.machine(), cpu_identity(), extra]).encode()
     ).hexdigest()[:16]
-    target = kernel_dir() / f"lora_kernel-{key}.so"
+    target = kernel_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        done = subprocess.run([COMPILER, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([COMPILER, *arguments, "-o", str(built)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{COMPILER} failed: {done.stderr.strip()[-2000:]}")
         os.replace(built, target)  # atomic: a concurrent build of the same key writes the same bytes
@@ -95,7 +123,7 @@ class LoraKernel:
     """The loaded kernel: `apply` runs one LoRA linear layer over a batch's tokens."""
 
     def __init__(self, library: ctypes.CDLL, threads: int = 0) -> None:
-        self._threads = threads
+        self.threads = threads  # 0: as many as PyTorch runs
         self._by_dtype = {torch.float32: library.adapterserve_lora_apply_f32, torch.bfloat16: library.adapterserve_lora_apply_bf16}
         for function in self._by_dtype.values():
             function.argtypes, function.restype = _ARGUMENTS, None
@@ -110,7 +138,7 @@ class LoraKernel:
         contiguous, `slot_of` int64 and contiguous, one dtype for x, y, a and b."""
         self._by_dtype[y.dtype](
             y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), x.shape[1], a.data_ptr(), rank_sum,
-            slot_of.data_ptr(), slot_of.shape[0], len(sizes), sizes, b_pointers, rank, live, scale, self._threads,
+            slot_of.data_ptr(), slot_of.shape[0], len(sizes), sizes, b_pointers, rank, live, scale, self.threads,
         )
 
 
@@ -138,6 +166,80 @@ def load_kernel() -> LoraKernel | None:
         threads = threads_from_env()
     log.info("CPU LoRA kernel: loaded %s in pid %d (threads: %s)", library._name, os.getpid(), threads or "PyTorch's")
     return LoraKernel(library, threads)
+
+
+class LoraOpState:
+    """What the compiled graph's C++ op (`lora_op.cpp`) remembers, set from Python: the
+    generation of the slots in use, each wrapper's step (its token-to-slot array), and per
+    layer: idle, or the kernel's arguments. The caller keeps every tensor it publishes alive
+    while it is published."""
+
+    DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+    def __init__(self, library: ctypes.CDLL, one_thread: bool) -> None:
+        self._one_thread = one_thread  # the op brought another OpenMP runtime (see load_kernel)
+        self._wrappers = 0
+        self._set_generation = library.adapterserve_lora_op_set_generation
+        self._set_generation.argtypes, self._set_generation.restype = [ctypes.c_int64], None
+        self._set_step = library.adapterserve_lora_op_set_step
+        self._set_step.argtypes, self._set_step.restype = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p], None
+        self._remember_idle = library.adapterserve_lora_op_remember_idle
+        self._remember_idle.argtypes, self._remember_idle.restype = [ctypes.c_int64, ctypes.c_int64], None
+        self._remember_kernel = library.adapterserve_lora_op_remember_kernel
+        self._remember_kernel.argtypes = [
+            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # key, generation, wrapper, dtype
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # a, k, rank_sum, slices
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # sizes, b, rank, live, threads
+        ]
+        self._remember_kernel.restype = None
+
+    def new_wrapper(self) -> int:
+        """An index for a punica wrapper's step (one per engine in the process)."""
+        self._wrappers += 1
+        return self._wrappers - 1
+
+    def set_generation(self, generation: int) -> None:
+        self._set_generation(generation)
+
+    def set_step(self, wrapper: int, slot_of: torch.Tensor | None) -> None:
+        """The wrapper's step is applied token by token over `slot_of` (int64, contiguous);
+        None: not by the kernel, or not known yet."""
+        if slot_of is None:
+            self._set_step(wrapper, -1, None)
+        else:
+            self._set_step(wrapper, slot_of.shape[0], slot_of.data_ptr())
+
+    def remember_idle(self, key: int, generation: int) -> None:
+        self._remember_idle(key, generation)
+
+    def remember_kernel(self, key: int, generation: int, wrapper: int, slots, kernel_args, live: int) -> None:
+        """Layer `key` was applied by the kernel (`kernel_args`: punica.kernel_args of `slots`)."""
+        kernel, sizes, b_pointers = kernel_args
+        threads = 1 if self._one_thread else kernel.threads
+        self._remember_kernel(
+            key, generation, wrapper, self.DTYPE_CODES[slots.a.dtype], slots.a.data_ptr(), slots.a.shape[1],
+            slots.rank_sum, len(sizes), sizes, b_pointers, slots.ranks[0], live, threads,
+        )
+
+
+@functools.cache
+def load_op_state() -> LoraOpState | None:
+    """Build and load the compiled graph's C++ op, which registers it; the handle to its
+    state, or None (logged) where it is switched off or cannot be built or loaded."""
+    if not enabled_by_env() or os.environ.get(ENV_OP_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        path = built_op_path()
+        runtimes = set(openmp_runtimes())
+        library = ctypes.CDLL(str(path))  # its static initialiser registers the op
+        added = set(openmp_runtimes()) - runtimes
+    except Exception as error:  # any failure: compiled.py registers the op in Python
+        log.warning("CPU LoRA op: not available, the compiled graph's op runs in Python (%s)", error)
+        return None
+    # No version check as for the kernel: loading registered the op already, and the file's
+    # name is a hash of this source, so it is the source these ctypes calls were written for.
+    log.info("CPU LoRA op: loaded %s in pid %d", path, os.getpid())
+    return LoraOpState(library, one_thread=bool(added))
 
 
 def openmp_runtimes() -> list[str]:

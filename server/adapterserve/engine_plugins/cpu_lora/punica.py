@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from .compiled import adapters_changed
+from .compiled import adapters_changed, op_state
 from .layout import FusedSlots, fused_slots
 from .native import LoraKernel, int64_array, load_kernel, pointer_array
 from .ops import bgmv_expand, bgmv_shrink
@@ -244,12 +244,17 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         self._matmul_plan: StepPlan | None = None  # for a layer the kernel cannot take, in a kernel step
         self._present: tuple[int, ...] | None = None  # the slots of the step's mapping (-1: none)
         self._kernel = load_kernel()
+        # the compiled graph's C++ op (or None): it reads this wrapper's step as published here
+        self._op_state = op_state()
+        self._op_index = -1 if self._op_state is None else self._op_state.new_wrapper()
+        self._kernel_layer: tuple[FusedSlots, KernelArgs] | None = None  # what the last call gave the kernel
         # the fused tensors of each layer (and what the kernel needs of them), by the
         # identity of its (persistent) tuple of A slots; the tuple is kept so that its
         # identity cannot be reused
         self._fused: dict[int, tuple[tuple, FusedSlots | None, KernelArgs | None]] = {}
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
+        self._publish_step(None)  # before the plan that holds the step's array goes
         super().update_metadata(*args, **kwargs)
         self._plan = self._matmul_plan = None  # the mapping changed: the next layer makes the new plan
         # Which layers have nothing to add depends only on the slots the tokens use (and on
@@ -281,15 +286,55 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         if slots is None or tokens != x2.shape[0]:
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
         if self._plan is None or self._plan.tokens != tokens:
+            self._publish_step(None)
             self._plan = make_step_plan(self.token_lora_indices, slots.a.dtype, self._kernel is not None, self._present)
+            self._publish_step(self._plan.slot_of)
         plan = self._plan
         if plan.slot_of is not None and (kernel is None or not kernel_fits(y2, x2, slots)):
             if self._matmul_plan is None or self._matmul_plan.tokens != tokens:
                 self._matmul_plan = make_step_plan(self.token_lora_indices, slots.a.dtype, present=self._present)
             plan = self._matmul_plan
+        self._kernel_layer = (slots, kernel) if plan.slot_of is not None else None
         # False (nothing of this layer applies to the step's mapping) lets the compiled op
         # skip the layer until the mapping or a slot changes (`compiled.IdleLayers`)
         return apply_layer(plan, y2, x2, slots, scale, output_slices, kernel)
+
+    def _publish_step(self, slot_of: torch.Tensor | None) -> None:
+        """Tell the C++ op the step's token-to-slot array (None: no kernel plan for the step)."""
+        if self._op_state is not None:
+            self._op_state.set_step(self._op_index, slot_of)
+
+    def kernel_call(self) -> tuple[int, FusedSlots, KernelArgs, int] | None:
+        """Where the last `add_lora_linear` applied its layer by the kernel: what the C++ op
+        needs to apply it again in the same generation (this wrapper's index, the layer's
+        slots and kernel arguments, its live slices); else None."""
+        if self._kernel_layer is None or self._op_state is None or self._plan is None:
+            return None
+        slots, kernel = self._kernel_layer
+        live = slots.live_slices(self._plan.present)
+        return (self._op_index, slots, kernel, live) if live else None
+
+    def apply_lora_full_linear(self, y, x, weight_stacked, bias_stacked, module_enabled) -> None:
+        """A classification head trained in full (vLLM's `ClassificationHeadWithLoRA`):
+        y[row] = x[row] @ W[slot].T + b[slot] for each row whose slot has a head, as vLLM's
+        wrapper computes it (the product in float32, then y's dtype, plus the bias in y's
+        dtype); other rows keep y. vLLM's takes ~15 small tensor operations per step whatever
+        the batch; here one product per head in the batch, the rows grouped in Python (a
+        classification step has a row per request)."""
+        slots = self.sampler_indices.tolist()
+        if len(slots) != y.shape[0]:  # vLLM's asserts the same, with its own message
+            return super().apply_lora_full_linear(y, x, weight_stacked, bias_stacked, module_enabled)
+        enabled = module_enabled.tolist()
+        for slot in sorted(set(slots)):
+            if slot < 0 or not enabled[slot]:
+                continue
+            rows = None if len(set(slots)) == 1 else [i for i, s in enumerate(slots) if s == slot]
+            head = (x if rows is None else x[rows]).float() @ weight_stacked[slot, 0].float().T
+            head = head.to(y.dtype) + bias_stacked[slot].to(y.dtype)
+            if rows is None:
+                y.copy_(head)
+            else:
+                y[rows] = head
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
         """y += scale * x @ A[slot].T @ B[slot].T per sequence, as vLLM's wrapper does, except
