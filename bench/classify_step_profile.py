@@ -3,9 +3,12 @@ dedicated classifier merged from it, both vLLM pooling engines in this process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, no API server), configured as `adapterserve serve`
 configures them (compiled, 16 slots fitted to rank 8, `dtype auto`).
 
-The two engines take turns, `--rounds` times in the order A B, B A, each turn `--requests`
+The two engines take turns, `--rounds` times in the order A B C, C B A, each turn `--requests`
 classifications of `--batch` texts at a time (1: one request per step, where the fixed
-cost of a step weighs most). Served, the API process, the client and the machine's drift
+cost of a step weighs most); the third turn (C) is the head's engine classifying with
+the base's own classifier, no adapter in the step: what enabling LoRA costs a step where
+every LoRA layer is idle. (With the compiled graph's C++ op, `lora_op.cpp`, a layer call
+the op repeats without Python is not counted among the LoRA layer calls.) Served, the API process, the client and the machine's drift
 blur a few percent (bench/RESULTS.md); here both engines meet the same moments, and each
 step's phases in the model runner are timed (`execute_model`, the forward pass, input
 preparation with the adapters' mapping, pooling with the heads), and every LoRA layer
@@ -53,8 +56,9 @@ def model_runner(llm):
     return getattr(worker, "worker", worker).model_runner
 
 
-def time_phases(runner, seconds: dict) -> None:
-    """Wrap the runner's phase methods (instance attributes) to add up their seconds."""
+def time_phases(runner, seconds: dict, turn: dict) -> None:
+    """Wrap the runner's phase methods (instance attributes) to add up their seconds, under
+    the name of the turn running (`turn["name"]`: two turns may share an engine)."""
     for name in PHASES:
         method = getattr(runner, name)
 
@@ -63,7 +67,7 @@ def time_phases(runner, seconds: dict) -> None:
             try:
                 return _method(*args, **kwargs)
             finally:
-                seconds[_name] += time.perf_counter() - began
+                seconds[turn["name"]][_name] += time.perf_counter() - began
 
         setattr(runner, name, timed)
 
@@ -110,15 +114,20 @@ def main() -> None:
                  LoRARequest(HEAD, 1, str(demo / HEAD))),
         "dedicated": (LLM(str(merged), **common), None),
     }
+    # the LoRA engine on the base alone (no adapter in the step): what enabling LoRA costs
+    # the step when every layer is idle, apart from the head's own work
+    engines["lora engine, no adapter"] = (engines["head"][0], None)
     phases = {name: defaultdict(float) for name in engines}
-    for name, (llm, _) in engines.items():
-        time_phases(model_runner(llm), phases[name])
+    current = {"name": None}
+    for name in ("head", "dedicated"):
+        time_phases(model_runner(engines[name][0]), phases, current)
     layer_calls: dict[str, list] = defaultdict(lambda: [0, 0.0])
     time_lora_layers(layer_calls)
     latencies: dict[str, list[float]] = {name: [] for name in engines}
 
     def turn(name: str, requests: int, record: bool = True):
         llm, lora = engines[name]
+        current["name"] = name
         for i in range(requests):
             texts = [TEXTS[(i * args.batch + j) % len(TEXTS)] for j in range(args.batch)]
             began = time.perf_counter()
@@ -128,12 +137,12 @@ def main() -> None:
         return outputs
 
     warm = {name: turn(name, 16, record=False) for name in engines}  # the head loaded into a slot, graphs warm
-    probabilities = {name: [round(p, 4) for p in out[0].outputs.probs] for name, out in warm.items()}
+    probabilities = {name: [round(p, 4) for p in out[0].outputs.probs] for name, out in warm.items() if name in ("head", "dedicated")}
     for name in engines:
         phases[name].clear()
     layer_calls.clear()
     for round_ in range(args.rounds):
-        for name in list(engines) if round_ % 2 == 0 else list(engines)[::-1]:
+        for name in list(engines) if round_ % 2 == 0 else list(engines)[::-1]:  # A B C, C B A
             turn(name, args.requests)
     median_ms = {name: round(statistics.median(v) * 1000, 2) for name, v in latencies.items()}
     report = {
@@ -142,6 +151,7 @@ def main() -> None:
         "probabilities_first_text": probabilities,
         "median_ms_per_call": median_ms,
         "head_speed_vs_dedicated": round(median_ms["dedicated"] / median_ms["head"], 3),
+        "lora_engine_no_adapter_speed_vs_dedicated": round(median_ms["dedicated"] / median_ms["lora engine, no adapter"], 3),
         "ms_per_call_by_phase": {name: {k: round(v / len(latencies[name]) * 1000, 3) for k, v in p.items()} for name, p in phases.items()},
         "lora_layer_calls_per_call": {k: {"calls": round(n / len(latencies["head"]), 1), "us_each": round(s / n * 1e6, 1)}
                                       for k, (n, s) in layer_calls.items()},
@@ -156,6 +166,7 @@ def main() -> None:
         row = report["ms_per_call_by_phase"][name]
         print(f"| {name} | {median_ms[name]} | {' | '.join(str(row.get(p, '-')) for p in PHASES)} |")
     print(f"head adapter speed / dedicated: {report['head_speed_vs_dedicated']}")
+    print(f"LoRA engine without adapter / dedicated: {report['lora_engine_no_adapter_speed_vs_dedicated']}")
     print(f"LoRA layer calls per classify call: {report['lora_layer_calls_per_call']}")
 
 
