@@ -138,6 +138,7 @@ def test_the_op_is_built_once_against_pytorch_and_a_failed_build_leaves_it_in_py
 def test_the_switches_keep_the_op_in_python(tmp_path):
     """`ADAPTERSERVE_LORA_OP=0` (or the kernel off): the op is registered in Python, under
     the same name, and applies the layer through the wrapper."""
+    import os
     import subprocess
     import sys
 
@@ -153,7 +154,7 @@ def test_the_switches_keep_the_op_in_python(tmp_path):
         "assert y.eq(1).all()\n"
     )
     for switch in (native.ENV_OP_SWITCH, native.ENV_SWITCH):
-        env = {**__import__("os").environ, switch: "0", "XDG_CACHE_HOME": str(tmp_path)}
+        env = {**os.environ, switch: "0", "XDG_CACHE_HOME": str(tmp_path)}
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert not list((tmp_path / "adapterserve" / "kernels").glob("lora_op-*")), "built though switched off"

@@ -14,8 +14,9 @@
 // token count, dtype or layout), goes to the Python path through the dispatcher
 // (`adapterserve::apply_lora_linear_miss`), which computes and, where it can, remembers.
 // The kernel is the same function with the same arguments either way, so the output is
-// the same bits. Each layer's slot tensors and the step's array are kept alive by the
-// Python side for as long as they are published here (punica.py).
+// the same bits. The pointers kept here stay valid: a layer's slot tensors are allocated
+// once by vLLM and kept with the layer (the wrapper's cache of fused slots holds them), and
+// the step's array is held by the wrapper's plan, withdrawn here before the plan goes.
 //
 // Why: entering Python, the wrapper's checks and ctypes cost ~14 us of a ~23 us live layer
 // call in the engine, ~120 calls a decode step (bench/RESULTS.md).

@@ -65,8 +65,8 @@ def kernel_dir() -> Path:
     return default_cache_dir() / "kernels"
 
 
-def enabled_by_env() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+def enabled_by_env(switch: str = ENV_SWITCH) -> bool:
+    return os.environ.get(switch, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def threads_from_env() -> int:
@@ -226,7 +226,7 @@ class LoraOpState:
 def load_op_state() -> LoraOpState | None:
     """Build and load the compiled graph's C++ op, which registers it; the handle to its
     state, or None (logged) where it is switched off or cannot be built or loaded."""
-    if not enabled_by_env() or os.environ.get(ENV_OP_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not (enabled_by_env() and enabled_by_env(ENV_OP_SWITCH)):
         return None
     try:
         path = built_op_path()

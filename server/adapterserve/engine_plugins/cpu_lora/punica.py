@@ -325,10 +325,11 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         if len(slots) != y.shape[0]:  # vLLM's asserts the same, with its own message
             return super().apply_lora_full_linear(y, x, weight_stacked, bias_stacked, module_enabled)
         enabled = module_enabled.tolist()
-        for slot in sorted(set(slots)):
+        present = sorted(set(slots))
+        for slot in present:
             if slot < 0 or not enabled[slot]:
                 continue
-            rows = None if len(set(slots)) == 1 else [i for i, s in enumerate(slots) if s == slot]
+            rows = None if len(present) == 1 else [i for i, s in enumerate(slots) if s == slot]
             head = (x if rows is None else x[rows]).float() @ weight_stacked[slot, 0].float().T
             head = head.to(y.dtype) + bias_stacked[slot].to(y.dtype)
             if rows is None:
