@@ -21,18 +21,23 @@ def test_the_kernel_is_built_once_and_then_reused(tmp_path, monkeypatch):
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no scratch left behind
 
 
+def assert_unavailable(load, warning: str, caplog) -> None:
+    """`load` (a cached loader of native.py), called afresh, gives None and logs `warning`."""
+    load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=native.log.name):
+            assert load() is None
+        assert warning in caplog.text
+    finally:
+        load.cache_clear()
+
+
 def test_a_compiler_that_fails_leaves_the_pytorch_forms(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(native, "FLAGS", ("-O3", "--no-such-flag"))
     with pytest.raises(RuntimeError, match="failed"):
         native.built_kernel_path()
-    native.load_kernel.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger=native.log.name):
-            assert native.load_kernel() is None
-        assert "not available, the PyTorch forms serve" in caplog.text
-    finally:
-        native.load_kernel.cache_clear()
+    assert_unavailable(native.load_kernel, "not available, the PyTorch forms serve", caplog)
 
 
 def test_the_switch_turns_the_kernel_off(monkeypatch):
@@ -126,13 +131,7 @@ def test_the_op_is_built_once_against_pytorch_and_a_failed_build_leaves_it_in_py
     assert native.built_op_path() == built and built.stat().st_mtime_ns == stamp
     monkeypatch.setattr(native, "COMPILER", "/no/such/compiler")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
-    native.load_op_state.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger=native.log.name):
-            assert native.load_op_state() is None
-        assert "the compiled graph's op runs in Python" in caplog.text
-    finally:
-        native.load_op_state.cache_clear()
+    assert_unavailable(native.load_op_state, "the compiled graph's op runs in Python", caplog)
 
 
 def test_the_switches_keep_the_op_in_python(tmp_path):

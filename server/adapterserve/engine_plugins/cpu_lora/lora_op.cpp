@@ -16,7 +16,8 @@
 // The kernel is the same function with the same arguments either way, so the output is
 // the same bits. The pointers kept here stay valid: a layer's slot tensors are allocated
 // once by vLLM and kept with the layer (the wrapper's cache of fused slots holds them), and
-// the step's array is held by the wrapper's plan, withdrawn here before the plan goes.
+// the step's array is held by the wrapper's plan, withdrawn here when vLLM updates the
+// mapping and replaced when the wrapper makes another plan (no op call runs in between).
 //
 // Why: entering Python, the wrapper's checks and ctypes cost ~14 us of a ~23 us live layer
 // call in the engine, ~120 calls a decode step (bench/RESULTS.md).

@@ -286,9 +286,8 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         if slots is None or tokens != x2.shape[0]:
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
         if self._plan is None or self._plan.tokens != tokens:
-            self._publish_step(None)
             self._plan = make_step_plan(self.token_lora_indices, slots.a.dtype, self._kernel is not None, self._present)
-            self._publish_step(self._plan.slot_of)
+            self._publish_step(self._plan.slot_of)  # replaces the array of the plan it replaces
         plan = self._plan
         if plan.slot_of is not None and (kernel is None or not kernel_fits(y2, x2, slots)):
             if self._matmul_plan is None or self._matmul_plan.tokens != tokens:
