@@ -139,8 +139,8 @@ def test_every_dashboard_query_returns_data(prometheus, server, dedicated):
 def test_the_engines_memory_agrees_with_the_files(server, base_path, demo_dir):
     """Measured from the live tensors: base weights are the safetensors' (x2 in float32),
     each adapter in the CPU cache is its file's tensors, the slots match the estimate."""
-    from adapterserve.dtypes import resolve_dtype
     from adapterserve.metrics.collector import slot_estimate
+    from tests.reference import served_dtype
 
     body = httpx.get(f"{server.url}/metrics", timeout=30).text
     memory = {}
@@ -149,7 +149,7 @@ def test_the_engines_memory_agrees_with_the_files(server, base_path, demo_dir):
             memory = {(s.labels["engine"], s.labels["component"]): s.value for s in family.samples}
     with safe_open(str(base_path / "model.safetensors"), "pt") as handle:
         base_elements = sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
-    element = 4 if resolve_dtype("auto") == "float32" else 2
+    element = 4 if served_dtype() == "float32" else 2  # as the settings serve (ADAPTERSERVE_DTYPE too)
     weights = memory[("generate", "base_weights")]
     # vLLM adds small buffers (rotary caches): within 1%.
     assert abs(weights - base_elements * element) / (base_elements * element) < 0.01, (weights, base_elements * element)
