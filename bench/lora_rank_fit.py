@@ -18,6 +18,9 @@ defaults, for server variants one after the other:
   as it ran before it split a layer's tokens over PyTorch's OpenMP threads);
 - `pyop`: the default with the compiled graph's LoRA op in Python (`ADAPTERSERVE_LORA_OP=0`,
   as it ran before the op's steady state moved to C++, `engine_plugins/cpu_lora/lora_op.cpp`);
+- `thp`: the default with glibc's malloc asking for transparent huge pages in the engine
+  processes (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: oneDNN's packed weights, the KV
+  cache and PyTorch's tensors come from malloc; the kernel's THP mode here is `madvise`);
 - `eager`: the default without compiled execution (`--enforce-eager`, the default before
   compiled execution with LoRA, `engine_plugins/cpu_lora/compiled.py`).
 
@@ -47,6 +50,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -116,7 +120,22 @@ def variant(name: str) -> tuple[list[str], dict]:
         return [], {"ADAPTERSERVE_LORA_KERNEL_THREADS": "1"}
     if name == "pyop":
         return [], {"ADAPTERSERVE_LORA_OP": "0"}
+    if name == "thp":
+        return [], {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     raise SystemExit(f"unknown variant {name}")
+
+
+def anon_huge_pages_kib(pid: int) -> int:
+    """Transparent huge pages held by the server's process tree (its engines'), in KiB."""
+    total = 0
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            rollup = Path(f"/proc/{process.pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("AnonHugePages:"))
+    return total
 
 
 async def measure(name: str, store: Path, names: list[str], base: str, args, log: Path) -> dict:
@@ -135,7 +154,7 @@ async def measure(name: str, store: Path, names: list[str], base: str, args, log
         time.sleep(2)  # a metrics reading after the workload
         return {
             "variant": name, "flags": flags, "env": env, "engine_max_lora_rank": engine_rank, "slot_bytes": slot_bytes(server.url),
-            "results": results,
+            "anon_huge_pages_kib": anon_huge_pages_kib(server.process.pid), "results": results,
         }
     finally:
         server.stop()

@@ -219,26 +219,30 @@ def test_a_layer_not_laid_out_goes_through_vllms_wrapper(reference_ops):
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("lm_head_trained", [True, False])
-def test_logits_equal_vllms_and_skip_the_expand_without_lm_head_weights(lm_head_trained, reference_ops, monkeypatch):
+@pytest.mark.parametrize("lm_head_trained, lora_ids", [(True, [1, 2, 0, 2]), (False, [1, 2, 0, 2]), (True, [1, 3, 0, 1])],
+                         ids=["trained", "untrained", "trained-slot-not-in-the-step"])
+def test_logits_equal_vllms_and_skip_the_work_without_lm_head_weights(lm_head_trained, lora_ids, reference_ops, monkeypatch):
+    """The shrink runs only where a slot of the step has A weights, the expand only where
+    the shrink is not all zeros; the logits equal vLLM's either way."""
     generator = torch.Generator().manual_seed(11)
     slots, rank, hidden, vocab = 3, 8, 64, 500
     a = torch.zeros(slots + 1, 1, rank, hidden)  # + the zero slot the reference maps -1 to
     b = torch.zeros(slots + 1, 1, vocab, rank)
-    if lm_head_trained:
+    if lm_head_trained:  # the slot of lora id 2
         a[1] = torch.randn(1, rank, hidden, generator=generator)
         b[1] = torch.randn(1, vocab, rank, generator=generator)
     x = torch.randn(4, hidden, generator=generator)
     start = torch.randn(4, vocab, generator=generator)
-    lora_ids = [1, 2, 0, 2]
     expected, got = start.clone(), start.clone()
     wrapper(VLLMWrapper, lora_ids, slots + 1, False).add_lora_logits(expected, x, a, b, 1.0)
-    expands = []
-    monkeypatch.setattr(punica, "bgmv_expand", lambda *args, **kwargs: expands.append(1) or vllm_ops.bgmv_expand(*args, **kwargs))
+    calls = []
+    for name in ("bgmv_shrink", "bgmv_expand"):
+        monkeypatch.setattr(punica, name, lambda *args, _name=name, **kwargs: calls.append(_name) or getattr(vllm_ops, _name)(*args, **kwargs))
     wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, False).add_lora_logits(got, x, a[:slots], b[:slots], 1.0)
     torch.testing.assert_close(got, expected)
-    assert bool(expands) == lm_head_trained
-    assert lm_head_trained or torch.equal(got, start)
+    applies = lm_head_trained and 2 in lora_ids
+    assert calls == (["bgmv_shrink", "bgmv_expand"] if applies else [])
+    assert applies or torch.equal(got, start)
 
 
 @pytest.mark.parametrize("lora_ids", [[1] * 16, [1, 2, 3, 0] * 4, [1 + i % 8 for i in range(300)]], ids=["one", "dense", "grouped"])

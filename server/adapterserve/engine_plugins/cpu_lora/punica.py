@@ -338,11 +338,16 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
         """y += scale * x @ A[slot].T @ B[slot].T per sequence, as vLLM's wrapper does, except
-        that the expand over the vocabulary (the costly half: [sequences, vocab] per slot) is
-        skipped when the shrink is all zeros, i.e. when no sequence's adapter has lm_head
-        weights: vLLM wraps the logits whether or not any adapter trains lm_head."""
+        that nothing is computed when no slot of the step holds A weights for the layer, and
+        the expand over the vocabulary (the costly half: [sequences, vocab] per slot) is
+        skipped when the shrink is all zeros. vLLM wraps the logits (and a classifier's
+        score layer) whether or not any adapter trains them: head adapters train the score
+        layer in full (`apply_lora_full_linear`), so its LoRA A slots stay zero, and the
+        shrink cost ~50-100 us of a ~17 ms classification step (bench/RESULTS.md)."""
         y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
         indices = self.sampler_indices
+        if not any(slot >= 0 and lora_a_stacked[slot].any() for slot in set(indices.tolist())):
+            return None
         shrunk = torch.zeros((x2.size(0), lora_b_stacked.size(-1)), dtype=torch.float32, device=x.device)
         bgmv_shrink(x2, lora_a_stacked, shrunk, indices, scale)
         if shrunk.any():
