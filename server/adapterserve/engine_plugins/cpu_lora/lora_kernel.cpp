@@ -137,13 +137,21 @@ inline void apply_tokens(const int64_t* t, int64_t slot, T* y, int64_t y_stride,
     const T* xt = x + t[m] * x_stride;
     for (int64_t i = 0; i < k; ++i) xf[m][i] = load(xt[i]);
   }
+  // The shrink rows of live slices only: an adapter trained on q and v leaves k's rows of
+  // a fused qkv layer unused (a third of its shrink). Each row's sum is computed alone, so
+  // the rows skipped change no bit of the others.
   const T* as = a + slot * rank_sum * k;
-  int64_t j = 0;
-  for (; j + 4 <= rank_sum; j += 4) {
-    const T* rows[4] = {as + j * k, as + (j + 1) * k, as + (j + 2) * k, as + (j + 3) * k};
-    dot4<M>(xf, rows, k, h, j);
+  const bool by_slice = rank_sum == slices * rank;
+  for (int64_t i = 0; i < (by_slice ? slices : 1); ++i) {
+    if (by_slice && !(live >> i & 1)) continue;
+    int64_t j = by_slice ? i * rank : 0;
+    const int64_t end = by_slice ? j + rank : rank_sum;
+    for (; j + 4 <= end; j += 4) {
+      const T* rows[4] = {as + j * k, as + (j + 1) * k, as + (j + 2) * k, as + (j + 3) * k};
+      dot4<M>(xf, rows, k, h, j);
+    }
+    for (; j < end; ++j) dot1<M>(xf, as + j * k, k, h, j);
   }
-  for (; j < rank_sum; ++j) dot1<M>(xf, as + j * k, k, h, j);
   int64_t offset = 0;
   for (int64_t i = 0; i < slices; ++i) {
     const int64_t size = sizes[i];
