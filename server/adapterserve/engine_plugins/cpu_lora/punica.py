@@ -15,8 +15,9 @@ arithmetic (rank 8: ~2 ms of matmuls in a ~90 ms step). This wrapper
 
 Semantics are those of vLLM's wrapper with index -1 meaning no adapter (see `ops.py`).
 Layers whose slots are not laid out fused and the embedding go to vLLM's implementation
-(which calls the copy-free ops of `ops.py`); the logits use those ops too, and skip the
-expand over the vocabulary when it would add nothing.
+(which calls the copy-free ops of `ops.py`); the logits (and a classifier's score layer)
+use those ops too, skip the shrink where no slot of the step holds weights, and the expand
+over the vocabulary when it would add nothing.
 """
 
 from __future__ import annotations
