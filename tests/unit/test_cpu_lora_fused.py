@@ -219,29 +219,51 @@ def test_a_layer_not_laid_out_goes_through_vllms_wrapper(reference_ops):
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("lm_head_trained, lora_ids", [(True, [1, 2, 0, 2]), (False, [1, 2, 0, 2]), (True, [1, 3, 0, 1])],
-                         ids=["trained", "untrained", "trained-slot-not-in-the-step"])
-def test_logits_equal_vllms_and_skip_the_work_without_lm_head_weights(lm_head_trained, lora_ids, reference_ops, monkeypatch):
-    """The shrink runs only where a slot of the step has A weights, the expand only where
-    the shrink is not all zeros; the logits equal vLLM's either way."""
+def tracked_logits(slots, rank, hidden, vocab):
+    """The logits' LoRA slots as vLLM keeps them (one tensor each side), written through
+    vLLM's own `set_lora` / `reset_lora` and tracked as the plugin tracks them."""
+    from types import MethodType
+
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+
+    from adapterserve.engine_plugins.cpu_lora.layout import track_live_slots
+
+    layer = SimpleNamespace(lora_a_stacked=torch.zeros(slots, 1, rank, hidden), lora_b_stacked=torch.zeros(slots, 1, vocab, rank))
+    layer.reset_lora = MethodType(LogitsProcessorWithLoRA.reset_lora, layer)
+    layer.set_lora = MethodType(LogitsProcessorWithLoRA.set_lora, layer)
+    track_live_slots(layer)
+    return layer
+
+
+@pytest.mark.parametrize("lm_head_trained, lora_ids, tracked", [
+    (True, [1, 2, 0, 2], True), (False, [1, 2, 0, 2], True), (True, [1, 3, 0, 1], True), (False, [1, 2, 0, 2], False),
+], ids=["trained", "untrained", "trained-slot-not-in-the-step", "untracked"])
+def test_logits_equal_vllms_and_skip_the_work_without_lm_head_weights(lm_head_trained, lora_ids, tracked, reference_ops, monkeypatch):
+    """The shrink runs only where a slot of the step holds weights (the layer's live record,
+    kept as vLLM sets and resets its slots; untracked, it always runs), the expand only
+    where the shrink is not all zeros; the logits equal vLLM's either way."""
     generator = torch.Generator().manual_seed(11)
     slots, rank, hidden, vocab = 3, 8, 64, 500
-    a = torch.zeros(slots + 1, 1, rank, hidden)  # + the zero slot the reference maps -1 to
-    b = torch.zeros(slots + 1, 1, vocab, rank)
+    layer = tracked_logits(slots, rank, hidden, vocab)
+    layer.set_lora(2, torch.randn(rank, hidden, generator=generator), torch.randn(vocab, rank, generator=generator))
+    layer.reset_lora(2)  # set, then emptied: no longer live
     if lm_head_trained:  # the slot of lora id 2
-        a[1] = torch.randn(1, rank, hidden, generator=generator)
-        b[1] = torch.randn(1, vocab, rank, generator=generator)
+        layer.set_lora(1, torch.randn(rank, hidden, generator=generator), torch.randn(vocab, rank, generator=generator))
+    a, b = layer.lora_a_stacked, layer.lora_b_stacked
+    zero_slot = (torch.zeros(1, 1, rank, hidden), torch.zeros(1, 1, vocab, rank))  # the slot the reference maps -1 to
     x = torch.randn(4, hidden, generator=generator)
     start = torch.randn(4, vocab, generator=generator)
     expected, got = start.clone(), start.clone()
-    wrapper(VLLMWrapper, lora_ids, slots + 1, False).add_lora_logits(expected, x, a, b, 1.0)
+    wrapper(VLLMWrapper, lora_ids, slots + 1, False).add_lora_logits(expected, x, torch.cat([a, zero_slot[0]]), torch.cat([b, zero_slot[1]]), 1.0)
     calls = []
     for name in ("bgmv_shrink", "bgmv_expand"):
         monkeypatch.setattr(punica, name, lambda *args, _name=name, **kwargs: calls.append(_name) or getattr(vllm_ops, _name)(*args, **kwargs))
-    wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, False).add_lora_logits(got, x, a[:slots], b[:slots], 1.0)
+    if not tracked:
+        a, b = a.clone(), b.clone()  # tensors without the record
+    wrapper(punica.FusedPunicaWrapperCPU, lora_ids, slots, False).add_lora_logits(got, x, a, b, 1.0)
     torch.testing.assert_close(got, expected)
     applies = lm_head_trained and 2 in lora_ids
-    assert calls == (["bgmv_shrink", "bgmv_expand"] if applies else [])
+    assert calls == (["bgmv_shrink", "bgmv_expand"] if applies else [] if tracked else ["bgmv_shrink"])
     assert applies or torch.equal(got, start)
 
 

@@ -128,7 +128,10 @@ def test_plugin_installs_into_the_cpu_wrapper(monkeypatch):
         monkeypatch.setattr(punica_cpu, name, getattr(punica_cpu, name))
         monkeypatch.setattr(torch_ops, name, getattr(torch_ops, name))
     monkeypatch.setattr(punica_cpu, "PunicaWrapperCPU", punica_cpu.PunicaWrapperCPU)
-    monkeypatch.setattr(model_manager, "from_layer", model_manager.from_layer)
+    factories = ("from_layer", "from_layer_logits_processor", "from_layer_classification")
+    vllm_factories = {name: getattr(model_manager, name) for name in factories}
+    for name in factories:
+        monkeypatch.setattr(model_manager, name, vllm_factories[name])
     vllm_from_layer = model_manager.from_layer
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.platforms.cpu import CpuPlatform
@@ -147,6 +150,7 @@ def test_plugin_installs_into_the_cpu_wrapper(monkeypatch):
     assert punica_cpu.bgmv_shrink is not grouped.OPS["bgmv_shrink"] and punica_cpu.bgmv_shrink is not vllm_shrink
     assert punica_cpu.PunicaWrapperCPU is not FusedPunicaWrapperCPU
     assert model_manager.from_layer is not vllm_from_layer  # the slot guard
+    assert model_manager.from_layer_logits_processor is vllm_factories["from_layer_logits_processor"]
     assert BaseLinearLayerWithLoRA._apply_lora_to_output is vllm_apply  # no compiled LoRA on vLLM's own path
     assert hasattr(torch.compiler.load_compiled_function, "adapterserve_wrapped_load")  # either way
     monkeypatch.setattr(plugin, "_installed", False)
@@ -155,6 +159,8 @@ def test_plugin_installs_into_the_cpu_wrapper(monkeypatch):
     assert all(getattr(punica_cpu, name) is grouped.OPS[name] for name in grouped.OPS)
     assert punica_cpu.PunicaWrapperCPU is FusedPunicaWrapperCPU
     assert model_manager.from_layer is not vllm_from_layer
+    # the logits and score layers keep a live record for `add_lora_logits`
+    assert all(getattr(model_manager, name) is not vllm_factories[name] for name in factories)
     assert getattr(BaseLinearLayerWithLoRA._apply_lora_to_output, "adapterserve_compiled", False)
 
 

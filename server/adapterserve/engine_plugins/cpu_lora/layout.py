@@ -20,7 +20,8 @@ reset_lora, the reference ops). `fused_slots` recovers the fused tensors from th
 vLLM fills the slots of the modules an adapter does not train with zeros (peft's default
 for Llama-like models trains q and v only, as do the demo heads), and the fused path skips
 a layer whose slots in the batch are all empty, and within a layer (q, k, v) the slices
-they all leave empty, instead of adding zeros.
+they all leave empty, instead of adding zeros. The same record is kept for the layers vLLM
+lays out itself, the logits and a classifier's score layer (`punica.add_lora_logits`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,18 @@ def fused_slots(a_slices: tuple[torch.Tensor, ...], b_slices: tuple[torch.Tensor
     return FusedSlots(a_all.reshape(-1, a_all.shape[3]), flat_b, ranks, sum(ranks), live)
 
 
+def as_slices(stacked) -> tuple[torch.Tensor, ...]:
+    """A layer's slots per slice: vLLM keeps a tuple of slices for linear layers (one for
+    the score layer) and one tensor for the logits."""
+    return (stacked,) if isinstance(stacked, torch.Tensor) else tuple(stacked)
+
+
+def live_slots(a_stacked: torch.Tensor) -> list[int] | None:
+    """The live record `track_live_slots` keeps on a layer's A tensor (per slot, the slices
+    its adapter changes, as bits), or None where the layer is not tracked."""
+    return getattr(a_stacked, LIVE_ATTRIBUTE, None)
+
+
 def _fused_a(a_slices: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     """The one A tensor the slices are views of (`lay_out`), where the live list is kept;
     a layer of one slice that vLLM laid out itself has no such base: its slice is it."""
@@ -105,10 +118,12 @@ def track_live_slots(layer, changed=lambda: None) -> None:
     """Wrap the layer's `set_lora` / `reset_lora` (laid out by `lay_out`) to keep, per slot,
     the slices its adapter changes: those with both A and B not all zero (a conservative
     test: a slice the adapter changes always passes it). The list lives on the fused A
-    tensor, where `fused_slots` finds it. `changed()` is called after every update (the
-    compiled op then looks at every layer again: `compiled.IdleLayers`)."""
-    a_all = layer.lora_a_stacked[0]._base
-    if a_all is None:  # not laid out by `lay_out`
+    tensor, where `fused_slots` finds it (for a layer of one slice that vLLM laid out,
+    the logits or the score layer: on its A tensor, `live_slots`). `changed()` is called
+    after every update (the compiled op then looks at every layer again:
+    `compiled.IdleLayers`)."""
+    a_all = _fused_a(as_slices(layer.lora_a_stacked))
+    if a_all is None:  # several slices not laid out by `lay_out`
         return
     live = [0] * a_all.shape[0]  # vLLM allocates the slots empty
     setattr(a_all, LIVE_ATTRIBUTE, live)
@@ -123,7 +138,7 @@ def track_live_slots(layer, changed=lambda: None) -> None:
         set_lora(index, *args, **kwargs)
         live[index] = sum(
             1 << i
-            for i, (a, b) in enumerate(zip(layer.lora_a_stacked, layer.lora_b_stacked))
+            for i, (a, b) in enumerate(zip(as_slices(layer.lora_a_stacked), as_slices(layer.lora_b_stacked)))
             if bool(a[index].any()) and bool(b[index].any())
         )
         changed()

@@ -76,6 +76,20 @@ def _wrap_from_layer(*steps) -> None:
     model_manager.from_layer = from_layer
 
 
+def _wrap_factory(name: str, step) -> None:
+    """Run `step` on every layer vLLM's model manager makes with its factory `name`."""
+    import vllm.lora.model_manager as model_manager
+
+    vllm_factory = getattr(model_manager, name)
+
+    def factory(*args, **kwargs):
+        layer = vllm_factory(*args, **kwargs)
+        step(layer)
+        return layer
+
+    setattr(model_manager, name, factory)
+
+
 def install_containment_only() -> None:
     """vLLM's own CPU path, with its -1 index meaning no adapter and finite slots."""
     global _installed
@@ -120,4 +134,7 @@ def install() -> None:
         guard_slots,
         compiled.register_layer,
     )
+    # the logits and a classifier's score layer: only which slots hold weights (`add_lora_logits`)
+    _wrap_factory("from_layer_logits_processor", track_live_slots)
+    _wrap_factory("from_layer_classification", track_live_slots)
     _installed = True

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from .compiled import adapters_changed, op_state
-from .layout import FusedSlots, fused_slots
+from .layout import FusedSlots, fused_slots, live_slots
 from .native import LoraKernel, int64_array, load_kernel, pointer_array
 from .ops import bgmv_expand, bgmv_shrink
 
@@ -50,8 +50,8 @@ SPAN_DENSE_MAX_WORK = 1024  # tokens x slots in use (ops.py's DENSE_MAX_WORK cou
 SPAN_DENSE_MAX_SLOTS = 4
 # Slots are taken and freed as adapters come and go, so the slots a batch uses can lie far
 # apart (3, 9, 15). The dense form reads its span in place while it is at most this many
-# times the slots in use, and gathers (copies) the slots in use beyond: a decode step is
-# bound by the bytes it reads. Measured over 30 SmolLM2 layers, 16 tokens, on the AVX512
+# times the slots in use, and gathers (copies) the slots in use beyond: the span's unused
+# slots would cost their reading and arithmetic in every layer. Measured over 30 SmolLM2 layers, 16 tokens, on the AVX512
 # Xeon (bench/lora_slot_gaps.py): slots 0, 7, 15 in place 29.5 ms, gathered 19.4; slots 0
 # and 2 in place 14.2, gathered 19.7; every other slot of 16 (span 15 for 8) even.
 GATHER_SPAN_OVER = 2
@@ -339,15 +339,17 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
         """y += scale * x @ A[slot].T @ B[slot].T per sequence, as vLLM's wrapper does, except
-        that nothing is computed when no slot of the step holds A weights for the layer, and
-        the expand over the vocabulary (the costly half: [sequences, vocab] per slot) is
-        skipped when the shrink is all zeros. vLLM wraps the logits (and a classifier's
-        score layer) whether or not any adapter trains them: head adapters train the score
-        layer in full (`apply_lora_full_linear`), so its LoRA A slots stay zero, and the
-        shrink cost ~50-100 us of a ~17 ms classification step (bench/RESULTS.md)."""
+        that nothing is computed when no slot of the step holds weights for the layer (its
+        live record, `layout.track_live_slots`), and the expand over the vocabulary (the
+        costly half: [sequences, vocab] per slot) is skipped when the shrink is all zeros.
+        vLLM wraps the logits (and a classifier's score layer) whether or not any adapter
+        trains them: head adapters train the score layer in full (`apply_lora_full_linear`),
+        so its LoRA slots stay zero, and the shrink cost ~50-100 us of a ~17 ms
+        classification step (bench/RESULTS.md)."""
         y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
         indices = self.sampler_indices
-        if not any(slot >= 0 and lora_a_stacked[slot].any() for slot in set(indices.tolist())):
+        live = live_slots(lora_a_stacked)
+        if live is not None and not any(live[slot] for slot in set(indices.tolist()) if slot >= 0):
             return None
         shrunk = torch.zeros((x2.size(0), lora_b_stacked.size(-1)), dtype=torch.float32, device=x.device)
         bgmv_shrink(x2, lora_a_stacked, shrunk, indices, scale)
