@@ -157,6 +157,10 @@ def test_the_kernel_and_the_forms_are_chosen_per_dtype():
         assert plan(torch.tensor([-1] * 8), dtype, kernel=True).single == -1  # no adapter: nothing at all
         many = punica.KERNEL_FROM_SLOTS[dtype]
         assert plan(torch.tensor(list(range(many)) * 128), dtype, kernel=True).slot_of is not None  # many adapters: any size
+        # the kernel's bf16 form (CPUs with AVX512-BF16): every bf16 batch, whatever its size
+        with_form = plan(torch.tensor([1, 2] * limit), dtype, kernel=True, bf16_form=True).slot_of is not None
+        assert with_form == (dtype == torch.bfloat16)
+        assert plan(torch.tensor([1, 2] * 8), dtype, kernel=False, bf16_form=True).slot_of is None  # no kernel, no form
     # the slots counted are those the dense form would read: 4 in use (fewer than float32's 8)
     # over the span 0..7, read in place at this size (252 tokens, above float32's limit)
     spread = torch.tensor([0, 2, 5, 7] * (punica.GATHER_ANY_GAP_TOKENS // 4 - 1))

@@ -65,6 +65,8 @@ def test_each_build_gives_the_float64_sums(tmp_path, monkeypatch, march):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(native, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in native.FLAGS))
     kernel = native.LoraKernel(ctypes.CDLL(str(native.built_kernel_path())))
+    flags = cpu_identity().split("|")[1].split()
+    assert kernel.bf16_form == (march == "native" and {"avx512_bf16", "avx512bw"} <= set(flags))
     generator = torch.Generator().manual_seed(5)
     rank, k, sizes = 8, 100, (70, 33)  # off the 16- and 32-lane blocks: the tails too
     for dtype in (torch.float32, torch.bfloat16):

@@ -379,8 +379,18 @@ void apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k, cons
 
 extern "C" {
 
-// The ABI version native.py checks (bump on any change of the signatures below).
-int64_t adapterserve_lora_kernel_version() { return 2; }
+// The ABI version native.py checks (bump on any change of the functions below).
+int64_t adapterserve_lora_kernel_version() { return 3; }
+
+// 1 where bf16 goes through `apply_tokens_bf16` (the CPU has AVX512-BF16): the form the
+// plan then gives every bf16 batch (punica.py, `KERNEL_EVERY_SIZE_WITH_BF16_FORM`).
+int64_t adapterserve_lora_kernel_bf16_form() {
+#ifdef ADAPTERSERVE_BF16_INSTRUCTIONS
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 void adapterserve_lora_apply_f32(float* y, int64_t y_stride, const float* x, int64_t x_stride, int64_t k,
                                  const float* a, int64_t rank_sum, const int64_t* slot_of, int64_t tokens,

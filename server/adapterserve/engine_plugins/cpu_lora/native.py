@@ -37,7 +37,7 @@ from adapterserve.dtypes import cpu_identity
 log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")
 
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
-ABI_VERSION = 2  # adapterserve_lora_kernel_version() of the source this module calls
+ABI_VERSION = 3  # adapterserve_lora_kernel_version() of the source this module calls
 OP_SOURCE = Path(__file__).with_name("lora_op.cpp")
 # 0: the compiled graph's op stays in Python (for the bench's A/B; the kernel is unaffected)
 ENV_OP_SWITCH = "ADAPTERSERVE_LORA_OP"
@@ -124,6 +124,9 @@ class LoraKernel:
 
     def __init__(self, library: ctypes.CDLL, threads: int = 0) -> None:
         self.threads = threads  # 0: as many as PyTorch runs
+        bf16_form = library.adapterserve_lora_kernel_bf16_form
+        bf16_form.restype = ctypes.c_int64
+        self.bf16_form = bool(bf16_form())  # built with its bf16 form (the CPU has AVX512-BF16)
         self._by_dtype = {torch.float32: library.adapterserve_lora_apply_f32, torch.bfloat16: library.adapterserve_lora_apply_bf16}
         for function in self._by_dtype.values():
             function.argtypes, function.restype = _ARGUMENTS, None

@@ -81,6 +81,13 @@ KERNEL_MAX_TOKENS = {torch.float32: 64, torch.bfloat16: 256}
 # 1024 tokens 8.3 against 14.6 (grouped); bf16 (threaded) 4 adapters 1024 tokens 3.44
 # against 3.67, 8 adapters 3.13 against 5.13.
 KERNEL_FROM_SLOTS = {torch.float32: 8, torch.bfloat16: 4}
+# With its bf16 form (CPUs with AVX512-BF16, `LoraKernel.bf16_form`: `vdpbf16ps`, units of 4
+# tokens) the kernel wins in bf16 at every size measured, and the two rules above apply
+# only to its generic form. bench/cpu_lora_layers.py --dtype bfloat16 --threads 2 on the
+# EPYC (results/cpu_lora_layers-epyc-bf16-2threads-bf16form.json), kernel against the
+# plan's matmul form: 1024 tokens over 1, 2, 3 adapters 2.40 / 1.83 / 1.61 against
+# 2.72 / 2.24 / 3.46 ms; 256 tokens over 3 adapters 0.34 against 1.08.
+KERNEL_EVERY_SIZE_WITH_BF16_FORM = (torch.bfloat16,)
 
 
 @dataclass(frozen=True)
@@ -104,9 +111,10 @@ def slots_in_use(indices: torch.Tensor) -> tuple[int, ...]:
 
 
 def make_step_plan(indices: torch.Tensor, dtype: torch.dtype = torch.float32, kernel: bool = False,
-                   present: tuple[int, ...] | None = None) -> StepPlan:
+                   present: tuple[int, ...] | None = None, bf16_form: bool = False) -> StepPlan:
     """The plan for a token-to-slot mapping (-1: no adapter), for layers in `dtype`;
-    `kernel`: the kernel may apply them (where it wins: `KERNEL_MAX_TOKENS`, `KERNEL_FROM_SLOTS`);
+    `kernel`: the kernel may apply them (where it wins: `KERNEL_MAX_TOKENS`, `KERNEL_FROM_SLOTS`;
+    `bf16_form`: the kernel has its bf16 form, `KERNEL_EVERY_SIZE_WITH_BF16_FORM`);
     `present`: the mapping's `slots_in_use`, where the caller has them already."""
     tokens = indices.shape[0]
     present = slots_in_use(indices) if present is None else present
@@ -120,7 +128,8 @@ def make_step_plan(indices: torch.Tensor, dtype: torch.dtype = torch.float32, ke
     # the dense form reads the span in place, or gathers the slots in use when they lie far apart
     gaps = span > count and (span > GATHER_SPAN_OVER * count or tokens >= GATHER_ANY_GAP_TOKENS)
     dense_slots = count if gaps else span
-    if kernel and (tokens <= KERNEL_MAX_TOKENS.get(dtype, 0) or dense_slots >= KERNEL_FROM_SLOTS.get(dtype, 1 << 62)):
+    if kernel and (tokens <= KERNEL_MAX_TOKENS.get(dtype, 0) or dense_slots >= KERNEL_FROM_SLOTS.get(dtype, 1 << 62)
+                   or (bf16_form and dtype in KERNEL_EVERY_SIZE_WITH_BF16_FORM)):
         slot_of = indices.to(torch.int64).contiguous()
         return StepPlan(tokens, present=used, slot_of=slot_of)
     if len(present) == 1:
@@ -287,7 +296,8 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         if slots is None or tokens != x2.shape[0]:
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
         if self._plan is None or self._plan.tokens != tokens:
-            self._plan = make_step_plan(self.token_lora_indices, slots.a.dtype, self._kernel is not None, self._present)
+            self._plan = make_step_plan(self.token_lora_indices, slots.a.dtype, self._kernel is not None, self._present,
+                                        self._kernel is not None and self._kernel.bf16_form)
             self._publish_step(self._plan.slot_of)  # replaces the array of the plan it replaces
         plan = self._plan
         if plan.slot_of is not None and (kernel is None or not kernel_fits(y2, x2, slots)):
