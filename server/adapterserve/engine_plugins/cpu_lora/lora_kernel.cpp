@@ -16,6 +16,9 @@
 // inf changes nothing outside the tokens that use it. No -ffast-math: NaN must stay NaN
 // and the sums are not reassociated beyond the fixed 16 lanes written below.
 //
+// Where the CPU has AVX512-BF16, bf16 goes through `apply_tokens_bf16` (`vdpbf16ps`, 32 values
+// at a time, units of 4 tokens): 2-2.5x less time than the generic form (bench/RESULTS.md).
+//
 // Built by native.py with `g++ -O3 -march=native -fopenmp` (vectorised for the CPU it runs on;
 // without OpenMP the pragmas are ignored and one thread applies the layer).
 
