@@ -14,7 +14,8 @@
 //
 // Each token reads only its own slot and writes only its own row: a slot holding NaN or
 // inf changes nothing outside the tokens that use it. No -ffast-math: NaN must stay NaN
-// and the sums are not reassociated beyond the fixed 16 lanes written below.
+// and the sums are grouped only as written below (16 lanes; the bf16 form: pairs of k in 16
+// lanes, then a tree).
 //
 // Where the CPU has AVX512-BF16, bf16 goes through `apply_tokens_bf16` (`vdpbf16ps`, 32 values
 // at a time, units of 4 tokens): 2-2.5x less time than the generic form (bench/RESULTS.md).
