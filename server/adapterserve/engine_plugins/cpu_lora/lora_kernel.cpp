@@ -130,6 +130,20 @@ inline void dot1(const float* const* x, const T* row, int64_t k, float* const* h
   }
 }
 
+// The expand of one slice's columns n .. size, one column at a time (what the vector loops
+// leave): the same sums, added into y and rounded once, as theirs.
+template <int M, typename T>
+inline void expand_columns(const int64_t* t, T* y, int64_t y_stride, int64_t offset, const T* bs, int64_t size,
+                           int64_t rank, float* const* c, int64_t n) {
+  for (; n < size; ++n)
+    for (int m = 0; m < M; ++m) {
+      float acc = 0.0f;
+      for (int64_t r = 0; r < rank; ++r) acc += c[m][r] * load(bs[r * size + n]);
+      T& yo = y[t[m] * y_stride + offset + n];
+      store(yo, load(yo) + acc);
+    }
+}
+
 // The tokens `t[0..M)`, all in `slot`: shrink, then expand each live slice into y.
 template <int M, typename T>
 inline void apply_tokens(const int64_t* t, int64_t slot, T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k,
@@ -181,13 +195,7 @@ inline void apply_tokens(const int64_t* t, int64_t slot, T* y, int64_t y_stride,
           storev(yo, loadv(yo) + acc[m]);
         }
       }
-      for (; n < size; ++n)
-        for (int m = 0; m < M; ++m) {
-          float acc = 0.0f;
-          for (int64_t r = 0; r < rank; ++r) acc += c[m][r] * load(bs[r * size + n]);
-          T& yo = y[t[m] * y_stride + offset + n];
-          store(yo, load(yo) + acc);
-        }
+      expand_columns<M>(t, y, y_stride, offset, bs, size, rank, c, n);
     }
     offset += size;
   }
@@ -291,13 +299,7 @@ inline void apply_tokens_bf16(const int64_t* t, int64_t slot, uint16_t* y, int64
           _mm512_storeu_si512(yo, _mm512_packus_epi32(rounded_bf16_bits(ylo), rounded_bf16_bits(yhi)));
         }
       }
-      for (; n < size; ++n)
-        for (int m = 0; m < M; ++m) {
-          float acc = 0.0f;
-          for (int64_t r = 0; r < rank; ++r) acc += c[m][r] * load(bs[r * size + n]);
-          uint16_t& yo = y[t[m] * y_stride + offset + n];
-          store(yo, load(yo) + acc);
-        }
+      expand_columns<M>(t, y, y_stride, offset, bs, size, rank, c, n);
     }
     offset += size;
   }
@@ -321,12 +323,11 @@ inline void apply_unit(const int64_t* t, int64_t slot, T* y, int64_t y_stride, c
                        const T* a, int64_t rank_sum, int64_t slices, const int64_t* sizes, const T* const* b,
                        int64_t rank, int64_t live, float scale, float* work) {
 #ifdef ADAPTERSERVE_BF16_INSTRUCTIONS
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (sizeof(T) == 2)
     apply_tokens_bf16<M>(t, slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work);
-    return;
-  }
+  else
 #endif
-  if constexpr (M <= 2) apply_tokens<M>(t, slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work);
+    apply_tokens<M>(t, slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work);
 }
 
 template <typename T>
@@ -369,9 +370,13 @@ void apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k, cons
       const int64_t p = unit_start[u];
       const int64_t slot = slot_of[order[p]];
       const int64_t size = unit_start[u + 1] - p;
-      if (size == 4)
-        apply_unit<4>(&order[p], slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work.data());
-      else if (size == 2)
+      if constexpr (UNIT == 4) {
+        if (size == 4) {
+          apply_unit<4>(&order[p], slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work.data());
+          continue;
+        }
+      }
+      if (size == 2)
         apply_unit<2>(&order[p], slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work.data());
       else
         apply_unit<1>(&order[p], slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work.data());

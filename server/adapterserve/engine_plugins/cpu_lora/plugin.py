@@ -61,30 +61,23 @@ def register() -> None:
 
 def _wrap_from_layer(*steps) -> None:
     """Run `steps` on every LoRA linear layer vLLM creates, right after it creates it."""
-    import vllm.lora.model_manager as model_manager
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-    vllm_from_layer = model_manager.from_layer
-
-    def from_layer(*args, **kwargs):
-        layer = vllm_from_layer(*args, **kwargs)
-        if isinstance(layer, BaseLinearLayerWithLoRA):
-            for step in steps:
-                step(layer)
-        return layer
-
-    model_manager.from_layer = from_layer
+    _wrap_factory("from_layer", *steps, only=BaseLinearLayerWithLoRA)
 
 
-def _wrap_factory(name: str, step) -> None:
-    """Run `step` on every layer vLLM's model manager makes with its factory `name`."""
+def _wrap_factory(name: str, *steps, only: type | None = None) -> None:
+    """Run `steps` on every layer vLLM's model manager makes with its factory `name` (of
+    the class `only`, where given: `from_layer` also returns layers it does not wrap)."""
     import vllm.lora.model_manager as model_manager
 
     vllm_factory = getattr(model_manager, name)
 
     def factory(*args, **kwargs):
         layer = vllm_factory(*args, **kwargs)
-        step(layer)
+        if only is None or isinstance(layer, only):
+            for step in steps:
+                step(layer)
         return layer
 
     setattr(model_manager, name, factory)
