@@ -7,8 +7,10 @@ engine process behind.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -30,14 +32,28 @@ HostFactory = Callable[[Settings, HostObserver], Host]
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    factory: HostFactory = app.state.host_factory
+    """Prepare (in a child process, when something is missing), build the host, start its
+    engines, serve, stop. A stop asked for during any of the start-up steps (`request_stop`:
+    SIGTERM or SIGINT) ends that step at once, engines under construction included, and
+    the server exits without serving."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    app.state.request_stop = lambda: loop.call_soon_threadsafe(stopping.set)
+    host: Host | None = None
     try:
-        host = factory(app.state.settings, app.state.metrics.observer())
-    except Exception as exc:
-        log.error("adapterserve cannot start: %s", exc)
-        raise
-    try:
-        await host.start()
+        if app.state.prepare is not None and not await _unless_stopped(app.state.prepare(app.state.settings), stopping):
+            yield
+            return
+        factory: HostFactory = app.state.host_factory
+        built = await _unless_stopped(_in_daemon_thread(factory, app.state.settings, app.state.metrics.observer()), stopping)
+        if not built:
+            yield
+            return
+        host = built[0]
+        if not await _unless_stopped(host.start(), stopping):
+            log.info("stopped during start-up")
+            yield
+            return
         app.state.host = host
         pages = getattr(host, "metrics_pages", None)
         if pages is not None:  # Ray Serve: the replicas measure their engines themselves
@@ -46,17 +62,85 @@ async def lifespan(app: FastAPI):
             await app.state.metrics.bind_host(host)
         log.info("serving %s in %s mode", host.base_name, host.mode)
         yield
+    except Exception as exc:
+        log.error("adapterserve cannot start: %s", exc)
+        raise
     finally:
         app.state.host = None
         await app.state.metrics.unbind_host()
-        await host.stop()
+        if host is not None:
+            await host.stop()
+
+
+def request_stop(app: FastAPI) -> None:
+    """Ask a starting server to stop (the CLI's server calls it on SIGTERM and SIGINT);
+    after start-up, uvicorn's own graceful shutdown applies."""
+    stop = getattr(app.state, "request_stop", None)
+    if stop is not None:
+        stop()
+
+
+async def _unless_stopped(step: Awaitable, stopping: asyncio.Event) -> tuple | None:
+    """Run a start-up step until it ends or a stop is asked for: `(its result,)`, or None
+    when the stop came first (the step is cancelled and awaited: a cancelled preparation
+    stops its child process; engines under construction are stopped with the host)."""
+    work = asyncio.ensure_future(step)
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if work.done() and not stopping.is_set():
+        return (work.result(),)
+    work.cancel()
+    try:
+        await work
+    except BaseException:  # cancelled, or failed because it was being stopped
+        pass
+    return None
+
+
+def _in_daemon_thread(function, *args) -> asyncio.Future:
+    """`function(*args)` in a daemon thread: building the host validates and copies adapter
+    folders, which must neither hold the event loop (a stop could not be heard) nor, once
+    abandoned by a stop, keep the process from exiting (asyncio.to_thread's threads are
+    joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(outcome: BaseException | None, result=None) -> None:
+        if future.done():  # abandoned by a stop
+            return
+        if outcome is None:
+            future.set_result(result)
+        else:
+            future.set_exception(outcome)
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:
+            outcome = (exc, None)
+        else:
+            outcome = (None, result)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop has closed: the server stopped meanwhile
+            pass
+
+    threading.Thread(target=run, name="host-build", daemon=True).start()
+    return future
 
 
 def create_app(settings: Settings, host_factory: HostFactory | None = None) -> FastAPI:
     app = FastAPI(title="adapterserve", lifespan=lifespan)
     app.state.settings = settings
+    app.state.prepare = None  # start-up's slow disk work, for the real host only
     if host_factory is None:
         from .hosting.builder import build_host as host_factory
+        from .hosting.preparation import prepare
+
+        app.state.prepare = prepare
     app.state.host_factory = host_factory
     app.state.host = None
     app.state.metrics = Metrics.from_settings(settings)

@@ -101,6 +101,7 @@ def serve(**flags: Any) -> None:
         _serve_on_ray(settings)
         return
     listening = claim_port(settings.host, settings.port)
+    StoppableServer = _stoppable_server_class()
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -108,7 +109,23 @@ def serve(**flags: Any) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,  # in-flight requests get this long after SIGTERM
     )
-    uvicorn.Server(config).run(sockets=[listening])
+    StoppableServer(config).run(sockets=[listening])
+
+
+def _stoppable_server_class():
+    import uvicorn
+
+    from .app import request_stop
+
+    class StoppableServer(uvicorn.Server):
+        """uvicorn's server; a SIGTERM or SIGINT during the app's start-up also stops the
+        start-up (uvicorn alone waits for it to finish: minutes during a first compile)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            request_stop(self.config.app)
+
+    return StoppableServer
 
 
 def claim_port(host: str, port: int) -> socket.socket:

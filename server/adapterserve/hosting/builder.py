@@ -33,6 +33,30 @@ def build_host(settings: Settings, observer: HostObserver | None = None) -> Host
 
         return DedicatedHost(settings, discover_models(settings.dedicated_models), observer=observer)
 
+    base_path, base_name, registry = _open_stores(settings)
+    if settings.mode.value == "dedicated":
+        return _merged_demo_host(settings, base_path, registry, observer)
+    from .shared import SharedBaseHost
+
+    return SharedBaseHost(settings, base_path, base_name, registry, observer=observer)
+
+
+def prepare_on_disk(settings: Settings) -> None:
+    """Make on disk everything `build_host` needs for these settings (the embedded base,
+    the demo adapters, the merged models), without building the host: the slow part of
+    start-up, run by hosting/preparation.py in a process of its own."""
+    if settings.mode.value == "dedicated" and settings.dedicated_models:
+        return
+    base_path, _, registry = _open_stores(settings)
+    if settings.mode.value == "dedicated":
+        from adapterserve.training.merge import merge_adapters, merged_store
+
+        merge_adapters(base_path, list(registry.adapters.values()), merged_store(settings.cache_dir, base_path))
+
+
+def _open_stores(settings: Settings):
+    """The base (prepared on first use), its name, and the registry of the adapter stores
+    (plus the demo adapters, trained on first use), served from snapshots."""
     from adapterserve.models import resolve_base_model
     from adapterserve.registry.records import BaseModelInfo
     from adapterserve.registry.store import open_registry
@@ -45,11 +69,7 @@ def build_host(settings: Settings, observer: HostObserver | None = None) -> Host
 
         stores.append(ensure_demo_adapters(settings, base_path))
     registry = open_registry(settings, stores, base=BaseModelInfo.read(base_name, base_path), serving=True)
-    if settings.mode.value == "dedicated":
-        return _merged_demo_host(settings, base_path, registry, observer)
-    from .shared import SharedBaseHost
-
-    return SharedBaseHost(settings, base_path, base_name, registry, observer=observer)
+    return base_path, base_name, registry
 
 
 def _merged_demo_host(settings: Settings, base_path: Path, registry, observer: HostObserver | None) -> Host:

@@ -4,7 +4,8 @@ The honest other column of the hosting table. Each model is a full folder with i
 engine processes, weights and KV cache. With `max_resident_models`, only that many engines
 run; a request for another model swaps the least recently used one out and starts the
 one it needs, and waits for it (bounded, then a 503 with Retry-After). An engine that dies
-is reported by /health, restarted, and the other models keep serving.
+is reported by /health and restarted with the shared mode's policy (hosting/restart.py,
+back-off included), and the other models keep serving.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterserve.config import Settings
-from adapterserve.errors import APIError, engine_unavailable, model_not_found
+from adapterserve.errors import APIError, model_not_found
 
+from .backoff import Backoff
 from .engine import EngineSpec, VllmEngine, start_together
+from .restart import backoff_for, start_again
 from .protocol import (
     ENGINE_RUNTIME_BYTES, GiB, Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model,
 )
@@ -102,6 +105,7 @@ class DedicatedHost:
         self._lock = asyncio.Lock()
         self._starting: set[Engine] = set()  # engines being started (stopped with the host)
         self._monitor: asyncio.Task | None = None
+        self._backoffs: dict[str, Backoff] = {}  # model -> the back-off of its engine's restarts
 
     @property
     def max_resident(self) -> int:
@@ -244,16 +248,20 @@ class DedicatedHost:
                 task.add_done_callback(lambda _, n=name: self.starting.pop(n, None))
 
     async def _restart(self, model: FullModel, dead: Engine) -> Engine:
-        """Stop what is left of the dead engine and start a new one; requests for the model
-        wait for this task (see `_engine_for`)."""
-        try:
-            await dead.stop_async()
-            async with self._lock:
-                engine = await self._start_engine(model)
-        except Exception as exc:  # keep reporting it as down; the next request tries again
-            self.down[model.name] = f"restart failed: {exc}"
-            log.exception("restart of %s failed", model.name)
-            raise engine_unavailable(model.name) from None
+        """Stop what is left of the dead engine and start a new one, with the shared mode's
+        restart policy (hosting/restart.py: tried again after a back-off until it starts);
+        requests for the model wait for this task (see `_engine_for`)."""
+        await dead.stop_async()
+
+        async def start_new() -> Engine:
+            async with self._lock:  # per try: swaps of other models go on during the back-off
+                return await self._start_engine(model)
+
+        def failed(reason: str) -> None:
+            self.down[model.name] = reason
+
+        backoff = self._backoffs.setdefault(model.name, backoff_for(self.settings))
+        engine = await start_again(model.name, start_new, backoff, failed)
         self.restarts[model.name] = self.restarts.get(model.name, 0) + 1
         self.observer.engine_restarted(model.name)
         return engine

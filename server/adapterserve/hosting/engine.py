@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import multiprocessing
 import os
 import threading
 import time
@@ -54,6 +55,8 @@ class EngineSpec:
     # vLLM's Prometheus logger unregisters every vllm: metric of the process when it
     # starts, so only one engine per process can report vLLM's own metrics.
     log_stats: bool = True
+    # an engine not ready after this long is stopped and its start fails (engine_start_timeout_s)
+    start_timeout_s: float = 600.0
     extra_args: list[str] = field(default_factory=list)
 
     @classmethod
@@ -72,6 +75,7 @@ class EngineSpec:
             max_loras=settings.max_loras,
             max_lora_rank=settings.fixed_lora_rank or 64,
             max_cpu_loras=settings.max_cpu_loras,
+            start_timeout_s=settings.engine_start_timeout_s,
         )
         return cls(**{**values, **extra})
 
@@ -113,9 +117,38 @@ def parse_vllm_args(cli_args: list[str]):
     return parser.parse_args(cli_args)
 
 
-# A stop during the engine's construction waits this long for it (a start takes ~30-60 s
-# on 2 cores; vLLM gives up on an engine core that is not ready after its own timeout).
-CONSTRUCTION_WAIT_S = 600.0
+# After the processes of an abandoned construction are stopped, how long to wait for
+# vLLM's construction to notice (its start-up handshake fails as soon as they are gone).
+ABANDONED_CONSTRUCTION_WAIT_S = 5.0
+# SIGTERM first (vLLM's processes exit cleanly on it), SIGKILL what is left after this.
+TERMINATE_WAIT_S = 3.0
+
+
+def _spawned_children() -> set[int]:
+    """Process ids of the children this process started through multiprocessing (vLLM
+    starts its engine cores so); not the resource tracker, which every engine shares."""
+    return {child.pid for child in multiprocessing.active_children() if child.pid}
+
+
+def _stop_trees(name: str, roots: list[int]) -> None:
+    """Stop processes and all their descendants: SIGTERM, then SIGKILL (by process id)
+    whatever is alive after TERMINATE_WAIT_S. Used for an engine whose construction is
+    abandoned, where vLLM's own shutdown cannot be reached (it has no client yet)."""
+    processes: list[psutil.Process] = []
+    for root in _processes(roots):
+        try:
+            processes += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    if not processes:
+        return
+    log.warning("engine %s: stopping the %d processes of its unfinished start", name, len(processes))
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _reap(name, processes, TERMINATE_WAIT_S)
 
 
 def _construct_in_thread(construct) -> concurrent.futures.Future:
@@ -125,8 +158,9 @@ def _construct_in_thread(construct) -> concurrent.futures.Future:
     (~30 s on 2 cores): on the event loop that would stall every other engine, /health and
     /metrics while an engine restarts or swaps in. Built outside a running loop, vLLM
     starts its output tasks lazily, at the first request or utility call. The future is
-    kept by the engine, so a stop during the construction (a shutdown in the middle of a
-    restart) waits for it and stops what it built: no engine process is left behind."""
+    kept by the engine, so a stop during the construction (SIGTERM during start-up or a
+    restart, a start past its timeout) stops the processes it started, without waiting
+    for it: no engine process is left behind."""
     future: concurrent.futures.Future = concurrent.futures.Future()
 
     def run() -> None:
@@ -148,7 +182,9 @@ async def start_together(starts) -> None:
     2 cores, the generate and classify engines of a server started together in 39-41 s,
     one after the other in 54-57 s (the server ready in 52-56 s instead of 67-71). vLLM sets
     the same environment for every engine it starts in a process, so the starts do not
-    disturb each other."""
+    disturb each other. Engines that start together are also stopped together when one of
+    them is abandoned (each one's unfinished start owns every process started since it
+    began); the caller stops them all when one fails, so nothing is lost by that."""
     outcomes = await asyncio.gather(*starts, return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
@@ -168,6 +204,18 @@ def _reap(name: str, processes: list[psutil.Process], wait_s: float) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def _shut_down_late_client(construction: concurrent.futures.Future, client=None) -> None:
+    """Shut down a client whose construction was abandoned but ended with one anyway."""
+    if client is None:
+        if construction.cancelled() or construction.exception() is not None:
+            return
+        client = construction.result()
+    try:
+        client.shutdown()
+    except Exception:  # its processes are gone already; nothing else to release
+        log.debug("late engine client did not shut down cleanly", exc_info=True)
 
 
 def _processes(pids) -> list[psutil.Process]:
@@ -193,6 +241,7 @@ class VllmEngine:
         self.vllm_config = None
         self.on_started = None  # called with the engine once its client exists (metrics use it)
         self._construction: concurrent.futures.Future | None = None  # while vLLM builds the client
+        self._children_before: set[int] = set()  # this process's children when the construction began
         self._processes: list[psutil.Process] = []
         # called with (adapter name or None, request id) when a request's logits hold NaN
         self.on_nonfinite = lambda adapter, request_id: None
@@ -217,6 +266,7 @@ class VllmEngine:
         if self.spec.runner == "generate":
             # the engine's workers count NaN logits per request (inherited by its processes)
             os.environ[ENV_COUNT_NANS] = "1"
+        self._children_before = _spawned_children()
         self._construction = _construct_in_thread(
             functools.partial(
                 AsyncLLM.from_vllm_config,
@@ -226,8 +276,16 @@ class VllmEngine:
                 disable_log_stats=not self.spec.log_stats,
             )
         )
-        # shield: a cancelled start leaves the construction to `stop()`, which waits for it
-        self.client = await asyncio.shield(asyncio.wrap_future(self._construction))
+        # shield: a cancelled start leaves the construction to `stop()`, which abandons it
+        try:
+            self.client = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(self._construction)), timeout=self.spec.start_timeout_s
+            )
+        except asyncio.TimeoutError:
+            await asyncio.to_thread(self._abandon_construction)
+            raise TimeoutError(
+                f"engine {self.name} was not ready after {self.spec.start_timeout_s:.0f} s (engine_start_timeout_s)"
+            ) from None
         self._construction = None
         if self.spec.runner == "generate":
             watch_nonfinite(self.client, lambda adapter, request_id: self.on_nonfinite(adapter, request_id))
@@ -261,13 +319,15 @@ class VllmEngine:
 
     def _shut_down(self) -> list[psutil.Process]:
         """vLLM's shutdown of the client (in the event loop's thread: it cancels tasks of
-        that loop); returns the processes it had, adopted workers of a dead core included."""
-        construction, self._construction = self._construction, None
-        if self.client is None and construction is not None:  # stopped while it was being built
-            try:
-                self.client = construction.result(timeout=CONSTRUCTION_WAIT_S)
-            except Exception:  # it failed to start: nothing to stop
-                return []
+        that loop); returns the processes it had, adopted workers of a dead core included.
+        A stop while vLLM still builds the engine (start-up, compilation) does not wait for
+        it: its processes are stopped at once (`_abandon_construction`)."""
+        construction = self._construction
+        if self.client is None and construction is not None:
+            if construction.done() and not construction.cancelled() and construction.exception() is None:
+                self.client, self._construction = construction.result(), None  # built just now: shut down below
+            else:
+                self._abandon_construction()
         current = _processes(self.process_ids())
         processes = current + [p for p in self._processes if p not in current]
         self._processes = []
@@ -280,6 +340,23 @@ class VllmEngine:
         except Exception:  # a dead engine may fail to shut down cleanly; its processes are reaped next
             log.exception("engine %s did not shut down cleanly", self.name)
         return processes
+
+    def _abandon_construction(self) -> None:
+        """Stop an engine vLLM is still building: stop the processes it started (every child
+        this process started through multiprocessing since the construction began; starts
+        that run together are stopped together, see `start_together`), which makes vLLM's
+        start-up handshake fail within a moment. A client that is built nonetheless is shut
+        down. Waiting for the construction instead takes minutes during a first compile."""
+        construction, self._construction = self._construction, None
+        if construction is None:
+            return
+        _stop_trees(self.name, sorted(_spawned_children() - self._children_before))
+        try:
+            client = construction.result(timeout=ABANDONED_CONSTRUCTION_WAIT_S)
+        except Exception:  # failed, as expected with its processes gone, or still waiting
+            construction.add_done_callback(_shut_down_late_client)
+            return
+        _shut_down_late_client(construction, client)
 
     # --- state -------------------------------------------------------------------
     @property

@@ -19,7 +19,7 @@ largest rank in the stores (`max_lora_rank` auto).
 
 An engine that dies (its process killed, or a fatal error inside a step) is detected
 within a second: requests for it get a 503 with Retry-After at once, it is restarted
-(with a back-off when it keeps dying) and its adapters are registered again, while the
+(hosting/restart.py: with a back-off when it keeps dying, as in the dedicated mode) and its adapters are registered again, while the
 other engine keeps serving.
 """
 
@@ -39,6 +39,7 @@ from adapterserve.registry.store import Registry
 
 from . import discovery, lora_table
 from .backoff import Backoff
+from .restart import backoff_for, start_again
 from .engine import EngineSpec, VllmEngine, start_together
 from .protocol import Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model, requested_name
 
@@ -154,10 +155,7 @@ class SharedBaseHost:
                     continue
                 self.down[dead.name] = "engine stopped"  # requests get 503 from now on
                 try:
-                    backoff = backoffs.setdefault(
-                        dead.name, Backoff(self.settings.engine_restart_backoff_s, self.settings.engine_restart_backoff_max_s)
-                    )
-                    await self._restart(role, dead, backoff)
+                    await self._restart(role, dead, backoffs.setdefault(dead.name, backoff_for(self.settings)))
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # keep watching whatever happened
@@ -168,20 +166,20 @@ class SharedBaseHost:
         self.down[name] = (await dead.check_health()) or "engine stopped"
         log.error("engine %s is down (%s); restarting it", name, self.down[name])
         await dead.stop_async()
-        while True:
-            await asyncio.sleep(backoff.wait_s())
-            backoff.started()
+
+        async def start_new() -> Engine:
             engine = self._new_engine(dead.spec)
-            self._starting.add(engine)
+            self._starting.add(engine)  # cancelled (the host stops): the host's stop() stops it
             try:
                 await engine.start()
-                self._starting.discard(engine)
-                break
-            except Exception as exc:
+            except Exception:
                 self._starting.discard(engine)
                 await engine.stop_async()
-                self.down[name] = f"restart failed: {exc}"
-                log.error("engine %s did not restart: %s", name, exc)
+                raise
+            self._starting.discard(engine)
+            return engine
+
+        engine = await start_again(name, start_new, backoff, lambda reason: self.down.__setitem__(name, reason))
         for record in [r for r in self.registry.adapters.values() if self._role_for(r) == role]:
             try:
                 await self._register(record, engine)
