@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from .api import admin, chat, classify, completions, health, models
+from .api import admin, chat, classify, completions, health, models, responses
 from .api.tenancy import install_tenants
 from .api.auth import require_api_key
 from .api.errors import install_error_handlers
@@ -146,7 +146,7 @@ def create_app(settings: Settings, host_factory: HostFactory | None = None) -> F
     app.state.metrics = Metrics.from_settings(settings)
     install_tenants(app, settings, app.state.metrics)
     install_error_handlers(app)
-    for module in (chat, completions, classify, models):
+    for module in (chat, completions, responses, classify, models):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
     app.include_router(admin.router)
     app.include_router(health.router)

@@ -200,7 +200,17 @@ class Settings(BaseSettings):
         "configuration compiles for ~1-2 min on 2 CPUs; later starts load the cached result (~5 s).",
     )
     engine_start_timeout_s: float = Field(
-        600.0, gt=0, description="Seconds to wait for an engine to become ready."
+        600.0, gt=0, description="Seconds an engine may take to become ready (a first start compiles for minutes); "
+        "past it, its processes are stopped and its start fails (a restart is tried again after the back-off).",
+    )
+    tool_call_parser: str | None = Field(
+        "hermes",
+        description="Tool calling in the generation engines (vLLM's --tool-call-parser, with "
+        "--enable-auto-tool-choice): how tool calls are read from the model's output (hermes, llama3_json, "
+        "mistral, pythonic, ...: the format its chat template teaches). tool_choice 'required' or a named function "
+        "work with any model (answered through structured output); with 'auto' the model decides, and one whose "
+        "chat template does not render tools answers in text. Empty: no tool calling (tool_choice other than "
+        "'none' gets a 400).",
     )
 
     # --- request limits and recovery -------------------------------------------------
@@ -268,6 +278,11 @@ class Settings(BaseSettings):
     def fixed_lora_rank(self) -> int | None:
         """The configured max LoRA rank, or None for auto (fitted by the host at start-up)."""
         return None if self.max_lora_rank == "auto" else int(self.max_lora_rank)
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("served_model_name")
     @classmethod

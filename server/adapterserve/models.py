@@ -132,6 +132,23 @@ def resolve_base_model(base_model: Path | None, models_dir: Path) -> Path:
     return prepare_default_model(models_dir)
 
 
+def chat_template_renders_tools(folder: Path) -> bool:
+    """Whether the model's chat template writes the request's `tools` into the prompt (the
+    model was taught to call them): its `chat_template.jinja`, or the template in
+    `tokenizer_config.json` (one string, or a list of named templates)."""
+    folder = Path(folder)
+    try:
+        template = (folder / "chat_template.jinja").read_text()
+    except OSError:
+        try:
+            template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template") or ""
+        except (OSError, ValueError, AttributeError):
+            return False
+    if isinstance(template, list):
+        template = " ".join(str(t.get("template", "")) for t in template if isinstance(t, dict))
+    return "tools" in str(template)
+
+
 def weights_bytes(folder: Path) -> int:
     """Bytes of the model's weight files as they sit on disk."""
     return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))

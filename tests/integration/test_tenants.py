@@ -1,5 +1,6 @@
 """Tenants with the real engines, on a server of their own with a keys file: a matrix of
-tenants x every served model x every endpoint (allowed calls succeed, the others are
+tenants x every served model x every endpoint (chat, completions, responses, chat with
+tools, classification, model cards) (allowed calls succeed, the others are
 indistinguishable from an unknown model, listings leak nothing); limits per key (429 with
 Retry-After while another tenant is served); keys added and revoked while it runs."""
 
@@ -21,6 +22,8 @@ QUESTION = [{"role": "user", "content": "Hi"}]
 LORAS = ["french", "json", "pirate"]
 HEADS = ["sentiment", "topic"]
 UNKNOWN = "no-such-model-anywhere"
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+NAMED_TOOL = {"type": "function", "function": {"name": "lookup"}}
 # tenant -> (models patterns, base allowed, scopes)
 TENANTS = {
     "team-a": (["pirate", "french"], True, ["inference"]),
@@ -60,6 +63,10 @@ def call(server, secret, endpoint, model):
             client.chat.completions.create(model=model, messages=QUESTION, max_tokens=1)
         elif endpoint == "completion":
             client.completions.create(model=model, prompt="Hi", max_tokens=1)
+        elif endpoint == "responses":
+            client.responses.create(model=model, input="Hi", max_output_tokens=1)
+        elif endpoint == "tools":  # chat with tools and a named tool_choice
+            client.chat.completions.create(model=model, messages=QUESTION, max_tokens=1, tools=[TOOL], tool_choice=NAMED_TOOL)
         elif endpoint == "model":
             client.models.retrieve(model)
         else:  # classification is not in the OpenAI API
@@ -93,7 +100,7 @@ def test_every_tenant_every_model_every_endpoint(tenants, base_name):
     leaks = []
     for tenant in TENANTS:
         secret = tenants.secrets[tenant]
-        for endpoint in ("chat", "completion", "classify", "model"):
+        for endpoint in ("chat", "completion", "responses", "tools", "classify", "model"):
             unknown_status, unknown_body = call(tenants, secret, endpoint, UNKNOWN)
             assert unknown_status == 404, unknown_body
             for model in served:
@@ -143,6 +150,8 @@ def test_a_tenant_over_its_limits_gets_429_while_another_is_served(tenants, base
     assert outcome.get("other") is not None
     assert int(refused.value.response.headers["retry-after"]) >= 1
     assert refused.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+    with pytest.raises(openai.RateLimitError):  # the Responses API counts against the same limits
+        limited.responses.create(model="pirate", input="Hi", max_output_tokens=1)
 
     thrifty = openai_client(tenants, tenants.secrets["thrifty"])
     thrifty.chat.completions.create(model="pirate", messages=QUESTION, max_tokens=16)  # > 20 tokens with the prompt
@@ -150,7 +159,7 @@ def test_a_tenant_over_its_limits_gets_429_while_another_is_served(tenants, base
         thrifty.chat.completions.create(model="pirate", messages=QUESTION, max_tokens=1)
 
     metrics = httpx.get(f"{tenants.url}/metrics", timeout=30).text
-    assert 'adapterserve_tenant_rejections_total{reason="requests_per_minute",tenant="limited"} 1.0' in metrics
+    assert 'adapterserve_tenant_rejections_total{reason="requests_per_minute",tenant="limited"} 2.0' in metrics
     assert 'adapterserve_tenant_rejections_total{reason="tokens_per_minute",tenant="thrifty"} 1.0' in metrics
     assert 'adapterserve_tenant_tokens_total{kind="generation",tenant="thrifty"}' in metrics
 

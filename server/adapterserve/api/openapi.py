@@ -27,6 +27,12 @@ def _completion():
     return CompletionRequest
 
 
+def _responses():
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    return ResponsesRequest
+
+
 def _classify():
     from vllm.entrypoints.pooling.classify.protocol import ClassificationRequest
 
@@ -48,6 +54,7 @@ def _unload_lora():
 REQUEST_BODIES: dict[str, Callable[[], type]] = {
     "/v1/chat/completions": _chat,
     "/v1/completions": _completion,
+    "/v1/responses": _responses,
     "/v1/classify": _classify,
     "/v1/load_lora_adapter": _load_lora,
     "/v1/unload_lora_adapter": _unload_lora,

@@ -89,7 +89,7 @@ def _check_ceilings(payload: dict, settings) -> None:
     n = payload.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > settings.max_n:
         raise APIError(400, f"n must be at most {settings.max_n} on this server.", param="n")
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = payload.get(field)
         if isinstance(value, int) and not isinstance(value, bool) and value > settings.max_output_tokens:
             raise APIError(400, f"{field} must be at most {settings.max_output_tokens} on this server.", param=field)
@@ -154,23 +154,46 @@ def admit(raw_request: Request, key) -> None:
     raw_request.state.admitted = key
 
 
-async def serve_generation(raw_request: Request, endpoint: Endpoint) -> JSONResponse | StreamingResponse:
-    """/v1/chat/completions and /v1/completions: vLLM's request model and handler for the endpoint."""
+def generation_request_class(endpoint: Endpoint) -> type[BaseModel]:
+    """vLLM's own request model of a generation endpoint."""
     if endpoint == "chat":
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as request_cls
+    elif endpoint == "responses":
+        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest as request_cls
     else:
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest as request_cls
-    request = await parse_request(raw_request, request_cls)
+    return request_cls
+
+
+async def serve_generation(raw_request: Request, endpoint: Endpoint) -> JSONResponse | StreamingResponse:
+    """/v1/chat/completions, /v1/completions and /v1/responses: vLLM's request model and
+    handler for the endpoint."""
+    request = await parse_request(raw_request, generation_request_class(endpoint))
     target = await route(raw_request, request, endpoint)
     return answer(await generate_with_vllm(target, endpoint, request, raw_request))
 
 
 async def generate_with_vllm(target: Target, endpoint: Endpoint, request: Any, raw_request: Request) -> Any:
-    """vLLM's chat or completion handler on the target's engine, called through `call_vllm`
-    (the request already points at vLLM's name for the model)."""
+    """vLLM's chat, completion or responses handler on the target's engine, called through
+    `call_vllm` (the request already points at vLLM's name for the model). A stream is
+    SSE text for every endpoint (the Responses API's events as vLLM's server writes them)."""
     handler = target.engine.serving(endpoint)
+    if endpoint == "responses":
+        result = await call_vllm(handler.create_responses(request, raw_request), raw_request, target)
+        return result if isinstance(result, BaseModel) else _response_events(result)
     create = handler.create_chat_completion if endpoint == "chat" else handler.create_completion
     return await call_vllm(create(request, raw_request), raw_request, target)
+
+
+async def _response_events(events: AsyncIterator[BaseModel | str]) -> AsyncIterator[str]:
+    """The Responses API's stream events as SSE (`event:` and `data:` lines), as vLLM's own
+    router writes them (events that arrive as SSE already, from a Ray replica, pass as they are)."""
+    async for event in events:
+        if isinstance(event, str):
+            yield event
+            continue
+        kind = getattr(event, "type", "unknown")
+        yield f"event: {kind}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
 
 
 async def call_vllm(awaitable, raw_request: Request, target: Target) -> Any:
@@ -224,7 +247,8 @@ def answer(result: Any) -> JSONResponse | StreamingResponse:
     if isinstance(result, ErrorResponse):
         raise from_vllm_error(result)
     if isinstance(result, BaseModel):
-        return JSONResponse(result.model_dump())
+        # by alias, in JSON form: as vLLM's own server answers (the Responses API's models use aliases)
+        return JSONResponse(result.model_dump(mode="json", by_alias=True))
     return StreamingResponse(_openai_stream(result), media_type="text/event-stream")
 
 

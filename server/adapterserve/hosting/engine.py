@@ -55,6 +55,8 @@ class EngineSpec:
     # vLLM's Prometheus logger unregisters every vllm: metric of the process when it
     # starts, so only one engine per process can report vLLM's own metrics.
     log_stats: bool = True
+    # generation engines: vLLM's --tool-call-parser (None: no tool calling)
+    tool_call_parser: str | None = None
     # an engine not ready after this long is stopped and its start fails (engine_start_timeout_s)
     start_timeout_s: float = 600.0
     extra_args: list[str] = field(default_factory=list)
@@ -76,6 +78,7 @@ class EngineSpec:
             max_lora_rank=settings.fixed_lora_rank or 64,
             max_cpu_loras=settings.max_cpu_loras,
             start_timeout_s=settings.engine_start_timeout_s,
+            tool_call_parser=settings.tool_call_parser,
         )
         return cls(**{**values, **extra})
 
@@ -99,6 +102,9 @@ class EngineSpec:
                 "--max-lora-rank", str(self.max_lora_rank),
                 "--max-cpu-loras", str(max(self.max_cpu_loras, self.max_loras)),
             ]
+        if self.runner == "generate" and self.tool_call_parser:
+            # vLLM 0.32 reads tool calls (for every tool_choice) only with auto tool choice on
+            args += ["--tool-call-parser", self.tool_call_parser, "--enable-auto-tool-choice"]
         if self.runner == "pooling":
             args += ["--runner", "pooling", "--convert", "classify"]
             if self.num_labels is not None:
@@ -263,6 +269,14 @@ class VllmEngine:
             usage_context=UsageContext.OPENAI_API_SERVER
         )
         log.info("starting engine %s (%s) from %s", self.name, self.spec.runner, self.spec.model_path)
+        if self.spec.runner == "generate" and self.spec.tool_call_parser:
+            from adapterserve.models import chat_template_renders_tools
+
+            if not chat_template_renders_tools(self.spec.model_path):
+                log.info(
+                    "engine %s: the chat template does not render tools; tool_choice 'required' and named functions "
+                    "are answered through structured output, and with 'auto' the model answers in text", self.name,
+                )
         if self.spec.runner == "generate":
             # the engine's workers count NaN logits per request (inherited by its processes)
             os.environ[ENV_COUNT_NANS] = "1"
@@ -412,10 +426,11 @@ class VllmEngine:
 
     # --- serving objects ---------------------------------------------------------
     def serving(self, kind: str) -> Any:
-        """vLLM's serving object: 'chat', 'completion', 'classify' or 'models'."""
+        """vLLM's serving object: 'chat', 'completion', 'responses', 'classify' or 'models'."""
         attribute = {
             "chat": "openai_serving_chat",
             "completion": "openai_serving_completion",
+            "responses": "openai_serving_responses",
             "classify": "serving_classification",
             "models": "openai_serving_models",
         }[kind]

@@ -30,10 +30,11 @@ GiB = 1024**3
 # The dedicated mode's memory budget and the metrics' estimates both use it.
 ENGINE_RUNTIME_BYTES = int(1.1 * GiB)
 
-Endpoint = Literal["chat", "completion", "classify"]
+Endpoint = Literal["chat", "completion", "responses", "classify"]
 ENDPOINT_PATHS = {
     "chat": "/v1/chat/completions",
     "completion": "/v1/completions",
+    "responses": "/v1/responses",
     "classify": "/v1/classify",
 }
 
@@ -65,7 +66,7 @@ class Engine(Protocol):
     def process_ids(self) -> list[int]: ...
 
     def serving(self, kind: str) -> Any:
-        """vLLM's serving object of that kind ("chat", "completion", "classify", "models")."""
+        """vLLM's serving object of that kind ("chat", "completion", "responses", "classify", "models")."""
         ...
 
 
@@ -214,7 +215,7 @@ def wrong_endpoint(model: str, kind: str, endpoint: Endpoint) -> APIError:
         where = ENDPOINT_PATHS["classify"]
         what = "a classification head adapter"
     else:
-        where = f"{ENDPOINT_PATHS['chat']} or {ENDPOINT_PATHS['completion']}"
+        where = f"{ENDPOINT_PATHS['chat']}, {ENDPOINT_PATHS['completion']} or {ENDPOINT_PATHS['responses']}"
         what = "a text generation model" if kind in ("base", "full") else "a LoRA adapter"
     return APIError(
         400,

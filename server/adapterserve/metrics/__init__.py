@@ -34,7 +34,9 @@ from .traffic import RequestTraffic, current_endpoint, observe_client
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/classify": "classify"}
+ENDPOINTS = {
+    "/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/responses": "responses", "/v1/classify": "classify",
+}
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Adapter loads take tens of ms on CPU; engine swaps tens of seconds.

@@ -156,7 +156,7 @@ class EngineReplica:
             yield wire.error(exc)
             return
         if isinstance(result, BaseModel):
-            yield "json", result.model_dump()
+            yield "json", result.model_dump(mode="json", by_alias=True)
         else:
             yield "stream", None
             async for chunk in result:

@@ -115,6 +115,9 @@ class _Generation:
     async def create_completion(self, request, raw_request):
         return await self.host.generate("completion", request, raw_request)
 
+    async def create_responses(self, request, raw_request):
+        return await self.host.generate("responses", request, raw_request)
+
 
 def forwarded_headers(raw_request) -> dict[str, str]:
     """The request headers vLLM reads (request id, tracing), never credentials."""
