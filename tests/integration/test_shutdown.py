@@ -1,7 +1,10 @@
-"""SIGTERM: in-flight requests finish or get an error, and no engine process is left."""
+"""SIGTERM: in-flight requests finish or get an error, and no engine process is left; a
+signal during start-up (compilation, demo adapter training) ends the server within 10 s."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -57,3 +60,70 @@ def _alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _group_alive(group: int) -> list[int]:
+    """Processes of the process group the test started (the server and all it started)."""
+    alive = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(process.pid) == group and _alive(process):
+                alive.append(process.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return alive
+
+
+def _wait_for_log(server: ServerProcess, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in server.log_path.read_text(errors="replace"):
+        assert server.process.poll() is None, server.tail()
+        assert time.monotonic() < deadline, f"{text!r} not logged after {timeout} s:\n{server.tail()}"
+        time.sleep(0.5)
+
+
+def _stopped_within(server: ServerProcess, sig: int, seconds: float) -> float:
+    """Send `sig`; assert that the server and every process of its group are gone
+    `seconds` later; how long it took."""
+    group = server.process.pid  # started in a session of its own: its group id is its pid
+    assert len(_group_alive(group)) > 1, "the server has child processes at this point"
+    began = time.monotonic()
+    server.process.send_signal(sig)
+    deadline = began + seconds
+    while time.monotonic() < deadline and (server.process.poll() is None or _group_alive(group)):
+        time.sleep(0.2)
+    took = time.monotonic() - began
+    left = _group_alive(group)
+    if server.process.poll() is None:
+        left.append(server.process.pid)
+    if left:  # kill what the test started, by its group, before failing
+        os.killpg(group, signal.SIGKILL)
+    assert not left, f"alive {seconds} s after the signal: {left}\n{server.tail()}"
+    return took
+
+
+def test_sigterm_during_compilation_ends_the_server_within_10_s(tmp_path):
+    # an empty compile cache: the engine compiles (over a minute on 2 CPUs) when stopped
+    server = ServerProcess(
+        ["--no-demo-adapters", "--no-enforce-eager"], tmp_path / "server.log", env={"VLLM_CACHE_ROOT": str(tmp_path / "vllm")},
+    ).launch()
+    _wait_for_log(server, "Warming up model for the compilation", timeout=300)
+    time.sleep(3)  # inside the compilation
+    took = _stopped_within(server, signal.SIGTERM, 10)
+    assert "ready in" not in server.log_path.read_text(), "the engine finished starting: not stopped mid-compilation"
+    assert took < 10
+
+
+def test_sigint_during_demo_adapter_training_ends_the_server_within_10_s(tmp_path, base_path):
+    # a cache without the demo adapters: start-up trains them (a child process) when stopped
+    cache = tmp_path / "cache"
+    server = ServerProcess(
+        ["--base-model", str(base_path), "--cache-dir", str(cache)], tmp_path / "server.log",
+    ).launch()
+    _wait_for_log(server, "(in a child process)", timeout=120)
+    time.sleep(8)  # the child has imported torch and is training
+    _stopped_within(server, signal.SIGINT, 10)
+    store = cache / "adapters" / base_path.name
+    built = [p.name for p in store.iterdir() if not p.name.startswith(".")] if store.is_dir() else []
+    for name in built:  # whatever is in the store under its own name is complete
+        assert (store / name / "adapterserve-build.json").is_file(), name
