@@ -35,22 +35,29 @@ class ServerProcess:
     """`entry` is the module and command to run: adapterserve's by default, or another
     OpenAI-compatible server taking --port (the benchmarks run vLLM's own)."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, entry: tuple[str, ...] = ("adapterserve", "serve")):
+    def __init__(
+        self, args: list[str], log_path: Path, env: dict | None = None, entry: tuple[str, ...] = ("adapterserve", "serve"),
+        program: tuple[str, ...] | None = None, cwd: Path | None = None, base_env: dict | None = None,
+    ):
+        """`program` replaces `python -m <entry>` (an installed console script, say); `cwd`
+        is where it runs; `base_env` replaces this process's environment under `env`."""
         self.entry, self.server_args = entry, args
+        self.program = program or (sys.executable, "-m", *entry)
+        self.cwd = cwd
         self.log_path = log_path
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**(os.environ if base_env is None else base_env), **(env or {})}
         self.process: subprocess.Popen | None = None
         self._pick_port()
 
     def _pick_port(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", *self.entry, "--port", str(self.port), *self.server_args]
+        self.args = [*self.program, "--port", str(self.port), *self.server_args]
 
     def _spawn(self, log_mode: str) -> None:
         self.log = open(self.log_path, log_mode)
         self.process = subprocess.Popen(
-            self.args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+            self.args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.cwd,
         )
 
     def start(self, timeout: float = 600) -> "ServerProcess":

@@ -105,3 +105,47 @@ def test_a_dead_engine_fails_fast_is_reported_and_restarted(models):
         await h.stop()
 
     asyncio.run(scenario())
+
+
+class FailingRestarts(FakeEngine):
+    """An engine whose starts after the first fail `failures` times (per model)."""
+
+    failures: dict[str, int] = {}
+    tries: dict[str, list[float]] = {}
+
+    async def start(self):
+        tries = FailingRestarts.tries.setdefault(self.name, [])
+        tries.append(asyncio.get_running_loop().time())
+        if len(tries) > 1 and FailingRestarts.failures.get(self.name, 0) > 0:
+            FailingRestarts.failures[self.name] -= 1
+            raise RuntimeError("the engine did not start")
+        await super().start()
+
+
+def test_a_restart_that_fails_is_tried_again_after_the_back_off(models):
+    async def scenario():
+        FailingRestarts.failures, FailingRestarts.tries = {"b": 2}, {}
+        h = DedicatedHost(
+            Settings(demo_adapters=False, max_resident_models=3, engine_restart_backoff_s=0.3, engine_restart_backoff_max_s=5),
+            models, engine_factory=FailingRestarts,
+        )
+        await h.start()
+        h.resident["b"].client.errored = True  # the engine process died
+        for _ in range(100):  # the watcher runs every 2 s; two failed tries, then a start
+            await asyncio.sleep(0.1)
+            if (await h.health()).get("b", "").startswith("restart failed"):
+                break
+        assert (await h.health())["b"] == "restart failed: the engine did not start"
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if "b" in h.resident:
+                break
+        assert (await h.resolve("b", "chat")).engine.running
+        assert (await h.health())["b"] is None and h.restarts["b"] == 1
+        first, *restarts = FailingRestarts.tries["b"]
+        waits = [later - earlier for earlier, later in zip(restarts, restarts[1:])]
+        # at once, then after the first back-off, then after twice that (the shared mode's policy)
+        assert len(restarts) == 3 and waits[0] >= 0.3 and waits[1] >= 0.6, waits
+        await h.stop()
+
+    asyncio.run(scenario())
