@@ -127,3 +127,20 @@ def test_sigint_during_demo_adapter_training_ends_the_server_within_10_s(tmp_pat
     built = [p.name for p in store.iterdir() if not p.name.startswith(".")] if store.is_dir() else []
     for name in built:  # whatever is in the store under its own name is complete
         assert (store / name / "adapterserve-build.json").is_file(), name
+
+
+def test_an_engine_not_ready_within_its_start_timeout_is_stopped_and_the_start_fails(tmp_path):
+    server = ServerProcess(
+        ["--no-demo-adapters", "--no-enforce-eager", "--engine-start-timeout-s", "15"], tmp_path / "server.log",
+        env={"VLLM_CACHE_ROOT": str(tmp_path / "vllm")},  # compiles: far longer than 15 s
+    ).launch()
+    group = server.process.pid
+    code = server.process.wait(timeout=180)
+    server.log.close()
+    log = server.log_path.read_text()
+    assert code != 0 and "engine generate was not ready after 15 s (engine_start_timeout_s)" in log, server.tail()
+    assert "ready in" not in log
+    deadline = time.monotonic() + 10
+    while _group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(group), server.tail()
