@@ -77,8 +77,10 @@ class FakeClient:
 class FakeChat:
     def __init__(self, engine):
         self.engine = engine
+        self.requests = []  # what the API handed over, as vLLM's handler would get it
 
     async def create_chat_completion(self, request, raw_request):
+        self.requests.append(request)
         from vllm.entrypoints.openai.chat_completion.protocol import (
             ChatCompletionResponse,
             ChatCompletionResponseChoice,
@@ -96,6 +98,7 @@ class FakeChat:
         )
 
     async def create_completion(self, request, raw_request):
+        self.requests.append(request)
         from vllm.entrypoints.openai.completion.protocol import CompletionResponse, CompletionResponseChoice
         from vllm.entrypoints.serve.engine.protocol import UsageInfo
 

@@ -19,6 +19,7 @@ from .api import admin, chat, classify, completions, health, models, responses
 from .api.tenancy import install_tenants
 from .api.auth import require_api_key
 from .api.errors import install_error_handlers
+from .api.hosts import AllowedHosts, default_allowed_hosts
 from .api.openapi import install_openapi
 from .config import Settings
 from .hosting.protocol import Host, HostObserver
@@ -60,7 +61,7 @@ async def lifespan(app: FastAPI):
             app.state.metrics.federate(pages)
         else:
             await app.state.metrics.bind_host(host)
-        log.info("serving %s in %s mode", host.base_name, host.mode)
+        log.info("serving %s in %s mode", host.base_name or ", ".join(card.id for card in host.model_cards()), host.mode)
         yield
     except Exception as exc:
         log.error("adapterserve cannot start: %s", exc)
@@ -152,4 +153,5 @@ def create_app(settings: Settings, host_factory: HostFactory | None = None) -> F
     app.include_router(health.router)
     app.state.metrics.attach(app)
     install_openapi(app)
+    app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts or default_allowed_hosts(settings.host))
     return app

@@ -108,6 +108,8 @@ def serve(**flags: Any) -> None:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,  # in-flight requests get this long after SIGTERM
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
     )
     StoppableServer(config).run(sockets=[listening])
 

@@ -75,6 +75,16 @@ class Settings(BaseSettings):
         description="YAML file of tenant API keys (hashed), each with its models, scopes and limits; "
         "see `adapterserve keys`. Re-read when it changes. Without it: --api-key, or open.",
     )
+    allowed_hosts: list[str] | None = Field(
+        None, description="Host header names the server answers (a port is ignored; `*`: any); others get a 400 "
+        "(DNS rebinding). Unset: localhost, 127.0.0.1 and ::1 when --host is a loopback address, else any.",
+    )
+    max_connections: int = Field(
+        512, gt=0, description="Connections and requests handled at once; beyond, new ones get a 503 (uvicorn's limit_concurrency).",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive).",
+    )
     admin_api_key: SecretStr | None = Field(
         None,
         description="Bearer key for the admin endpoints (load/unload/reload adapters). "
@@ -222,7 +232,11 @@ class Settings(BaseSettings):
     )
     max_n: int = Field(8, gt=0, description="Most choices (`n`) one request may ask for.")
     max_output_tokens: int = Field(
-        4096, gt=0, description="Most tokens (`max_tokens`, `max_completion_tokens`) one request may ask for."
+        4096, gt=0, description="Most tokens (`max_tokens`, `max_completion_tokens`, `max_output_tokens`) one "
+        "request may ask for; also what a request that names no limit gets (within the context).",
+    )
+    max_inputs_per_request: int = Field(
+        32, gt=0, description="Most prompts in one /v1/completions request and inputs in one /v1/classify request.",
     )
     engine_restart_backoff_s: float = Field(
         2.0, gt=0, description="First wait before restarting an engine that died; doubled after each failed restart."

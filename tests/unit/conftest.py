@@ -23,6 +23,8 @@ from tests.fakes import FakeEngine
 
 HIDDEN, INTER, LAYERS = 16, 32, 2
 ADMIN_KEY = "admin-secret"
+# the unit apps listen on 127.0.0.1 by default: they answer loopback host names only
+LOCAL = "http://localhost"
 
 
 @pytest.fixture
@@ -71,5 +73,5 @@ def client(settings, registry, tiny_base):
     def factory(s, observer):
         return SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer)
 
-    with TestClient(create_app(settings, host_factory=factory)) as test_client:
+    with TestClient(create_app(settings, host_factory=factory), base_url=LOCAL) as test_client:
         yield test_client

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.unit.conftest import ADMIN_KEY
+from tests.unit.conftest import LOCAL
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -31,11 +32,14 @@ def test_chat_routes_to_the_named_adapter(client):
         assert response.json()["choices"][0]["message"]["content"] == f"answer from {expected}"
 
 
-def test_body_is_json_whatever_the_content_type(client):
-    # `curl -d` sends application/x-www-form-urlencoded
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain", "multipart/form-data"])
+def test_only_json_bodies_are_read(client, content_type):
+    # the content types a web page may send to localhost without a CORS preflight (and none)
     body = json.dumps({"model": "alpha", "messages": MESSAGES})
-    response = client.post(CHAT, content=body, headers={"content-type": "application/x-www-form-urlencoded"})
-    assert response.status_code == 200, response.text
+    headers = {"content-type": content_type} if content_type else {}
+    assert_error(client.post(CHAT, content=body, headers=headers), 415, code="unsupported_media_type")
+    ok = client.post(CHAT, content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
 
 
 def test_unknown_model_is_404_model_not_found(client):
@@ -110,7 +114,7 @@ def test_api_key_is_enforced_when_set(settings, registry, tiny_base):
 
     settings = settings.model_copy(update={"api_key": __import__("pydantic").SecretStr("user-key")})
     app = create_app(settings, host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         assert_error(client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}), 401, code="invalid_api_key")
         ok = client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}, headers={"authorization": "Bearer user-key"})
         assert ok.status_code == 200
@@ -143,7 +147,7 @@ class TestAdmin:
 
         settings = settings.model_copy(update={"discover_on_request": False})
         app = create_app(settings, host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
-        with TestClient(app) as client:
+        with TestClient(app, base_url=LOCAL) as client:
             write_lora(store / "gamma", tiny_base, rank=4)
             assert_error(client.post(CHAT, json={"model": "gamma", "messages": MESSAGES}), 404)
             response = client.post("/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(store / "gamma")}, headers=self.auth)
@@ -171,7 +175,7 @@ class TestAdmin:
         from tests.fakes import FakeEngine
 
         app = create_app(settings.model_copy(update={"admin_api_key": None}), host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
-        with TestClient(app) as client:
+        with TestClient(app, base_url=LOCAL) as client:
             assert_error(client.post("/admin/adapters/alpha/unload", headers=self.auth), 403)
 
 
@@ -218,3 +222,26 @@ def test_each_kind_of_model_has_its_endpoints(kind, endpoint, served):
     with pytest.raises(APIError) as raised:
         check_endpoint("m", kind, endpoint)
     assert (raised.value.status, raised.value.code) == (400, "model_not_supported_by_endpoint")
+
+
+def test_a_throttled_key_makes_the_host_do_no_work(settings, registry, store, tiny_base, tmp_path):
+    """The key's limits are checked before the host resolves the model: a key over its
+    limit naming a folder not registered yet gets its 429 with nothing validated."""
+    from fastapi.testclient import TestClient
+
+    from adapterserve.app import create_app
+    from adapterserve.hosting.shared import SharedBaseHost
+    from adapterserve.tenants.keys import KeyLimits, add
+    from tests.adapter_factory import write_lora
+    from tests.fakes import FakeEngine
+
+    keys = tmp_path / "keys.yaml"
+    _, secret = add(keys, "tight", ["*"], True, ["inference"], KeyLimits(requests_per_minute=1))
+    settings = settings.model_copy(update={"keys_file": keys})
+    app = create_app(settings, host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
+    auth = {"authorization": f"Bearer {secret}"}
+    with TestClient(app, base_url=LOCAL) as client:
+        assert client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}, headers=auth).status_code == 200
+        write_lora(store / "newcomer", tiny_base, rank=4, seed=9)  # discoverable on request
+        assert_error(client.post(CHAT, json={"model": "newcomer", "messages": MESSAGES}, headers=auth), 429, code="rate_limit_exceeded")
+        assert "newcomer" not in registry.adapters  # not validated, not copied, not registered

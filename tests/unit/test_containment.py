@@ -23,6 +23,7 @@ from tests.adapter_factory import build_broken_corpus, write_lora
 from tests.fakes import FakeEngine
 from tests.unit.conftest import ADMIN_KEY
 from tests.unit.test_api import CHAT, MESSAGES, assert_error
+from tests.unit.conftest import LOCAL
 
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -40,7 +41,7 @@ def app_client(settings, tiny_base, stores, tmp_path):
                         snapshots=SnapshotStore(tmp_path / "snapshots"))
     registry.scan()
     host = lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer)  # noqa: E731
-    return TestClient(create_app(settings, host_factory=host))
+    return TestClient(create_app(settings, host_factory=host), base_url=LOCAL)
 
 
 def test_the_corpus_is_at_least_forty_cases(corpus):
@@ -122,10 +123,47 @@ def nested(depth: int):
         (json.dumps({"model": "al\u0000pha", "messages": MESSAGES}).encode(), 404, "model_not_found"),
         (b"\xff\xfe\x00", 400, None),
         (b"   ", 400, None),
+        # NaN and Infinity are not JSON
+        (b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None),
+        (b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}', 400, None),
+        # the ceilings hold whatever form vLLM's models convert from
+        (json.dumps({"model": "alpha", "messages": MESSAGES, "n": "64", "temperature": 1}).encode(), 400, None),
+        (json.dumps({"model": "alpha", "messages": MESSAGES, "n": 64.0, "temperature": 1}).encode(), 400, None),
+        (json.dumps({"model": "alpha", "messages": MESSAGES, "max_tokens": "1000000"}).encode(), 400, None),
+        (json.dumps({"model": "alpha", "messages": MESSAGES, "max_completion_tokens": 1e6}).encode(), 400, None),
     ],
 )
 def test_hostile_bodies_get_openai_errors(client, content, status, code):
-    assert_error(client.post(CHAT, content=content), status, code=code)
+    assert_error(client.post(CHAT, content=content, headers={"content-type": "application/json"}), status, code=code)
+
+
+def test_the_ceilings_name_their_param_in_every_form(client):
+    for field, value in (("n", "64"), ("n", 9.0), ("max_tokens", "99999"), ("max_completion_tokens", 10**6)):
+        body = {"model": "alpha", "messages": MESSAGES, "temperature": 1, field: value}
+        assert_error(client.post(CHAT, json=body), 400, param=field)
+
+
+def test_prompts_per_request_are_bounded(client):
+    many = {"model": "alpha", "prompt": ["hi"] * 33, "max_tokens": 1}
+    assert_error(client.post("/v1/completions", json=many), 400, param="prompt")
+    many_token_lists = {"model": "alpha", "prompt": [[1, 2]] * 33, "max_tokens": 1}
+    assert_error(client.post("/v1/completions", json=many_token_lists), 400, param="prompt")
+    assert client.post("/v1/completions", json={"model": "alpha", "prompt": ["hi"] * 32, "max_tokens": 1}).status_code == 200
+    assert client.post("/v1/completions", json={"model": "alpha", "prompt": list(range(40)), "max_tokens": 1}).status_code == 200
+
+
+def test_a_request_without_an_output_limit_gets_the_servers(client):
+    client.post(CHAT, json={"model": "alpha", "messages": MESSAGES})
+    seen = client.app.state.host.generate.serving("chat").requests[-1]
+    assert seen.max_completion_tokens == min(client.app.state.settings.max_output_tokens, client.app.state.settings.max_model_len)
+
+
+def test_other_host_names_are_refused_on_a_loopback_server(client):
+    # DNS rebinding: a page of evil.example whose name now points at 127.0.0.1
+    assert_error(client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}, headers={"host": "evil.example"}), 400, code="invalid_host")
+    assert_error(client.get("/v1/models", headers={"host": "evil.example:8000"}), 400, code="invalid_host")
+    assert client.get("/v1/models", headers={"host": "127.0.0.1:8000"}).status_code == 200
+    assert client.get("/v1/models", headers={"host": "[::1]:8000"}).status_code == 200
 
 
 def test_a_nul_byte_in_lora_path_is_refused(client):

@@ -14,6 +14,7 @@ from adapterserve.hosting.shared import SharedBaseHost
 from tests.adapter_factory import write_lora
 from tests.fakes import FakeEngine
 from tests.unit.conftest import ADMIN_KEY
+from tests.unit.conftest import LOCAL
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -29,7 +30,7 @@ def make_client(settings, registry, tiny_base):
             settings.model_copy(update=updates),
             host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer),
         )
-        client = TestClient(app)
+        client = TestClient(app, base_url=LOCAL)
         client.__enter__()
         clients.append(client)
         return client

@@ -21,6 +21,7 @@ from adapterserve.metrics.labels import OTHER, ModelLabels
 from adapterserve.metrics.memory import folder_bytes
 from adapterserve.metrics.traffic import RequestTraffic, observe_client
 from tests.fakes import ReportingFakeEngine
+from tests.unit.conftest import LOCAL
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -72,7 +73,7 @@ def reporting_client(metrics_settings, registry, tiny_base):
     def factory(s, observer):
         return SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=ReportingFakeEngine, observer=observer)
 
-    with TestClient(create_app(metrics_settings, host_factory=factory)) as test_client:
+    with TestClient(create_app(metrics_settings, host_factory=factory), base_url=LOCAL) as test_client:
         yield test_client
 
 

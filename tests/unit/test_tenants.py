@@ -73,3 +73,24 @@ def test_tokens_per_minute_and_concurrency():
     limiter.admit(other)  # another key is not affected
     now[0] = 61.0
     limiter.admit(key)
+
+
+def _add_keys(path, tenant, count):
+    for _ in range(count):
+        add(path, tenant, ["x"], True, ["inference"], KeyLimits())
+
+
+def test_keys_added_and_revoked_at_the_same_time_are_all_kept(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "keys.yaml"
+    doomed, _ = add(path, "doomed", ["x"], True, ["inference"], KeyLimits())
+    context = multiprocessing.get_context("fork")  # four writers at once, as four shells would be
+    writers = [context.Process(target=_add_keys, args=(path, f"t{i}", 15)) for i in range(4)]
+    for writer in writers:
+        writer.start()
+    revoke(path, key_id=doomed.id)  # meanwhile
+    for writer in writers:
+        writer.join(60)
+    keys = read(path).keys
+    assert sorted(k.tenant for k in keys) == sorted(f"t{i}" for i in range(4) for _ in range(15))  # none lost, none back

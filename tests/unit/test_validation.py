@@ -49,3 +49,26 @@ def test_duplicate_names_across_stores_keep_the_first(tmp_path, tiny_base):
     registry.scan()
     assert registry.adapters["same"].path == (first / "same").resolve()
     assert "duplicate name" in registry.problems[0].reason
+
+
+def test_a_refusal_naming_a_hostile_tensor_is_one_log_line(tmp_path, tiny_base, caplog):
+    import logging
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from adapterserve.registry.store import Registry
+    from adapterserve.registry.validation import Limits
+    from tests.adapter_factory import write_lora
+
+    folder = tmp_path / "store" / "forger"
+    write_lora(folder, tiny_base, rank=4)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    tensors["x\nERROR adapterserve: all adapters deleted\r.lora_A.weight"] = torch.zeros(4, 16)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    registry = Registry(base=tiny_base, stores=[tmp_path / "store"], limits=Limits(max_lora_rank=16))
+    with caplog.at_level(logging.WARNING, logger="adapterserve.registry.store"):
+        registry.scan()
+    assert "forger" not in registry.adapters
+    (line,) = [r.getMessage() for r in caplog.records if "forger" in r.getMessage()]
+    assert "\n" not in line and "\r" not in line and "\\n" in line, line

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter
 
 from .errors import APIError, engine_unavailable, from_vllm_error
-from .serving import call_vllm, read_json_object, route, validate
+from .serving import call_vllm, check_ceilings, read_json_object, route, validate
 
 router = APIRouter()
 
@@ -36,6 +36,7 @@ async def create_classification(raw_request: Request):
     if "messages" not in payload:
         _check_input(payload)
     request = validate(payload, TypeAdapter(ClassificationRequest).validate_python)
+    check_ceilings(request, "classify", raw_request.app.state.settings)
     target = await route(raw_request, request, "classify")
     response = await call_vllm(target.engine.serving("classify")(request, raw_request), raw_request, target)
     body = json.loads(response.body)

@@ -1,8 +1,11 @@
 """Shared plumbing of the OpenAI endpoints: parse the body with vLLM's protocol models,
 route it through the host, hand it to vLLM's serving object, and shape the answer.
 
-The body is parsed as JSON whatever the Content-Type says (`curl -d` sends form
-encoding), so a quick curl works as it does against the OpenAI API.
+Only `application/json` bodies are read (415 otherwise, as vLLM's own server answers):
+a web page may send form-encoded or text/plain bodies to a server on localhost without
+asking first (no CORS preflight), JSON it may not. NaN and Infinity are not JSON and are
+refused. What one request may cost (`n`, output tokens, prompts or inputs per request)
+is checked on the parsed request, after vLLM's models have converted "64" and 64.0 to 64.
 """
 
 from __future__ import annotations
@@ -60,14 +63,28 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def check_json_content_type(raw_request: Request) -> None:
+    media_type = raw_request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise APIError(
+            415, "The request body must be JSON sent with 'Content-Type: application/json'.",
+            code="unsupported_media_type",
+        )
+
+
 async def read_json_object(raw_request: Request) -> dict[str, Any]:
-    """The body as a JSON object within the server's limits (size, nesting, n, max_tokens)."""
+    """The body as a JSON object within the server's limits (type, size, nesting)."""
     settings = raw_request.app.state.settings
+    check_json_content_type(raw_request)
     body = await read_body(raw_request, settings.max_request_body_bytes)
     if not body.strip():
         raise APIError(400, "The request body is empty; send a JSON object.")
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_not_json)
     except RecursionError:
         raise _too_deep(settings.max_json_depth) from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -76,7 +93,6 @@ async def read_json_object(raw_request: Request) -> dict[str, Any]:
         raise APIError(400, "The request body must be a JSON object.")
     if json_depth(payload) > settings.max_json_depth:
         raise _too_deep(settings.max_json_depth)
-    _check_ceilings(payload, settings)
     return payload
 
 
@@ -84,15 +100,44 @@ def _too_deep(limit: int) -> APIError:
     return APIError(400, f"The request body is nested deeper than {limit} levels.", code="request_too_deep")
 
 
-def _check_ceilings(payload: dict, settings) -> None:
-    """What one request may cost: the server's ceilings on `n` and on output tokens."""
-    n = payload.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > settings.max_n:
+# the fields that bound a request's output tokens, per endpoint; the first one is set to the
+# server's ceiling when the client sets none (vLLM would otherwise allow the whole context)
+OUTPUT_TOKEN_FIELDS = {
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "completion": ("max_tokens",),
+    "responses": ("max_output_tokens",),
+}
+
+
+def check_ceilings(request: Any, endpoint: Endpoint, settings) -> None:
+    """What one request may cost, on the parsed request: `n`, output tokens (a default
+    ceiling where none is given: `max_output_tokens`, within the context), and prompts
+    or inputs per request (each is a sequence the engine runs)."""
+    values = vars(request)  # the parsed fields (a deprecated field's getter would warn)
+    n = values.get("n")
+    if isinstance(n, int) and n > settings.max_n:
         raise APIError(400, f"n must be at most {settings.max_n} on this server.", param="n")
-    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = payload.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value > settings.max_output_tokens:
+    fields = OUTPUT_TOKEN_FIELDS.get(endpoint, ())
+    for field in fields:
+        value = values.get(field)
+        if isinstance(value, int) and value > settings.max_output_tokens:
             raise APIError(400, f"{field} must be at most {settings.max_output_tokens} on this server.", param=field)
+    if fields and all(values.get(field) is None for field in fields):
+        setattr(request, fields[0], min(settings.max_output_tokens, settings.max_model_len))
+    param = {"completion": "prompt", "classify": "input"}.get(endpoint)
+    count = _sequences(values.get(param)) if param else 1
+    if count > settings.max_inputs_per_request:
+        raise APIError(
+            400, f"'{param}' holds {count} items; at most {settings.max_inputs_per_request} per request on this server.",
+            param=param,
+        )
+
+
+def _sequences(value: Any) -> int:
+    """Prompts or inputs in a request's field: one text or token list, or a list of them."""
+    if isinstance(value, list) and value and isinstance(value[0], (str, list, dict)):
+        return len(value)
+    return 1
 
 
 async def parse_request(raw_request: Request, model_cls: type[BaseModel]) -> BaseModel:
@@ -120,7 +165,8 @@ def validate(payload: dict, validator) -> Any:
 async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Target:
     """Resolve the model through the host and point the request at vLLM's name for it.
     A tenant's key must allow the model (else the answer is exactly an unknown model's,
-    given before the host looks at it) and be within its limits."""
+    given before the host looks at it) and be within its limits (checked before the host
+    resolves: a throttled key makes the server validate, copy or swap nothing)."""
     key = getattr(raw_request.state, "key", None)
     host = raw_request.app.state.host
     if key is not None and isinstance(request.model, str):
@@ -129,12 +175,11 @@ async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Targe
             raw_request.state.rejection = "model_not_allowed"
             log.info("tenant %s (key %s): model %r not allowed, answered as unknown", key.tenant, key.id, request.model)
             raise model_not_found(request.model)
+        admit(raw_request, key)  # before the host does any work for it (discovery, a swap)
     target = await host.resolve(request.model, endpoint)
     if key is not None and not key.may_use(target.model, host.base_name):
         raw_request.state.rejection = "model_not_allowed"
         raise model_not_found(request.model)
-    if key is not None:
-        admit(raw_request, key)
     request.model = target.vllm_model
     raw_request.state.target = target  # for metrics and logs
     return target
@@ -169,6 +214,7 @@ async def serve_generation(raw_request: Request, endpoint: Endpoint) -> JSONResp
     """/v1/chat/completions, /v1/completions and /v1/responses: vLLM's request model and
     handler for the endpoint."""
     request = await parse_request(raw_request, generation_request_class(endpoint))
+    check_ceilings(request, endpoint, raw_request.app.state.settings)
     target = await route(raw_request, request, endpoint)
     return answer(await generate_with_vllm(target, endpoint, request, raw_request))
 

@@ -94,7 +94,7 @@ class DedicatedHost:
         self.lora_rank = settings.fixed_lora_rank or 16
         self.weights_path = models[0].path
         self._tasks = [HostedTask(m.name, m.kind, "full_model", _folder_bytes(m.path), _merged_adapter_elements(m.path)) for m in models]
-        self.base_name = models[0].name
+        self.base_name = None  # no base model: a key's `base: true` grants none of these models
         self.resident: OrderedDict[str, Engine] = OrderedDict()  # least recently used first
         self.starting: dict[str, asyncio.Task] = {}
         self.down: dict[str, str] = {}  # model -> why its engine is down

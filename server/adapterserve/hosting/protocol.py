@@ -150,7 +150,7 @@ class Host(Protocol):
     metrics' one); the host calls the observer, nobody patches the host."""
 
     mode: str  # "shared" or "dedicated"
-    base_name: str
+    base_name: str | None  # None in the dedicated mode: every hosted model is a task, none is "the base"
     settings: Settings
     created: int  # when the host was made (the `created` of /v1/models)
     registry: Registry | None  # the adapter registry (shared mode), None in dedicated mode
@@ -195,9 +195,11 @@ class Host(Protocol):
         ...
 
 
-def requested_name(model: str, base_name: str) -> str:
+def requested_name(model: str, base_name: str | None) -> str:
     """The name a client's `model` means: `<base>:<adapter>` (the form some clients send)
-    is the adapter, anything else is itself."""
+    is the adapter, anything else is itself (always, where there is no base)."""
+    if base_name is None:
+        return model
     prefix = f"{base_name}:"
     return model[len(prefix):] if model.startswith(prefix) and len(model) > len(prefix) else model
 

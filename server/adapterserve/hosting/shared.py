@@ -34,7 +34,7 @@ from pathlib import Path
 
 from adapterserve.config import Settings, fitted_lora_rank
 from adapterserve.errors import APIError, engine_unavailable, model_not_found
-from adapterserve.registry.records import AdapterInvalid, AdapterRecord, is_safe_name
+from adapterserve.registry.records import AdapterInvalid, AdapterRecord, is_safe_name, printable
 from adapterserve.registry.store import Registry
 
 from . import discovery, lora_table
@@ -131,7 +131,7 @@ class SharedBaseHost:
     def _refuse(self, record: AdapterRecord, reason: str) -> None:
         self.registry.remove(record.name)
         self.registry.problems.append(_problem(record, reason))
-        log.warning("adapter %r refused by the engine: %s", record.name, reason)
+        log.warning("adapter %r refused by the engine: %s", record.name, printable(reason))
 
     async def stop(self) -> None:
         for task in (self._watcher, self._scanner, *self._freeing):

@@ -21,7 +21,10 @@ class Ingress:
         def host_factory(settings, observer):
             return ReplicaSetHost(settings, self.replicas, observer, adapter_affinity=self.adapter_affinity)
 
-        return create_app(self.settings, host_factory=host_factory)
+        settings = self.settings
+        if settings.allowed_hosts is None:  # Ray's proxy listens where its config says, not on settings.host
+            settings = settings.model_copy(update={"allowed_hosts": ["*"]})
+        return create_app(settings, host_factory=host_factory)
 
 
 def deployment() -> type:

@@ -16,6 +16,14 @@ AdapterKind = Literal["lora", "head"]
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def printable(text: object, limit: int = 500) -> str:
+    """Text an adapter folder supplied (names of tensors, modules, files), fit for one log
+    line: control characters escaped (a newline cannot forge another line), length capped."""
+    text = str(text)
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[:limit])
+    return shown + (f"... ({len(text)} characters)" if len(text) > limit else "")
+
+
 def is_safe_name(name: object) -> bool:
     return isinstance(name, str) and SAFE_NAME.fullmatch(name) is not None
 

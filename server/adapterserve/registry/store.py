@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .records import AdapterInvalid, AdapterRecord, BaseModelInfo
+from .records import AdapterInvalid, AdapterRecord, BaseModelInfo, printable
 from .snapshots import SnapshotStore
 from .validation import Limits, validate_adapter
 
@@ -62,10 +62,10 @@ class Registry:
             for folder in folders:
                 self._admit(folder, store)
         for problem in self.problems:
-            log.warning("adapter %r refused: %s", problem.name, problem.reason)
+            log.warning("adapter %r refused: %s", problem.name, printable(problem.reason))
         for record in self.adapters.values():
             for warning in record.warnings:
-                log.warning("adapter '%s': %s", record.name, warning)
+                log.warning("adapter %r: %s", record.name, printable(warning))
 
     def _admit(self, folder: Path, store: Path) -> AdapterRecord | None:
         name = folder.name

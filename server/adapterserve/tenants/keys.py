@@ -17,6 +17,7 @@ a key added or revoked takes effect on the next request, without a restart.
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import hashlib
 import hmac
@@ -24,6 +25,7 @@ import logging
 import os
 import secrets
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -55,8 +57,9 @@ class KeyEntry(BaseModel):
     scopes: list[Scope] = Field(default_factory=lambda: ["inference"])
     limits: KeyLimits = Field(default_factory=KeyLimits)
 
-    def may_use(self, model: str, base_name: str) -> bool:
-        if model == base_name:
+    def may_use(self, model: str, base_name: str | None) -> bool:
+        """Whether the key may use `model`; `base_name` is None where no model is the base."""
+        if base_name is not None and model == base_name:
             return self.base
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
@@ -94,6 +97,22 @@ def write(path: Path, keys: KeysFile) -> None:
     os.replace(temporary, path)
 
 
+@contextmanager
+def changing(path: Path):
+    """Hold the keys file's lock while it is read, changed and written: `keys add` and
+    `keys revoke` run at the same time by two people, or by a script, neither lose a key nor
+    bring a revoked one back. The lock is a file beside it (`.<name>.lock`), locked with
+    flock: released by the system when the holder exits, however it exits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
 def add(path: Path, tenant: str, models: list[str], base: bool, scopes: list[str], limits: KeyLimits) -> tuple[KeyEntry, str]:
     """A new key in the file; returns it and its secret (shown once, stored only hashed)."""
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
@@ -101,18 +120,20 @@ def add(path: Path, tenant: str, models: list[str], base: bool, scopes: list[str
         id=f"key-{secrets.token_hex(4)}", tenant=tenant, sha256=hash_secret(secret),
         models=models, base=base, scopes=scopes, limits=limits,
     )
-    keys = read(path)
-    keys.keys.append(entry)
-    write(path, keys)
+    with changing(path):
+        keys = read(path)
+        keys.keys.append(entry)
+        write(path, keys)
     return entry, secret
 
 
 def revoke(path: Path, key_id: str | None = None, tenant: str | None = None) -> list[KeyEntry]:
     """Remove the key with this id, or every key of this tenant; returns what was removed."""
-    keys = read(path)
-    removed = [k for k in keys.keys if k.id == key_id or (tenant is not None and k.tenant == tenant)]
-    keys.keys = [k for k in keys.keys if k not in removed]
-    write(path, keys)
+    with changing(path):
+        keys = read(path)
+        removed = [k for k in keys.keys if k.id == key_id or (tenant is not None and k.tenant == tenant)]
+        keys.keys = [k for k in keys.keys if k not in removed]
+        write(path, keys)
     return removed
 
 
