@@ -3,7 +3,8 @@
 Every operation of /openapi.json becomes a strategy of (method, path, body): path
 parameters from hostile text, bodies built from the operation's request schema with
 each property either a value of its declared type or any JSON value (wrong types, null,
-deep nesting, huge numbers, NUL bytes), plus bodies that are not JSON at all. Values
+deep nesting, huge numbers, NUL bytes), plus bodies that are not JSON at all, mostly sent
+as application/json (the only type the server reads) and sometimes as another type. Values
 that would make a real engine generate for long (`max_tokens`, `n`) are drawn small when
 `cheap` is set, so a fuzz run against the real engine stays short.
 """
@@ -84,8 +85,11 @@ def _object(schema: dict, components: dict, depth: int, overrides: dict | None =
     return st.fixed_dictionaries(required, optional=optional)
 
 
+CONTENT_TYPES = st.sampled_from(["application/json"] * 6 + ["application/json; charset=utf-8", "text/plain", ""])
+
+
 def requests(openapi: dict, models: list[str], cheap: bool = False) -> st.SearchStrategy:
-    """(method, path, content bytes or None) for every operation of the document."""
+    """(method, path, content bytes or None, headers) for every operation of the document."""
     components = openapi.get("components", {}).get("schemas", {})
     overrides = {
         "model": st.sampled_from(models) | TEXT,
@@ -95,7 +99,8 @@ def requests(openapi: dict, models: list[str], cheap: bool = False) -> st.Search
             max_size=3,
         ) | JSON,
         "prompt": TEXT | st.lists(st.integers(-5, 60_000), max_size=5) | JSON,
-        "input": TEXT | st.lists(TEXT, max_size=3) | JSON,
+        "input": TEXT | st.lists(TEXT, max_size=3) | st.lists(st.integers(-5, 60_000), max_size=5) | JSON,
+        "truncate_prompt_tokens": st.integers(-2, 10) | st.integers(-(2**40), 2**40),
     }
     if cheap:
         overrides |= {"max_tokens": st.integers(-2, 4), "max_completion_tokens": st.integers(-2, 4), "n": st.integers(-1, 2),
@@ -115,7 +120,8 @@ def requests(openapi: dict, models: list[str], cheap: bool = False) -> st.Search
                 JSON.map(_dumps),
                 st.binary(max_size=64),
             )
-        return st.tuples(st.just(op.method), path, content)
+        headers = CONTENT_TYPES.map(lambda media_type: {"content-type": media_type} if media_type else {})
+        return st.tuples(st.just(op.method), path, content, headers)
 
     return st.one_of(*(for_operation(op) for op in operations(openapi)))
 

@@ -38,8 +38,8 @@ def test_generated_requests_never_get_a_5xx(server, base_name):
         @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(fuzz.requests(openapi, models, cheap=True))
         def one(request):
-            method, path, content = request
-            response = http.request(method, path, content=content)  # a dropped connection raises
+            method, path, content, headers = request
+            response = http.request(method, path, content=content, headers=headers)  # a dropped connection raises
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             check(response, (method, path, content[:300] if content else None))
 
@@ -47,6 +47,22 @@ def test_generated_requests_never_get_a_5xx(server, base_name):
     print("statuses:", dict(sorted(statuses.items())))
     assert statuses.get(200, 0) > 20
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_bodies_a_web_page_can_send_unasked_are_refused(server, base_name, content_type):
+    body = json.dumps({"model": base_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=60)
+    check(response, content_type)
+    assert response.status_code == 415
+
+
+def test_a_rebound_host_name_is_refused(server, base_name):
+    body = {"model": base_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"host": "attacker.example"}, timeout=60)
+    check(response, "host")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_host"
 
 
 def nested(depth: int):
@@ -72,17 +88,27 @@ HOSTILE = {
     "not utf-8": b"\xff\xfe\xfd",
     "input null": b'{"model": "sentiment", "input": null}',
     "input nested": b'{"model": "sentiment", "input": [["a"]]}',
+    # classification inputs vLLM's own server refuses with a 400
+    "input with an empty string": b'{"model": "sentiment", "input": ["fine", ""]}',
+    "input of 300 KB": b'{"model": "sentiment", "input": "' + b"word " * 60_000 + b'"}',
+    "truncate_prompt_tokens huge": b'{"model": "sentiment", "input": "fine", "truncate_prompt_tokens": 1000000000}',
+    "input tokens out of the vocabulary": b'{"model": "sentiment", "input": [5, 99999999]}',
+    "input tokens negative": b'{"model": "sentiment", "input": [5, -3]}',
+    "inputs 200": json.dumps({"model": "sentiment", "input": ["fine"] * 200}).encode(),
+    # the ceilings, in the forms vLLM's models convert
+    "n as a string": b'{"model": "pirate", "messages": [{"role": "user", "content": "hi"}], "n": "64", "temperature": 1}',
+    "max_tokens as a float": b'{"model": "pirate", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e9}',
+    "prompts 200": json.dumps({"model": "pirate", "prompt": ["hi"] * 200, "max_tokens": 1}).encode(),
 }
-
-
+PATHS = {"prompts 200": "/v1/completions"}
 # Odd but valid requests: they may be served; the others must be refused with a 4xx.
 MAY_BE_SERVED = {"NUL content", "logit_bias hostile"}
 
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hand_written_hostile_bodies(server, name):
-    path = "/v1/classify" if b"sentiment" in HOSTILE[name] else "/v1/chat/completions"
-    response = httpx.post(f"{server.url}{path}", content=HOSTILE[name], timeout=120)
+    path = PATHS.get(name) or ("/v1/classify" if b"sentiment" in HOSTILE[name] else "/v1/chat/completions")
+    response = httpx.post(f"{server.url}{path}", content=HOSTILE[name], headers={"content-type": "application/json"}, timeout=120)
     check(response, name)
     if name not in MAY_BE_SERVED:
         assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])

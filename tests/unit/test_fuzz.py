@@ -22,8 +22,8 @@ def test_generated_requests_never_get_a_5xx(client):
     @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(fuzz.requests(openapi, ["alpha", "beta", "tiny-base", "tiny-base:alpha"]))
     def one(request):
-        method, path, content = request
-        response = client.request(method, path, content=content, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        method, path, content, headers = request
+        response = client.request(method, path, content=content, headers={**headers, "authorization": f"Bearer {ADMIN_KEY}"})
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         assert response.status_code < 500, (method, path, content[:300] if content else None, response.text[:500])
         if response.status_code >= 400:
