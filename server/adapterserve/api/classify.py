@@ -38,11 +38,13 @@ async def create_classification(raw_request: Request):
     request = validate(payload, TypeAdapter(ClassificationRequest).validate_python)
     check_ceilings(request, "classify", raw_request.app.state.settings)
     target = await route(raw_request, request, "classify")
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
     response = await call_vllm(target.engine.serving("classify")(request, raw_request), raw_request, target)
+    if isinstance(response, ErrorResponse):  # vLLM's handler raised: its status and message (a bad input is a 400)
+        raise from_vllm_error(response)
     body = json.loads(response.body)
     if response.status_code != 200 or "error" in body:
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
         if response.status_code >= 500 and not target.engine.running:
             raise engine_unavailable(target.engine.name)
         raise from_vllm_error(ErrorResponse.model_validate(body))

@@ -173,6 +173,8 @@ class EngineReplica:
             await self._lease_for(target)
             request.model = target.vllm_model
             response = await call_vllm(target.engine.serving("classify")(request, raw), raw, target)
+            if not hasattr(response, "body"):  # vLLM's handler raised: its ErrorResponse (a bad input is a 400)
+                raise from_vllm_error(response)
             return response.status_code, bytes(response.body), _usage(sink)
 
         return await wire.replying(run())
