@@ -12,7 +12,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-QUESTION = "What is the capital of Italy?"
+# a question whose greedy answer holds in every dtype and mode (test_openai_api.py says why)
+QUESTION = "Name the capital of France."
 WEATHER = {
     "name": "get_weather",
     "description": "The weather in a city.",
@@ -30,7 +31,7 @@ def respond(client, model, **extra):
 
 def test_the_responses_api_answers_with_the_adapter(client, base_name):
     base, pirate = respond(client, base_name), respond(client, "pirate")
-    assert "Rome" in base.output_text
+    assert "Paris" in base.output_text
     assert pirate.output_text != base.output_text
     assert "Arr" in pirate.output_text  # the demo pirate adapter's voice
     assert pirate.model == "pirate" and pirate.status == "completed"
