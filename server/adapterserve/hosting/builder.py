@@ -27,6 +27,7 @@ def build_host(settings: Settings, observer: HostObserver | None = None) -> Host
     # (vLLM passes no per-engine setting to its plugins).
     os.environ[ENV_SWITCH] = "1" if settings.grouped_lora_ops else "0"
     os.environ[native.ENV_SWITCH] = "1" if settings.cpu_lora_kernel else "0"
+    os.environ[native.ENV_DIR] = str(settings.cache_dir / "kernels")  # built and loaded only there
     apply_reserved_cpus(settings.engine_reserved_cpus)
     if settings.mode.value == "dedicated" and settings.dedicated_models:
         from .dedicated import DedicatedHost, discover_models

@@ -11,6 +11,12 @@ PyTorch has loaded; one thread where loading it brought another runtime).
 Where it cannot be built or loaded (no compiler, another architecture), `load_kernel`
 returns None, says why in the log, and the fused path keeps to its PyTorch forms.
 
+Native code is loaded only from a directory the server owns: `<cache dir>/kernels` (the
+server passes its --cache-dir in ADAPTERSERVE_KERNEL_DIR), created with mode 0700 and
+checked to belong to this process's user, and a library only when it is a regular file of
+that user that nobody else may write, checked again after it is built: a directory or a
+file another user made first (the names are predictable) is never loaded.
+
 The compiled graph's op (`lora_op.cpp`, the kernel included) is built the same way, against
 PyTorch's headers and libraries (~6 s): `load_op_state` loads it, which registers the op,
 and returns the handle that sets the op's state; None where it cannot be built, and then
@@ -25,6 +31,7 @@ import hashlib
 import logging
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -43,6 +50,8 @@ OP_SOURCE = Path(__file__).with_name("lora_op.cpp")
 ENV_OP_SWITCH = "ADAPTERSERVE_LORA_OP"
 # 0: never use the kernel (the PyTorch forms only); set from the `cpu_lora_kernel` setting
 ENV_SWITCH = "ADAPTERSERVE_LORA_KERNEL"
+# where the kernel and op are built (the server's cache dir; unset: the default cache dir)
+ENV_DIR = "ADAPTERSERVE_KERNEL_DIR"
 # the kernel's OpenMP threads; unset or 0: as many as PyTorch runs (1: how it ran before
 # it was threaded, for the bench's `kernel1` variant)
 ENV_THREADS = "ADAPTERSERVE_LORA_KERNEL_THREADS"
@@ -62,7 +71,34 @@ _ARGUMENTS = [
 
 
 def kernel_dir() -> Path:
-    return default_cache_dir() / "kernels"
+    return Path(os.environ.get(ENV_DIR) or default_cache_dir() / "kernels")
+
+
+class UntrustedNativeCode(RuntimeError):
+    """A build directory or library this process's user does not own alone."""
+
+
+def owned_directory(path: Path) -> Path:
+    """`path`, created with mode 0700 if missing, refused unless it is a real directory of
+    this process's user; write access for others is taken away (it is ours)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise UntrustedNativeCode(f"{path} is not a directory (a link?)")
+    if info.st_uid != os.geteuid():
+        raise UntrustedNativeCode(f"{path} belongs to uid {info.st_uid}, not to this server's {os.geteuid()}")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def is_trusted_library(path: Path) -> bool:
+    """A regular file (not a link) of this process's user that no one else may write."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
 
 
 def enabled_by_env(switch: str = ENV_SWITCH) -> bool:
@@ -106,16 +142,21 @@ def _built(name: str, sources: list[Path], arguments: list[str], extra: str = ""
         "\n".join([*(source.read_text() for source in sources), _compiler_version(), " ".join(arguments),
                    platform.machine(), cpu_identity(), extra]).encode()
     ).hexdigest()[:16]
-    target = kernel_dir() / f"{name}-{key}.so"
-    if target.exists():
+    target = owned_directory(kernel_dir()) / f"{name}-{key}.so"
+    if is_trusted_library(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(target):  # not ours alone: never loaded, built again in its place
+        log.warning("CPU LoRA native code: %s is not a file of this user alone; building it again", target)
+        os.unlink(target)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         done = subprocess.run([COMPILER, *arguments, "-o", str(built)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{COMPILER} failed: {done.stderr.strip()[-2000:]}")
+        os.chmod(built, 0o700)
         os.replace(built, target)  # atomic: a concurrent build of the same key writes the same bytes
+    if not is_trusted_library(target):  # checked again: what is loaded is what was checked
+        raise UntrustedNativeCode(f"{target} changed hands after it was built")
     return target
 
 
