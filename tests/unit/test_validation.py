@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from adapterserve.registry.store import Registry
 from adapterserve.registry.validation import Limits
 from tests.adapter_factory import build_broken_corpus, write_lora
@@ -72,3 +74,50 @@ def test_a_refusal_naming_a_hostile_tensor_is_one_log_line(tmp_path, tiny_base, 
     assert "forger" not in registry.adapters
     (line,) = [r.getMessage() for r in caplog.records if "forger" in r.getMessage()]
     assert "\n" not in line and "\r" not in line and "\\n" in line, line
+
+
+def _version(folder, tiny_base, seed):
+    from tests.adapter_factory import write_lora
+
+    write_lora(folder, tiny_base, rank=4, seed=seed)
+
+
+def test_snapshots_no_version_uses_are_collected(tmp_path, tiny_base):
+    from adapterserve.registry.snapshots import SnapshotStore
+    from adapterserve.registry.validation import validate_adapter
+
+    store, snapshots = tmp_path / "store", SnapshotStore(tmp_path / "snapshots")
+    paths = []
+    for seed in range(5):  # a folder rewritten before each scan
+        _version(store / "churn", tiny_base, seed)
+        paths.append(validate_adapter(store / "churn", store, tiny_base, Limits(max_lora_rank=16), snapshots).path)
+    assert len(set(paths)) == 5
+    assert snapshots.collect({paths[-1]}, grace_s=3600) == []  # all within their grace
+    assert len(snapshots.collect({paths[-1]}, grace_s=0)) == 4
+    assert [p.name for p in (tmp_path / "snapshots").iterdir()] == [paths[-1].name]
+
+
+def test_a_damaged_snapshot_is_not_reused(tmp_path, tiny_base):
+    from adapterserve.registry.snapshots import SnapshotStore
+    from adapterserve.registry.validation import validate_adapter
+
+    store, snapshots = tmp_path / "store", SnapshotStore(tmp_path / "snapshots")
+    _version(store / "a", tiny_base, 1)
+    first = validate_adapter(store / "a", store, tiny_base, Limits(max_lora_rank=16), snapshots).path
+    weights = first / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # changed under its address
+    again = validate_adapter(store / "a", store, tiny_base, Limits(max_lora_rank=16), snapshots).path
+    assert again == first and weights.read_bytes() == (store / "a" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_link_swapped_in_after_the_check_reads_nothing_outside(tmp_path, tiny_base):
+    from adapterserve.registry.snapshots import SnapshotError, SnapshotStore
+
+    store, outside = tmp_path / "store", tmp_path / "secret.json"
+    _version(store / "a", tiny_base, 1)
+    outside.write_text('{"peft_type": "LORA", "secret": 1}')
+    config = store / "a" / "adapter_config.json"
+    config.unlink()
+    config.symlink_to(outside)  # what a neighbour does between validation and copy
+    with pytest.raises(SnapshotError, match="outside the adapter store"):
+        SnapshotStore(tmp_path / "snapshots").stage(store / "a", {"adapter_config.json": 10_000}, inside=store)

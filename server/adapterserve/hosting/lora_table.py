@@ -82,6 +82,11 @@ async def pin(engine, request) -> None:
     await pin_lora(engine.client, request.lora_int_id)
 
 
+def snapshot_paths(engine) -> set[str]:
+    """The folders of every version the engine serves under a name."""
+    return {str(request.lora_path) for request in list(_models(engine).lora_requests.values())}
+
+
 def current(engine, name: str):
     """The version serving `name` now, or None."""
     return _models(engine).lora_requests.get(name)

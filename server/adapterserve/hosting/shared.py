@@ -431,7 +431,17 @@ class SharedBaseHost:
             self._signatures.pop(name)
             self.unloaded.discard(name)
             self.registry.problems = [p for p in self.registry.problems if p.name != name]
+        await self._collect_snapshots()
         return changes
+
+    async def _collect_snapshots(self) -> None:
+        """Remove the snapshots no registered or served version uses (after their grace)."""
+        if self.registry.snapshots is None:
+            return
+        keep = {Path(r.path) for r in self.registry.adapters.values()}
+        for engine in self.engines():
+            keep |= {Path(p) for p in lora_table.snapshot_paths(engine)}
+        await asyncio.to_thread(self.registry.snapshots.collect, keep)
 
     def _published(self, name: str) -> bool:
         return any(lora_table.is_published(e, name) for e in self.engines())

@@ -9,15 +9,27 @@ takes effect through a reload (validated again, last good version kept on refusa
 
 Copies, not hard links: a hard link shares the inode, so an in-place write to the store's
 file would change the snapshot too. Adapters are megabytes; the copy costs milliseconds.
+
+A file is copied from where it resolves at the moment of the copy, which must lie inside
+the store, and opened without following links: a link swapped in after the validation's
+check reads nothing outside. A snapshot found under its address is read again before it is
+reused (a damaged one is replaced). Snapshots no registered version refers to are removed
+by `collect` after a grace period (a version being drained may still be loaded from its
+snapshot), so rewriting a store folder over and over does not fill the disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
+import stat
 import tempfile
+import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 
@@ -30,34 +42,39 @@ class SnapshotStore:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def stage(self, folder: Path, limits: dict[str, int]) -> Path:
+    def stage(self, folder: Path, limits: dict[str, int], inside: Path | None = None) -> Path:
         """Copy each of the named files that exists in `folder` (name -> most bytes) into a
-        new staging folder; files that are symlinks are followed only inside `folder`'s
-        checks, made by the caller before."""
+        new staging folder: from where it resolves now, which must lie inside `inside` (the
+        store; default: the folder), and never through a link."""
         self.root.mkdir(parents=True, exist_ok=True)
+        root = Path(os.path.realpath(inside or folder))
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         try:
             for name, most in limits.items():
                 source = folder / name
-                if source.is_file():
-                    _bounded_copy(source, staging / name, most)
+                if not os.path.lexists(source):
+                    continue
+                resolved = Path(os.path.realpath(source))
+                if not resolved.is_relative_to(root):
+                    raise SnapshotError(f"{name} resolves outside the adapter store")
+                _bounded_copy(resolved, staging / name, most)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return staging
 
     def commit(self, staging: Path) -> Path:
-        """The staged folder under its content address (an identical snapshot is reused)."""
-        digest = hashlib.sha256()
-        for file in sorted(staging.iterdir()):
-            digest.update(file.name.encode() + b"\0")
-            with file.open("rb") as handle:
-                while chunk := handle.read(CHUNK):
-                    digest.update(chunk)
-        target = self.root / digest.hexdigest()[:32]
+        """The staged folder under its content address (an identical snapshot is reused once
+        it has been read again and still holds that content; else it is replaced)."""
+        address = _address(staging)
+        target = self.root / address
         if target.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
-            return target
+            if _address(target) == address:
+                shutil.rmtree(staging, ignore_errors=True)
+                os.utime(target)  # in use again: not collected before its grace period
+                return target
+            log.warning("snapshot %s no longer holds its content; replacing it", target.name)
+            shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(staging, target)
         except OSError:  # made meanwhile by another registration of the same content
@@ -68,11 +85,52 @@ class SnapshotStore:
     def discard(staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
+    def collect(self, keep: set[Path], grace_s: float = 600.0) -> list[str]:
+        """Remove the snapshots (and abandoned staging folders) not in `keep` and untouched
+        for `grace_s`; the names removed."""
+        if not self.root.is_dir():
+            return []
+        kept = {Path(p).name for p in keep}
+        removed = []
+        for entry in self.root.iterdir():
+            try:
+                idle = time.time() - entry.lstat().st_mtime
+            except OSError:
+                continue
+            if entry.name in kept or idle < grace_s:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+        if removed:
+            log.info("snapshots: removed %d that no adapter version uses", len(removed))
+        return removed
+
+
+def _address(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()[:32]
+
 
 def _bounded_copy(source: Path, target: Path, most: int) -> None:
-    """Copy at most `most` bytes; a longer file is refused, whatever its size said before."""
+    """Copy at most `most` bytes of a regular file, opened without following a link; a
+    longer file is refused, whatever its size said before."""
+    try:
+        descriptor = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise SnapshotError(f"{source.name} cannot be opened ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise SnapshotError(f"{source.name} is not a regular file")
     copied = 0
-    with source.open("rb") as reader, target.open("wb") as writer:
+    with os.fdopen(descriptor, "rb") as reader, target.open("wb") as writer:
         while chunk := reader.read(CHUNK):
             copied += len(chunk)
             if copied > most:

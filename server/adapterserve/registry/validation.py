@@ -67,7 +67,7 @@ def validate_adapter(
             raise AdapterInvalid(name, "not a folder")
         if snapshots is None:
             return _validate_contents(folder, folder, base, limits, name)
-        staging = _stage(snapshots, folder, limits, name)
+        staging = _stage(snapshots, folder, store, limits, name)
         try:
             record = _validate_contents(staging, folder, base, limits, name)
         except BaseException:
@@ -102,12 +102,13 @@ def check_inside_store(folder: Path, store: Path, name: str) -> None:
             raise AdapterInvalid(name, f"'{entry.name}' resolves outside the adapter store")
 
 
-def _stage(snapshots: SnapshotStore, folder: Path, limits: Limits, name: str) -> Path:
+def _stage(snapshots: SnapshotStore, folder: Path, store: Path, limits: Limits, name: str) -> Path:
     _check_weights_present(folder, name)
     try:
         return snapshots.stage(
             folder,
             {CONFIG_FILE: MAX_CONFIG_BYTES, WEIGHTS_FILE: limits.max_adapter_bytes, LABELS_FILE: MAX_LABELS_BYTES},
+            inside=store,
         )
     except SnapshotError as exc:
         raise AdapterInvalid(name, str(exc)) from None
