@@ -245,3 +245,31 @@ def test_a_throttled_key_makes_the_host_do_no_work(settings, registry, store, ti
         write_lora(store / "newcomer", tiny_base, rank=4, seed=9)  # discoverable on request
         assert_error(client.post(CHAT, json={"model": "newcomer", "messages": MESSAGES}, headers=auth), 429, code="rate_limit_exceeded")
         assert "newcomer" not in registry.adapters  # not validated, not copied, not registered
+
+
+def test_a_tenants_admin_key_administers_its_own_models_only(settings, registry, tiny_base, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from adapterserve.app import create_app
+    from adapterserve.hosting.shared import SharedBaseHost
+    from adapterserve.tenants.keys import KeyLimits, add
+    from tests.fakes import FakeEngine
+
+    keys = tmp_path / "keys.yaml"
+    _, secret = add(keys, "team-a", ["alpha"], True, ["inference", "admin"], KeyLimits())
+    settings = settings.model_copy(update={"keys_file": keys})
+    app = create_app(settings, host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
+    tenant, admin = {"authorization": f"Bearer {secret}"}, {"authorization": f"Bearer {ADMIN_KEY}"}
+    with TestClient(app, base_url=LOCAL) as client:
+        listed = client.get("/admin/adapters", headers=tenant).json()
+        assert [a["name"] for a in listed["adapters"]] == ["alpha"] and listed["stores"] == []
+        assert {r["name"] for r in listed["refused"]} <= {"alpha"}
+        for path in ("/admin/adapters/beta/unload", "/admin/adapters/beta/reload", "/admin/adapters/beta/pin"):
+            assert_error(client.post(path, headers=tenant), 404, code="adapter_not_found")  # as if it did not exist
+        assert_error(client.post("/v1/unload_lora_adapter", json={"lora_name": "beta"}, headers=tenant), 404, code="adapter_not_found")
+        assert client.post(CHAT, json={"model": "beta", "messages": MESSAGES}, headers=admin).status_code == 200  # untouched
+        assert client.post("/admin/adapters/alpha/unload", headers=tenant).status_code == 200
+        assert_error(client.post("/admin/adapters/scan", headers=tenant), 403, code="insufficient_scope")
+        assert_error(client.get("/admin/engines", headers=tenant), 403, code="insufficient_scope")
+        assert {a["name"] for a in client.get("/admin/adapters", headers=admin).json()["adapters"]} >= {"beta"}
+        assert client.post("/admin/adapters/scan", headers=admin).status_code == 200

@@ -31,12 +31,26 @@ def _record_json(record) -> dict:
     return data
 
 
-def _check_name(name: object) -> str:
+def _check_name(name: object, raw_request: Request | None = None) -> str:
+    """A valid adapter name the caller may administer: a tenant's admin key administers
+    the models its key may use, and any other name is answered as one that does not exist."""
     if not isinstance(name, str) or not name:
         raise APIError(400, "'lora_name' must be provided.", param="lora_name")
     if not is_safe_name(name):
         raise APIError(400, f"{name!r} is not a valid adapter name.", param="lora_name")
+    if raw_request is not None and not _may_administer(raw_request, name):
+        raise APIError(404, f"The adapter `{name}` is not loaded.", param="lora_name", code="adapter_not_found")
     return name
+
+
+def _may_administer(raw_request: Request, name: str) -> bool:
+    tenant = getattr(raw_request.state, "admin_tenant", None)
+    return tenant is None or tenant.may_use(name, raw_request.app.state.host.base_name)
+
+
+def _require_global_admin(raw_request: Request) -> None:
+    if getattr(raw_request.state, "admin_tenant", None) is not None:
+        raise APIError(403, "This operation touches every tenant's adapters: it needs the server's admin key.", code="insufficient_scope")
 
 
 def _check_path(raw_request: Request, name: str, lora_path: object) -> None:
@@ -92,6 +106,7 @@ def engine_reports(host, metrics) -> list[dict]:
 async def list_engines(raw_request: Request):
     """Each running engine with its processes (for operators and for failure tests); on Ray
     Serve, every replica's engines, each with its replica."""
+    _require_global_admin(raw_request)  # processes and every tenant's adapter ids
     host = raw_request.app.state.host
     remote = getattr(host, "engine_reports", None)
     engines = await remote() if remote is not None else engine_reports(host, raw_request.app.state.metrics)
@@ -102,46 +117,52 @@ async def list_engines(raw_request: Request):
 async def list_adapters(raw_request: Request):
     registry = _registry(raw_request)
     pinned = getattr(raw_request.app.state.host, "pinned", set())
+    records = [r for r in sorted(registry.adapters.values(), key=lambda r: r.name) if _may_administer(raw_request, r.name)]
+    global_admin = getattr(raw_request.state, "admin_tenant", None) is None
     return {
-        "adapters": [{**_record_json(r), "pinned": r.name in pinned} for r in sorted(registry.adapters.values(), key=lambda r: r.name)],
-        "refused": [{"name": p.name, "path": str(p.path), "reason": p.reason} for p in registry.problems],
-        "stores": [str(s) for s in registry.stores],
+        "adapters": [{**_record_json(r), "pinned": r.name in pinned} for r in records],
+        "refused": [
+            {"name": p.name, "path": str(p.path), "reason": p.reason} for p in registry.problems
+            if _may_administer(raw_request, p.name)
+        ],
+        "stores": [str(s) for s in registry.stores] if global_admin else [],
     }
 
 
 @router.post("/admin/adapters/{name}/load")
 async def load(name: str, raw_request: Request):
-    record = await raw_request.app.state.host.load_adapter(_check_name(name))
+    record = await raw_request.app.state.host.load_adapter(_check_name(name, raw_request))
     return {"status": "loaded", "adapter": _record_json(record)}
 
 
 @router.post("/admin/adapters/{name}/reload")
 async def reload(name: str, raw_request: Request):
-    record = await raw_request.app.state.host.reload_adapter(_check_name(name))
+    record = await raw_request.app.state.host.reload_adapter(_check_name(name, raw_request))
     return {"status": "reloaded", "adapter": _record_json(record)}
 
 
 @router.post("/admin/adapters/{name}/unload")
 async def unload(name: str, raw_request: Request):
-    await raw_request.app.state.host.unload_adapter(_check_name(name))
+    await raw_request.app.state.host.unload_adapter(_check_name(name, raw_request))
     return {"status": "unloaded", "name": name}
 
 
 @router.post("/admin/adapters/{name}/pin")
 async def pin(name: str, raw_request: Request):
-    record = await raw_request.app.state.host.pin_adapter(_check_name(name))
+    record = await raw_request.app.state.host.pin_adapter(_check_name(name, raw_request))
     return {"status": "pinned", "adapter": _record_json(record)}
 
 
 @router.post("/admin/adapters/{name}/unpin")
 async def unpin(name: str, raw_request: Request):
-    record = await raw_request.app.state.host.unpin_adapter(_check_name(name))
+    record = await raw_request.app.state.host.unpin_adapter(_check_name(name, raw_request))
     return {"status": "unpinned", "adapter": _record_json(record)}
 
 
 @router.post("/admin/adapters/scan")
 async def scan(raw_request: Request):
     """Scan the stores now (the server also does it every adapter_scan_interval_s)."""
+    _require_global_admin(raw_request)
     changes = await raw_request.app.state.host.rescan()
     return {"added": changes.added, "changed": changes.changed, "removed": changes.removed}
 
@@ -149,7 +170,7 @@ async def scan(raw_request: Request):
 @router.post("/v1/load_lora_adapter")
 async def vllm_load(raw_request: Request):
     body = await read_json_object(raw_request)
-    name = _check_name(body.get("lora_name"))
+    name = _check_name(body.get("lora_name"), raw_request)
     _check_path(raw_request, name, body.get("lora_path"))
     host = raw_request.app.state.host
     if body.get("load_inplace"):
@@ -162,6 +183,6 @@ async def vllm_load(raw_request: Request):
 @router.post("/v1/unload_lora_adapter")
 async def vllm_unload(raw_request: Request):
     body = await read_json_object(raw_request)
-    name = _check_name(body.get("lora_name"))
+    name = _check_name(body.get("lora_name"), raw_request)
     await raw_request.app.state.host.unload_adapter(name)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

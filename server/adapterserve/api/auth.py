@@ -52,9 +52,11 @@ async def require_api_key(request: Request) -> None:
 
 
 async def require_admin_key(request: Request) -> None:
-    """Admin endpoints: the admin key, or a tenant key with the admin scope; closed when
-    neither is configured."""
+    """Admin endpoints: the admin key (everything), or a tenant key with the admin scope
+    (kept on the request as `admin_tenant`: it administers its own models only); closed
+    when neither is configured."""
     settings, keys = request.app.state.settings, request.app.state.keys
+    request.state.admin_tenant = None
     if settings.admin_api_key is None and keys is None:
         raise APIError(403, "The admin API is disabled: start the server with an admin API key.", code="admin_disabled")
     if _is_admin_key(request):
@@ -64,3 +66,4 @@ async def require_admin_key(request: Request) -> None:
         raise APIError(401, "Incorrect or missing admin API key. Send 'Authorization: Bearer <admin key>'.", code="invalid_api_key")
     if "admin" not in key.scopes:
         raise APIError(403, "This API key has no admin scope.", code="insufficient_scope")
+    request.state.admin_tenant = key
