@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI
 
 from .api import admin, chat, classify, completions, health, models, responses
 from .api.tenancy import install_tenants
-from .api.auth import require_api_key
+from .api.auth import require_api_key, require_server_view
 from .api.errors import install_error_handlers
 from .api.hosts import AllowedHosts, default_allowed_hosts
 from .api.openapi import install_openapi
@@ -151,7 +151,7 @@ def create_app(settings: Settings, host_factory: HostFactory | None = None) -> F
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
     app.include_router(admin.router)
     app.include_router(health.router)
-    app.state.metrics.attach(app)
+    app.state.metrics.attach(app, guard=require_server_view)
     install_openapi(app)
     app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts or default_allowed_hosts(settings.host))
     return app

@@ -387,6 +387,7 @@ def keys_add(
     model: List[str] = typer.Option([], "--model", help="A model the key may use: a name or a glob pattern (repeatable)."),
     base: bool = typer.Option(True, "--base/--no-base", help="May the key use the base model itself."),
     admin: bool = typer.Option(False, "--admin", help="Give the key the admin scope too."),
+    metrics: bool = typer.Option(False, "--metrics", help="Give the key the metrics scope (/metrics, /health's details: every tenant's series; for Prometheus)."),
     no_inference: bool = typer.Option(False, "--no-inference", help="Admin only: no inference scope."),
     requests_per_minute: Optional[int] = typer.Option(None, min=1),
     tokens_per_minute: Optional[int] = typer.Option(None, min=1),
@@ -399,7 +400,7 @@ def keys_add(
 
     from .tenants.keys import KeyLimits, add
 
-    scopes = ([] if no_inference else ["inference"]) + (["admin"] if admin else [])
+    scopes = ([] if no_inference else ["inference"]) + (["admin"] if admin else []) + (["metrics"] if metrics else [])
     try:
         limits = KeyLimits(requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute, concurrent_requests=concurrent_requests)
         entry, secret = add(_keys_file(keys_file, config), tenant, list(model), base, scopes, limits)

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     keep_alive_timeout_s: float = Field(
         5.0, gt=0, description="Seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive).",
     )
+    metrics_api_key: SecretStr | None = Field(
+        None, description="Bearer key for /metrics and /health's details on a server with keys (for Prometheus); "
+        "the admin key, the API key of a single-key server and keys-file keys with the metrics scope work too. "
+        "A server without any key serves both openly.",
+    )
     admin_api_key: SecretStr | None = Field(
         None,
         description="Bearer key for the admin endpoints (load/unload/reload adapters). "

@@ -158,7 +158,8 @@ def test_a_tenant_over_its_limits_gets_429_while_another_is_served(tenants, base
     with pytest.raises(openai.RateLimitError):
         thrifty.chat.completions.create(model="pirate", messages=QUESTION, max_tokens=1)
 
-    metrics = httpx.get(f"{tenants.url}/metrics", timeout=30).text
+    assert httpx.get(f"{tenants.url}/metrics", headers={"authorization": f"Bearer {tenants.secrets['team-c']}"}, timeout=30).status_code == 401
+    metrics = httpx.get(f"{tenants.url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).text
     assert 'adapterserve_tenant_rejections_total{reason="requests_per_minute",tenant="limited"} 2.0' in metrics
     assert 'adapterserve_tenant_rejections_total{reason="tokens_per_minute",tenant="thrifty"} 1.0' in metrics
     assert 'adapterserve_tenant_tokens_total{kind="generation",tenant="thrifty"}' in metrics

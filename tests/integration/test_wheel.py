@@ -76,9 +76,12 @@ def test_the_installed_server_answers_chat_classification_metrics_and_health(ima
     assert classified.status_code == 200, classified.text
     assert [item["label"] for item in classified.json()["data"]] == ["positive", "negative"]
 
-    health = httpx.get(f"{image_server.url}/health", timeout=30)
+    with_key = {"authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{image_server.url}/health", timeout=30).json() == {"status": "ok", "mode": "shared"}  # a probe
+    health = httpx.get(f"{image_server.url}/health", headers=with_key, timeout=30)
     assert health.status_code == 200 and health.json()["engines"] == {"generate": "ok", "classify": "ok"}
-    metrics = httpx.get(f"{image_server.url}/metrics", timeout=30).text
+    assert httpx.get(f"{image_server.url}/metrics", timeout=30).status_code == 401
+    metrics = httpx.get(f"{image_server.url}/metrics", headers=with_key, timeout=30).text
     assert 'adapterserve_requests_total{endpoint="chat",model="pirate",status="200"} 1.0' in metrics
     assert 'adapterserve_requests_total{endpoint="classify",model="sentiment",status="200"} 1.0' in metrics
 

@@ -119,6 +119,10 @@ def test_api_key_is_enforced_when_set(settings, registry, tiny_base):
         ok = client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}, headers={"authorization": "Bearer user-key"})
         assert ok.status_code == 200
         assert client.get("/health").status_code == 200  # probes need no key
+        assert "engines" not in client.get("/health").json()  # ...and are told nothing more
+        assert client.get("/health", headers={"authorization": "Bearer user-key"}).json()["engines"] == {"generate": "ok"}
+        assert_error(client.get("/metrics"), 401, code="invalid_api_key")
+        assert client.get("/metrics", headers={"authorization": "Bearer user-key"}).status_code == 200
 
 
 class TestAdmin:
@@ -273,3 +277,30 @@ def test_a_tenants_admin_key_administers_its_own_models_only(settings, registry,
         assert_error(client.get("/admin/engines", headers=tenant), 403, code="insufficient_scope")
         assert {a["name"] for a in client.get("/admin/adapters", headers=admin).json()["adapters"]} >= {"beta"}
         assert client.post("/admin/adapters/scan", headers=admin).status_code == 200
+
+
+def test_metrics_and_health_details_with_tenants(settings, registry, tiny_base, tmp_path):
+    """With a keys file, a tenant's key reads neither /metrics (every tenant's adapters and
+    traffic) nor /health's engines; a key with the metrics scope and the admin key do."""
+    from fastapi.testclient import TestClient
+
+    from adapterserve.app import create_app
+    from adapterserve.hosting.shared import SharedBaseHost
+    from adapterserve.tenants.keys import KeyLimits, add
+    from tests.fakes import FakeEngine
+
+    keys = tmp_path / "keys.yaml"
+    _, tenant = add(keys, "team-a", ["alpha"], True, ["inference", "admin"], KeyLimits())
+    _, scraper = add(keys, "prometheus", [], False, ["metrics"], KeyLimits())
+    settings = settings.model_copy(update={"keys_file": keys})
+    app = create_app(settings, host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
+    with TestClient(app, base_url=LOCAL) as client:
+        for secret in (None, tenant):
+            headers = {"authorization": f"Bearer {secret}"} if secret else {}
+            assert_error(client.get("/metrics", headers=headers), 401)
+            assert "engines" not in client.get("/health", headers=headers).json()
+        for secret in (scraper, ADMIN_KEY):
+            headers = {"authorization": f"Bearer {secret}"}
+            assert client.get("/metrics", headers=headers).status_code == 200
+            assert client.get("/health", headers=headers).json()["engines"] == {"generate": "ok"}
+        assert_error(client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}, headers={"authorization": f"Bearer {scraper}"}), 403)

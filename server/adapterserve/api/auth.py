@@ -51,6 +51,28 @@ async def require_api_key(request: Request) -> None:
         raise APIError(401, UNAUTHORIZED, code="invalid_api_key")
 
 
+def may_see_server(request: Request) -> bool:
+    """Whether the caller may read what spans tenants (/metrics: every adapter's name and
+    traffic, tenants, process ids; /health's engines, which in dedicated mode are models):
+    anyone on a server without keys; else the admin or metrics key, the API key of a
+    single-key server, or a keys-file key with the metrics scope."""
+    settings, keys = request.app.state.settings, request.app.state.keys
+    if settings.api_key is None and keys is None:
+        return True
+    token = _bearer(request)
+    single_key = settings.api_key if keys is None else None
+    if any(expected is not None and _matches(token, expected) for expected in (settings.admin_api_key, settings.metrics_api_key, single_key)):
+        return True
+    key = keys.lookup(token) if keys is not None else None
+    return key is not None and "metrics" in key.scopes
+
+
+async def require_server_view(request: Request) -> None:
+    """/metrics: see `may_see_server`."""
+    if not may_see_server(request):
+        raise APIError(401, "Incorrect or missing metrics key. Send 'Authorization: Bearer <metrics key>'.", code="invalid_api_key")
+
+
 async def require_admin_key(request: Request) -> None:
     """Admin endpoints: the admin key (everything), or a tenant key with the admin scope
     (kept on the request as `admin_tenant`: it administers its own models only); closed

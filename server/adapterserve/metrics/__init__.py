@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 
 from adapterserve.hosting.protocol import HostObserver
@@ -226,7 +226,9 @@ class Metrics:
         for metric in (self.requests, self.latency, self.ttft, self.prompt_tokens, self.generation_tokens, self.swap_seconds):
             metric.remove_by_labels({"model": model})
 
-    def attach(self, app: FastAPI) -> None:
+    def attach(self, app: FastAPI, guard=None) -> None:
+        """Count every API request, and serve /metrics (behind `guard`, a dependency that
+        refuses callers who may not read every tenant's series)."""
         @app.middleware("http")
         async def _count(request: Request, call_next):
             endpoint = ENDPOINTS.get(request.url.path)
@@ -257,7 +259,7 @@ class Metrics:
             response.body_iterator = timed_body()
             return response
 
-        @app.get("/metrics", include_in_schema=False)
+        @app.get("/metrics", include_in_schema=False, dependencies=[Depends(guard)] if guard is not None else [])
         async def _metrics() -> Response:
             return Response(await self.exposition(), media_type=CONTENT_TYPE_LATEST)
 

@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
 
-Scope = Literal["inference", "admin"]
+# metrics: may read /metrics and /health's details (every tenant's series: for Prometheus)
+Scope = Literal["inference", "admin", "metrics"]
 SECRET_PREFIX = "as-"
 
 
