@@ -43,17 +43,21 @@ def test_shipped_serve_configs_name_the_builder_and_real_settings(name, config):
 
 
 def test_the_rayservices_use_token_auth_and_only_the_api_port_is_open():
+    names = set()
     for manifest in sorted((DEPLOY / "kubernetes").glob("rayservice-*.yaml")):
         service = yaml.safe_load(manifest.read_text())
         assert service["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}, manifest.name
+        names.add(service["metadata"]["name"])
     policy = yaml.safe_load((DEPLOY / "kubernetes" / "networkpolicy-ray.yaml").read_text())
     assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
-    own = policy["spec"]["podSelector"]["matchLabels"]
-    assert own == {"ray.io/originated-from-cr-name": service["metadata"]["name"]}
+    own = policy["spec"]["podSelector"]
+    (expression,) = own["matchExpressions"]
+    assert expression["key"] == "ray.io/originated-from-cr-name" and expression["operator"] == "In"
+    assert set(expression["values"]) == names
     for rule in policy["spec"]["ingress"]:
         if "from" not in rule:  # from anywhere: the API port only
             assert [p["port"] for p in rule["ports"]] == [8000]
         elif any("podSelector" in source for source in rule["from"]):
-            assert all(source["podSelector"]["matchLabels"] == own for source in rule["from"])
+            assert all(source["podSelector"] == own for source in rule["from"])
         else:
             assert {p["port"] for p in rule["ports"]} <= {8000, 8265}
