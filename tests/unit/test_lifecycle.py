@@ -167,3 +167,24 @@ def test_max_lora_rank_must_be_auto_or_a_vllm_rank():
         Settings(max_lora_rank="12")
     assert Settings(max_lora_rank=64).fixed_lora_rank == 64
     assert Settings().fixed_lora_rank is None
+
+
+def test_an_unload_holds_across_a_restart_until_loaded_again(settings, store, tiny_base, tmp_path):
+    from adapterserve.registry.snapshots import SnapshotStore
+    from adapterserve.registry.store import Registry
+    from adapterserve.registry.validation import Limits
+
+    def server():  # a fresh process, as far as the host knows: the stores scanned anew
+        registry = Registry(base=tiny_base, stores=[store], limits=Limits(max_lora_rank=16), snapshots=SnapshotStore(tmp_path / "snapshots"))
+        registry.scan()
+        app = create_app(settings, host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
+        return TestClient(app, base_url=LOCAL)
+
+    with server() as client:
+        assert client.post("/admin/adapters/alpha/unload", headers=ADMIN).status_code == 200
+    with server() as client:  # restarted
+        assert chat(client, "alpha").status_code == 404 and chat(client, "beta").status_code == 200
+        assert "alpha" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
+        assert client.post("/admin/adapters/alpha/load", headers=ADMIN).status_code == 200
+    with server() as client:  # loaded again: served after the next restart too
+        assert chat(client, "alpha").status_code == 200

@@ -198,7 +198,7 @@ def test_a_replica_error_is_raised_and_a_stream_yields_the_replicas_chunks():
     assert streaming.stream.cancelled  # closed on the ingress side once read
 
 
-def test_admin_succeeds_if_any_replica_did_else_the_first_error():
+def test_admin_succeeds_if_every_replica_did_else_says_which_did_not():
     loaded = RecordingHandle(broadcasts={"admin": [wire.error(APIError(409, "already", code="adapter_already_loaded")), wire.ok(record("pirate"))]})
     assert asyncio.run(host(loaded).load_adapter("pirate")).name == "pirate"
     assert ("broadcast:admin", {}, ("load", "pirate")) in loaded.calls
@@ -212,6 +212,13 @@ def test_admin_succeeds_if_any_replica_did_else_the_first_error():
     with pytest.raises(APIError) as raised:
         asyncio.run(host(gone).reload_adapter("pirate"))
     assert raised.value.status == 503
+
+    # done on one replica, not on the other: not a success
+    partly = RecordingHandle(broadcasts={"admin": [wire.ok(None), TimeoutError("replica busy")]})
+    with pytest.raises(APIError) as raised:
+        asyncio.run(host(partly).unload_adapter("pirate"))
+    assert raised.value.status == 503 and raised.value.code == "not_done_on_every_replica"
+    assert "1 of 2 replicas" in raised.value.message and "replica #1: TimeoutError" in raised.value.message
 
 
 def test_health_names_each_replicas_engines_and_an_unreachable_one():

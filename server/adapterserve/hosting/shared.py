@@ -40,6 +40,7 @@ from adapterserve.registry.store import Registry
 from . import discovery, lora_table
 from .backoff import Backoff
 from .restart import backoff_for, start_again
+from .unloads import Unloads
 from .engine import EngineSpec, VllmEngine, start_together
 from .protocol import Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model, requested_name
 
@@ -85,7 +86,8 @@ class SharedBaseHost:
         self._freeing: set[asyncio.Task] = set()
         self._starting: set[Engine] = set()  # engines being started again (stopped with the host)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the host runs on (set by start)
-        self.unloaded: set[str] = set()  # unloaded by an admin: not discovered again until loaded or changed
+        # unloaded by an admin: not served, nor discovered again, until loaded or changed (kept on disk)
+        self.unloaded = Unloads(Path(settings.cache_dir) / "state" / f"unloaded-{base_name}.json")
 
     # --- life cycle --------------------------------------------------------------
     def _spec(self, name: str, runner: str, **extra) -> EngineSpec:
@@ -119,6 +121,9 @@ class SharedBaseHost:
         for name in sorted(self.pinned - set(self.registry.adapters)):
             log.warning("pinned adapter %r is not in the stores (or was refused); nothing to pin", name)
         self._signatures = await asyncio.to_thread(discovery.store_signatures, self.registry.stores)
+        for name in [n for n in self.unloaded if n in self.registry.adapters]:
+            log.info("adapter %r stays unloaded (an admin unloaded it)", name)
+            self.registry.remove(name)
         for record in list(self.registry.adapters.values()):
             try:
                 await self._register(record)

@@ -278,24 +278,40 @@ class ReplicaSetHost:
         return await response.results_async(timeout_s=BROADCAST_TIMEOUT_S, return_exceptions=True)
 
     async def _admin(self, op: str, name: str | None = None) -> Any:
-        """An admin operation on every replica: a success if any replica succeeded (they
-        share the stores; one that had already done it answers 409), else the first error."""
+        """An admin operation on every replica: a success only if every replica did it (one
+        that had already done it answers 409, which counts as done); when some did and some
+        did not, a 503 that says which did not (the operation can be sent again); when none
+        did, the first error."""
         replies = await self.broadcast("admin", op, name)
-        values, errors = [], []
-        for reply in replies:
+        values, already, failures = [], [], []
+        for index, reply in enumerate(replies):
             if isinstance(reply, BaseException):
-                log.warning("admin %s %s: a replica failed: %s", op, name, reply)
+                log.warning("admin %s %s: replica #%d failed: %s", op, name, index, reply)
+                failures.append((index, f"{type(reply).__name__}: {str(reply)[:200]}", None))
                 continue
             status, value = reply
-            (values if status == wire.OK else errors).append(value)
+            if status == wire.OK:
+                values.append(value)
+            elif value.get("status") == 409:
+                already.append(value)
+            else:
+                failures.append((index, str(value.get("message", ""))[:200], value))
         try:
             await self.refresh_catalog()
         except Exception as exc:
             log.warning("refreshing the catalog failed: %s", exc)
+        if failures and (values or already):
+            detail = "; ".join(f"replica #{index}: {reason}" for index, reason, _ in failures)
+            raise APIError(
+                503, f"`{op}` was done on {len(values) + len(already)} of {len(replies)} replicas, not on: {detail}. "
+                "Send it again.", code="not_done_on_every_replica", headers={"Retry-After": "5"},
+            )
         if values:
             return values[0]
-        if errors:
-            raise wire.error_from_fields(errors[0])
+        if already:
+            raise wire.error_from_fields(already[0])
+        if failures and failures[0][2] is not None:
+            raise wire.error_from_fields(failures[0][2])
         raise engine_unavailable(ENGINE_NAME)
 
     async def load_adapter(self, name: str):

@@ -1,0 +1,74 @@
+"""The adapters an admin unloaded, kept on disk: an unload holds across a restart, and for
+every replica that shares the cache directory, until the adapter is loaded again or its
+folder changes. One small JSON file per base, written atomically; replicas that share it
+change it under a lock, each reading it again first, so none undoes another's change."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class Unloads:
+    def __init__(self, path: Path | None):
+        self.path = path  # None: kept in memory only (tests)
+        self._names: set[str] = self._read()
+
+    def _read(self) -> set[str]:
+        if self.path is None:
+            return set()
+        try:
+            names = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as exc:
+            log.error("unloaded adapters: %s cannot be read (%s); none are held unloaded", self.path, exc)
+            return set()
+        return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        with os.fdopen(handle, "w") as stream:
+            json.dump(sorted(self._names), stream)
+        os.replace(temporary, self.path)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(sorted(self._names))
+
+    @contextmanager
+    def _changing(self):
+        if self.path is None:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.path.parent / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            self._names = self._read()  # what other replicas wrote meanwhile
+            yield
+            self._write()
+        finally:
+            os.close(descriptor)
+
+    def add(self, name: str) -> None:
+        with self._changing():
+            self._names.add(name)
+
+    def discard(self, name: str) -> None:
+        if name not in self._names:  # every replica is told of every unload: its own set knows
+            return
+        with self._changing():
+            self._names.discard(name)
