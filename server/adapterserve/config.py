@@ -243,6 +243,11 @@ class Settings(BaseSettings):
     max_inputs_per_request: int = Field(
         32, gt=0, description="Most prompts in one /v1/completions request and inputs in one /v1/classify request.",
     )
+    quarantine_nonfinite: bool | None = Field(
+        None, description="Take an adapter offline (until reloaded) when a request of it produces NaN logits. Unset: "
+        "on without a keys file, off with tenants (any tenant allowed a shared adapter could otherwise take it "
+        "offline for all; the request that overflowed still fails, and no other request is affected).",
+    )
     engine_restart_backoff_s: float = Field(
         2.0, gt=0, description="First wait before restarting an engine that died; doubled after each failed restart."
     )

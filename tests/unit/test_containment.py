@@ -233,3 +233,22 @@ def test_adapter_listings_print_config_text_as_text(tmp_path, tiny_base):
                                 env={"ADAPTERSERVE_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "400"})
     assert result.exit_code == 0 and result.exception is None, (result.output, result.exception)
     assert "[/bold]x[/red]" in result.output
+
+
+def test_with_tenants_a_nan_request_fails_alone_and_the_adapter_keeps_serving(settings, registry, tiny_base, tmp_path):
+    """A tenant cannot take a shared adapter offline for the others with a prompt that
+    overflows it (quarantine_nonfinite unset: off with a keys file)."""
+    from adapterserve.hosting.shared import SharedBaseHost
+    from adapterserve.tenants.keys import KeyLimits, add
+
+    keys = tmp_path / "keys.yaml"
+    _, secret = add(keys, "team-b", ["alpha"], True, ["inference"], KeyLimits())
+    app = create_app(
+        settings.model_copy(update={"keys_file": keys}),
+        host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer),
+    )
+    with TestClient(app, base_url=LOCAL) as client:
+        client.app.state.host.generate.on_nonfinite("alpha", "request-1")  # team-a's overflowing request
+        answer = client.post(CHAT, json={"model": "alpha", "messages": MESSAGES}, headers={"authorization": f"Bearer {secret}"})
+        assert answer.status_code == 200  # team-b is still served
+        assert "alpha" in {r["name"] for r in client.get("/admin/adapters", headers=AUTH).json()["adapters"]}

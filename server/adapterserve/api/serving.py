@@ -273,10 +273,13 @@ async def call_vllm(awaitable, raw_request: Request, target: Target) -> Any:
     if isinstance(result, ErrorResponse) and _status(result) >= 500:
         if not target.engine.running:
             raise engine_unavailable(target.engine.name)
-        if target.record is not None and target.model in getattr(raw_request.app.state.host, "quarantined", {}):
+        reason = getattr(raw_request.app.state.host, "quarantined", {}).get(target.model) if target.record is not None else None
+        if reason is not None:
+            quarantined = reason.startswith("quarantined")
             raise APIError(
-                500, f"The adapter `{target.model}` produced non-finite values (NaN logits); the request was stopped "
-                "and the adapter quarantined.", param="model", code="adapter_quarantined",
+                500, f"The adapter `{target.model}` produced non-finite values (NaN logits); the request was stopped"
+                + (" and the adapter quarantined." if quarantined else "."), param="model",
+                code="adapter_quarantined" if quarantined else "adapter_nonfinite",
             )
     return result
 

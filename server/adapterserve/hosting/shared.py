@@ -65,7 +65,9 @@ class SharedBaseHost:
         self._lora_ids = itertools.count(1)
         self.created = int(time.time())
         self.observer = observer or HostObserver()
-        self.quarantined: dict[str, str] = {}  # adapter -> why it no longer serves (until reloaded)
+        # adapter -> why it no longer serves (until reloaded), or that its requests produced
+        # non-finite values where it is not quarantined (see `_quarantine`)
+        self.quarantined: dict[str, str] = {}
         self.down: dict[str, str] = {}  # engine name -> why it is down while it restarts
         self.restarts: dict[str, int] = {}
         self._watcher: asyncio.Task | None = None
@@ -203,13 +205,20 @@ class SharedBaseHost:
         return {engine.name: self.down.get(engine.name) or await engine.check_health() for engine in self.engines()}
 
     def _quarantine(self, adapter: str | None, request_id: str) -> None:
-        """An adapter whose request produced NaN logits stops serving until it is reloaded;
-        its request has already been ended with an error."""
+        """An adapter whose request produced NaN logits stops serving until it is reloaded
+        (its request has already been ended with an error). Not on a server with tenants,
+        unless `quarantine_nonfinite` says so: there any tenant allowed a shared adapter
+        could take it offline for all with a prompt that overflows it; only that request
+        fails (no adapter can change another request's output), and the log says it."""
         if adapter is None:
             log.error("request %s: the base model produced NaN logits", request_id)
             return
         record = self.registry.adapters.get(adapter)
-        if record is None or adapter in self.quarantined:
+        if record is None or self.quarantined.get(adapter, "").startswith("quarantined"):
+            return
+        if not self._quarantines():
+            self.quarantined[adapter] = "its requests produced non-finite values (not quarantined: tenants share it)"
+            log.error("adapter %r produced non-finite values (NaN logits) in request %s; that request failed", adapter, request_id)
             return
         reason = "quarantined: it produced non-finite values (NaN logits) while serving; fix it, then reload it"
         self.quarantined[adapter] = reason
@@ -221,6 +230,10 @@ class SharedBaseHost:
         self.registry.problems.append(_problem(record, reason))
         self.observer.adapter_quarantined(record.kind)
         log.error("adapter %r %s (request %s)", adapter, reason, request_id)
+
+    def _quarantines(self) -> bool:
+        chosen = self.settings.quarantine_nonfinite
+        return self.settings.keys_file is None if chosen is None else chosen
 
     # --- adapters in the engines ------------------------------------------------
     @staticmethod
@@ -470,9 +483,10 @@ class SharedBaseHost:
             check_endpoint(model, "base", endpoint)
             return Target(engine=self._live(self.generate), vllm_model=self.base_name, model=self.base_name)
         record = self.registry.adapters.get(name)
-        if record is None and name not in self.quarantined and self.settings.discover_on_request:
+        quarantined = self.quarantined.get(name, "").startswith("quarantined")
+        if record is None and not quarantined and self.settings.discover_on_request:
             record = await self._discover(name)
-        if record is None and name in self.quarantined:
+        if record is None and quarantined:
             raise APIError(
                 400, f"The model `{model}` is quarantined: it produced non-finite values (NaN logits). "
                 "An administrator must fix and reload it.", param="model", code="model_quarantined",
