@@ -6,6 +6,7 @@ Retry-After while another tenant is served); keys added and revoked while it run
 
 from __future__ import annotations
 
+import fnmatch
 import threading
 
 import httpx
@@ -176,3 +177,54 @@ def test_a_key_added_then_revoked_while_serving(tenants):
     with pytest.raises(openai.AuthenticationError):  # a stream that starts after the revocation
         client.chat.completions.create(model="json", messages=QUESTION, max_tokens=4, stream=True)
     assert openai_client(tenants, tenants.secrets["team-b"]).models.list().data  # the others keep working
+
+
+# Dedicated mode has no base model: a key's `base: true` grants none of the hosted models
+# (the first model's name was once taken for the base: d-a could use french).
+DEDICATED_MODELS = ["french", "pirate", "sentiment"]
+DEDICATED_TENANTS = {
+    "d-a": (["pirate", "sentiment"], True, ["inference"]),
+    "d-b": (["fr*"], False, ["inference"]),
+    "d-c": (["*"], False, ["inference"]),
+}
+
+
+@pytest.fixture(scope="module")
+def dedicated_tenants(tmp_path_factory, dedicated, base_path):
+    # `dedicated` (the session's dedicated server) has merged the demo adapters into full models
+    from adapterserve.config import load_settings
+    from adapterserve.training.merge import merged_store
+
+    folder = tmp_path_factory.mktemp("dedicated-tenants")
+    keys_file = folder / "keys.yaml"
+    secrets = {tenant: add(keys_file, tenant, models, base, scopes, KeyLimits())[1] for tenant, (models, base, scopes) in DEDICATED_TENANTS.items()}
+    store = merged_store(load_settings().cache_dir, base_path)
+    process = ServerProcess(
+        ["--mode", "dedicated", "--keys-file", str(keys_file), "--admin-api-key", ADMIN_KEY,
+         *[arg for name in DEDICATED_MODELS for arg in ("--dedicated-models", str(store / name))]],
+        folder / "server.log",
+    ).start(timeout=900)
+    process.secrets = secrets
+    yield process
+    process.stop()
+
+
+def test_every_tenant_every_model_every_endpoint_in_dedicated_mode(dedicated_tenants):
+    leaks = []
+    for tenant, (models, _, _) in DEDICATED_TENANTS.items():
+        secret = dedicated_tenants.secrets[tenant]
+        may = {m for m in DEDICATED_MODELS if any(fnmatch.fnmatchcase(m, p) for p in models)}
+        for endpoint in ("chat", "completion", "classify", "model"):
+            unknown_status, unknown_body = call(dedicated_tenants, secret, endpoint, UNKNOWN)
+            assert unknown_status == 404, unknown_body
+            for model in DEDICATED_MODELS:
+                status, body = call(dedicated_tenants, secret, endpoint, model)
+                if model in may:
+                    assert status == expected_status(model, endpoint, None), (tenant, endpoint, model, body)
+                elif not (status == unknown_status and body == _renamed(unknown_body, UNKNOWN, model)):
+                    leaks.append((tenant, endpoint, model, status, body))
+        listed = {m.id for m in openai_client(dedicated_tenants, secret).models.list().data}
+        assert listed == may, (tenant, listed)
+    assert leaks == []
+    health = httpx.get(f"{dedicated_tenants.url}/health", headers={"authorization": f"Bearer {dedicated_tenants.secrets['d-c']}"}, timeout=30)
+    assert "engines" not in health.json()  # the hosted models are not named to a tenant
