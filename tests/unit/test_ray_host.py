@@ -191,10 +191,13 @@ def test_a_replica_error_is_raised_and_a_stream_yields_the_replicas_chunks():
 
     async def read():
         chunks = await host(streaming, used=used).generate("completion", _Request("pirate"), _Raw())
-        return [chunk async for chunk in chunks]
+        seen = []
+        async for chunk in chunks:
+            seen.append((chunk, list(used)))  # what had been counted when each chunk left
+        return seen
 
-    assert asyncio.run(read()) == ["data: 1\n\n", "data: [DONE]\n\n"]
-    assert used == [(2, 9)]
+    # the last chunk leaves only once the usage is counted (the client's next request is held to it)
+    assert asyncio.run(read()) == [("data: 1\n\n", []), ("data: [DONE]\n\n", [(2, 9)])]
     assert streaming.stream.cancelled  # closed on the ingress side once read
 
 

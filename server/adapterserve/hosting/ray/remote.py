@@ -243,13 +243,20 @@ class ReplicaSetHost:
 
     async def _chunks(self, stream):
         """The rest of a replica's stream, as the SSE chunks vLLM's serving yields; the
-        closing usage item goes to the tenant accounting."""
+        closing usage item goes to the tenant accounting. The last chunk (`[DONE]`, or the
+        Responses API's last event) is held back until the usage is counted: a client that
+        sends its next request as soon as its stream ends is then held to its limits."""
+        held = None
         try:
             async for kind, value in stream:
                 if kind == "usage":
                     self.observer.tokens_used(*value)
-                else:
-                    yield value
+                    continue
+                if held is not None:
+                    yield held
+                held = value
+            if held is not None:
+                yield held
         finally:
             stream.cancel()
 
