@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from adapterserve.registry.store import Registry
@@ -93,8 +96,11 @@ def test_snapshots_no_version_uses_are_collected(tmp_path, tiny_base):
         paths.append(validate_adapter(store / "churn", store, tiny_base, Limits(max_lora_rank=16), snapshots).path)
     assert len(set(paths)) == 5
     assert snapshots.collect({paths[-1]}, grace_s=3600) == []  # all within their grace
-    assert len(snapshots.collect({paths[-1]}, grace_s=0)) == 4
-    assert [p.name for p in (tmp_path / "snapshots").iterdir()] == [paths[-1].name]
+    for path in paths:  # an hour later
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    SnapshotStore(tmp_path / "snapshots").touch({paths[1]})  # another server sharing the cache uses this one
+    assert sorted(snapshots.collect({paths[-1]}, grace_s=600)) == sorted(p.name for p in (paths[0], paths[2], paths[3]))
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == sorted([paths[1].name, paths[-1].name])
 
 
 def test_a_damaged_snapshot_is_not_reused(tmp_path, tiny_base):

@@ -46,6 +46,12 @@ from .protocol import Endpoint, Engine, HostedTask, HostObserver, ModelCard, Tar
 
 log = logging.getLogger(__name__)
 
+# A snapshot in use is touched this often, and collected only once nobody has touched it
+# for the grace period: servers and replicas sharing a cache directory share its snapshots
+# (identical content has one address), so each keeps what it uses alive for the others.
+SNAPSHOT_TOUCH_S = 60.0
+SNAPSHOT_GRACE_S = 600.0
+
 
 class SharedBaseHost:
     mode = "shared"
@@ -72,6 +78,7 @@ class SharedBaseHost:
         self.restarts: dict[str, int] = {}
         self._watcher: asyncio.Task | None = None
         self._scanner: asyncio.Task | None = None
+        self._toucher: asyncio.Task | None = None
         # the engines' slots hold the largest rank in the stores (auto), or the fixed rank;
         # adapters validated later are checked against it
         largest = max((r.rank for r in registry.adapters.values()), default=0)
@@ -132,6 +139,8 @@ class SharedBaseHost:
             except AdapterInvalid as exc:
                 self._refuse(record, exc.reason)
         self._watcher = asyncio.create_task(self._watch())
+        if self.registry.snapshots is not None:
+            self._toucher = asyncio.create_task(self._touch_snapshots())
         if self.settings.adapter_scan_interval_s > 0:
             self._scanner = asyncio.create_task(self._scan_forever(self.settings.adapter_scan_interval_s))
 
@@ -141,10 +150,10 @@ class SharedBaseHost:
         log.warning("adapter %r refused by the engine: %s", record.name, printable(reason))
 
     async def stop(self) -> None:
-        for task in (self._watcher, self._scanner, *self._freeing):
+        for task in (self._watcher, self._scanner, self._toucher, *self._freeing):
             if task is not None:
                 task.cancel()
-        self._watcher = self._scanner = None
+        self._watcher = self._scanner = self._toucher = None
         # an engine in the middle of a restart too: its stop waits for its construction
         for engine in (*self._starting, self.classify, self.generate):
             if engine is not None:
@@ -452,14 +461,24 @@ class SharedBaseHost:
         await self._collect_snapshots()
         return changes
 
-    async def _collect_snapshots(self) -> None:
-        """Remove the snapshots no registered or served version uses (after their grace)."""
-        if self.registry.snapshots is None:
-            return
+    def _snapshots_in_use(self) -> set[Path]:
         keep = {Path(r.path) for r in self.registry.adapters.values()}
         for engine in self.engines():
             keep |= {Path(p) for p in lora_table.snapshot_paths(engine)}
-        await asyncio.to_thread(self.registry.snapshots.collect, keep)
+        return keep
+
+    async def _collect_snapshots(self) -> None:
+        """Remove the snapshots no version of this server uses and no server has touched
+        within the grace period (servers sharing the cache touch theirs: `_touch_snapshots`)."""
+        if self.registry.snapshots is not None:
+            await asyncio.to_thread(self.registry.snapshots.collect, self._snapshots_in_use(), SNAPSHOT_GRACE_S)
+
+    async def _touch_snapshots(self) -> None:
+        """Mark the snapshots this server uses as in use, every SNAPSHOT_TOUCH_S: other
+        servers and replicas sharing the cache directory collect only what nobody touched."""
+        while True:
+            await asyncio.to_thread(self.registry.snapshots.touch, self._snapshots_in_use())
+            await asyncio.sleep(SNAPSHOT_TOUCH_S)
 
     def _published(self, name: str) -> bool:
         return any(lora_table.is_published(e, name) for e in self.engines())

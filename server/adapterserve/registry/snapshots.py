@@ -14,8 +14,9 @@ A file is copied from where it resolves at the moment of the copy, which must li
 the store, and opened without following links: a link swapped in after the validation's
 check reads nothing outside. A snapshot found under its address is read again before it is
 reused (a damaged one is replaced). Snapshots no registered version refers to are removed
-by `collect` after a grace period (a version being drained may still be loaded from its
-snapshot), so rewriting a store folder over and over does not fill the disk.
+by `collect` once nobody has touched them for a grace period (a version being drained may
+still be loaded from its snapshot; every server sharing the folder touches the ones it
+uses, `touch`), so rewriting a store folder over and over does not fill the disk.
 """
 
 from __future__ import annotations
@@ -84,6 +85,15 @@ class SnapshotStore:
     @staticmethod
     def discard(staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
+
+    def touch(self, in_use: set[Path]) -> None:
+        """Mark snapshots as in use now (their folder's time): `collect`, here or in another
+        server sharing the folder, spares them for its grace period."""
+        for path in in_use:
+            try:
+                os.utime(self.root / Path(path).name)
+            except OSError:  # gone meanwhile: registered again on its next validation
+                continue
 
     def collect(self, keep: set[Path], grace_s: float = 600.0) -> list[str]:
         """Remove the snapshots (and abandoned staging folders) not in `keep` and untouched
