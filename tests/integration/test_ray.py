@@ -47,7 +47,7 @@ def wait_for_replicas(url: str, count: int, timeout: float = 600, exclude: set[s
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            health = httpx.get(f"{url}/health", timeout=30).json()
+            health = httpx.get(f"{url}/health", headers=ADMIN, timeout=30).json()  # engines are named to admins
             replicas = {name.split("/")[0] for name, state in health.get("engines", {}).items() if state == "ok"}
             if len(replicas - exclude) >= count and len(replicas) == count:
                 return engines_by_replica(url)
@@ -60,7 +60,7 @@ def wait_for_replicas(url: str, count: int, timeout: float = 600, exclude: set[s
 def lora_loads(url: str) -> dict[str, float]:
     """Adapters loaded into each replica's generate engine so far (counted in its worker)."""
     loads: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=60).text):
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", headers=ADMIN, timeout=60).text):
         if family.name == "adapterserve_adapter_loads":
             for sample in family.samples:
                 if sample.name.endswith("_total") and sample.labels.get("kind") == "lora" and "replica" in sample.labels:
@@ -235,7 +235,7 @@ def test_without_the_multiplexed_id_adapters_load_on_more_replicas(ray_server, c
 def test_base_requests_reach_both_replicas(ray_server, ray_client, base_name):
     def base_requests() -> dict[str, float]:
         counts = {}
-        for family in text_string_to_metric_families(httpx.get(f"{ray_server.url}/metrics", timeout=60).text):
+        for family in text_string_to_metric_families(httpx.get(f"{ray_server.url}/metrics", headers=ADMIN, timeout=60).text):
             if family.name == "vllm:request_success":
                 for sample in family.samples:
                     if sample.name.endswith("_total") and sample.labels.get("model_name") == base_name and "replica" in sample.labels:

@@ -40,7 +40,7 @@ from adapterserve.registry.store import Registry
 from . import discovery, lora_table
 from .backoff import Backoff
 from .restart import backoff_for, start_again
-from .unloads import Unloads
+from .unloads import Unloads, unloads_path
 from .engine import EngineSpec, VllmEngine, start_together
 from .protocol import Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model, requested_name
 
@@ -96,7 +96,7 @@ class SharedBaseHost:
         self._starting: set[Engine] = set()  # engines being started again (stopped with the host)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the host runs on (set by start)
         # unloaded by an admin: not served, nor discovered again, until loaded or changed (kept on disk)
-        self.unloaded = Unloads(Path(settings.cache_dir) / "state" / f"unloaded-{base_name}.json")
+        self.unloaded = Unloads(unloads_path(settings.cache_dir, base_name, registry.stores))
 
     # --- life cycle --------------------------------------------------------------
     def _spec(self, name: str, runner: str, **extra) -> EngineSpec:

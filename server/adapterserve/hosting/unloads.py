@@ -1,11 +1,13 @@
 """The adapters an admin unloaded, kept on disk: an unload holds across a restart, and for
 every replica that shares the cache directory, until the adapter is loaded again or its
-folder changes. One small JSON file per base, written atomically; replicas that share it
+folder changes. One small JSON file per base and set of stores (servers over other stores
+sharing the cache directory keep their own), written atomically; replicas that share it
 change it under a lock, each reading it again first, so none undoes another's change."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -14,6 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def unloads_path(cache_dir: Path, base_name: str, stores: list[Path]) -> Path:
+    stores_key = hashlib.sha256("\n".join(sorted(str(s) for s in stores)).encode()).hexdigest()[:12]
+    return Path(cache_dir) / "state" / f"unloaded-{base_name}-{stores_key}.json"
 
 
 class Unloads:
