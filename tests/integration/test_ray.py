@@ -254,7 +254,12 @@ def test_base_requests_reach_both_replicas(ray_server, ray_client, base_name):
     async def burst():
         client = openai.AsyncOpenAI(base_url=ray_client.base_url, api_key=ray_client.api_key, max_retries=0, timeout=600)
         prompts = [f"Count {i}" for i in range(burst_size)]
-        await asyncio.gather(*(client.completions.create(model=base_name, prompt=p, max_tokens=4) for p in prompts))
+        # 32 tokens each, never ended early: the first replica is still full when the burst's
+        # last requests arrive (4-token requests once finished fast enough on an idle machine
+        # for one replica to take all 80)
+        await asyncio.gather(*(
+            client.completions.create(model=base_name, prompt=p, max_tokens=32, extra_body={"ignore_eos": True}) for p in prompts
+        ))
         await client.close()
 
     asyncio.run(burst())
