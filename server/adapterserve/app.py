@@ -56,9 +56,8 @@ async def lifespan(app: FastAPI):
             yield
             return
         app.state.host = host
-        pages = getattr(host, "metrics_pages", None)
-        if pages is not None:  # Ray Serve: the replicas measure their engines themselves
-            app.state.metrics.federate(pages)
+        if host.remote_engines:  # Ray Serve: the replicas measure their engines themselves
+            app.state.metrics.federate(host.metrics_pages)
         else:
             await app.state.metrics.bind_host(host)
         log.info("serving %s in %s mode", host.base_name or ", ".join(card.id for card in host.model_cards()), host.mode)

@@ -53,7 +53,7 @@ def image_server(environment, tmp_path_factory):
 
 def test_the_installed_package_is_the_wheel_not_the_checkout(environment):
     found = run_outside(environment, "python", "-c", (
-        "import adapterserve, adapterserve.app, adapterserve.tenants, adapterserve.rayserve.app, adapterserve.hosting.ray; "
+        "import adapterserve, adapterserve.app, adapterserve.tenants, adapterserve.rayserve.app, adapterserve.rayserve.replica_set; "
         "from adapterserve.config import Settings; print(adapterserve.__file__); print(Settings().demo_recipes_dir)"
     ))
     assert found.returncode == 0, found.stderr[-3000:]

@@ -217,15 +217,16 @@ def test_a_base_prefixed_name_means_the_adapter(model, name):
     ("base", "chat", True), ("base", "classify", False), ("full", "completion", True),
 ])
 def test_each_kind_of_model_has_its_endpoints(kind, endpoint, served):
-    from adapterserve.errors import APIError
+    from adapterserve.api.errors import as_api_error as http
+    from adapterserve.errors import DomainError
     from adapterserve.hosting.protocol import check_endpoint
 
     if served:
         check_endpoint("m", kind, endpoint)
         return
-    with pytest.raises(APIError) as raised:
+    with pytest.raises(DomainError) as raised:
         check_endpoint("m", kind, endpoint)
-    assert (raised.value.status, raised.value.code) == (400, "model_not_supported_by_endpoint")
+    assert (http(raised.value).status, raised.value.code) == (400, "model_not_supported_by_endpoint")
 
 
 def test_a_throttled_key_makes_the_host_do_no_work(settings, registry, store, tiny_base, tmp_path):

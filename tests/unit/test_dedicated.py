@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from adapterserve.errors import APIError
+from adapterserve.api.errors import as_api_error as http
+from adapterserve.errors import DomainError
 from adapterserve.config import Settings
 from adapterserve.hosting.dedicated import BudgetExceeded, DedicatedHost, discover_models
 from tests.fakes import FakeEngine
@@ -62,15 +63,15 @@ def test_routing_errors(models):
     async def scenario():
         h = host(models)
         await h.start()
-        with pytest.raises(APIError) as info:
+        with pytest.raises(DomainError) as info:
             await h.resolve("zzz", "chat")
-        assert info.value.status == 404 and info.value.code == "model_not_found"
-        with pytest.raises(APIError) as info:
+        assert http(info.value).status == 404 and info.value.code == "model_not_found"
+        with pytest.raises(DomainError) as info:
             await h.resolve("mood", "chat")
-        assert info.value.status == 400 and "/v1/classify" in info.value.message
-        with pytest.raises(APIError) as info:
+        assert http(info.value).status == 400 and "/v1/classify" in info.value.message
+        with pytest.raises(DomainError) as info:
             await h.load_adapter("x")
-        assert info.value.status == 400
+        assert http(info.value).status == 400
         await h.stop()
 
     asyncio.run(scenario())
@@ -90,9 +91,9 @@ def test_a_dead_engine_fails_fast_is_reported_and_restarted(models):
         h = host(models, max_resident_models=3)
         await h.start()
         h.resident["b"].client.errored = True  # the engine process died
-        with pytest.raises(APIError) as info:
+        with pytest.raises(DomainError) as info:
             await h.resolve("b", "chat")
-        assert info.value.status == 503 and info.value.headers["Retry-After"]
+        assert http(info.value).status == 503 and http(info.value).headers["Retry-After"]
         assert (await h.resolve("a", "chat")).engine.running  # the others keep serving
         assert (await h.health())["b"].startswith("engine dead")
         for _ in range(50):

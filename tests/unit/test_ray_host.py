@@ -12,10 +12,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapterserve.config import Settings
-from adapterserve.errors import APIError, engine_unavailable, model_not_found
+from adapterserve.api.errors import as_api_error as http
+from adapterserve.errors import Conflict, DomainError, NotFound, engine_unavailable, model_not_found
 from adapterserve.hosting.protocol import HostObserver, ModelCard
-from adapterserve.hosting.ray import wire
-from adapterserve.hosting.ray.remote import ReplicaSetHost
+from adapterserve.rayserve import wire
+from adapterserve.rayserve.replica_set import ReplicaSetHost
 from adapterserve.metrics.federation import merge_pages
 from adapterserve.registry.records import AdapterRecord
 
@@ -88,12 +89,12 @@ def host(handle, affinity=True, used=None) -> ReplicaSetHost:
 def test_errors_cross_as_data_and_come_back_whole():
     sent = engine_unavailable("generate")
     back = wire.error_from_fields(wire.error_fields(sent))
-    assert (back.status, back.message, back.code, back.headers) == (503, sent.message, "engine_unavailable", {"Retry-After": "10"})
-    with pytest.raises(APIError) as raised:
+    assert (http(back).status, back.message, back.code, http(back).headers) == (503, sent.message, "engine_unavailable", {"Retry-After": "10"})
+    with pytest.raises(DomainError) as raised:
         wire.unwrap(wire.error(model_not_found("x")))
-    assert raised.value.status == 404 and raised.value.param == "model"
+    assert http(raised.value).status == 404 and raised.value.param == "model"
     assert wire.unwrap(wire.ok(3)) == 3
-    assert asyncio.run(wire.replying(_value(APIError(409, "busy", code="c")))) == ("error", {"status": 409, "message": "busy", "param": None, "code": "c", "headers": {}})
+    assert asyncio.run(wire.replying(_value(Conflict("busy", code="c")))) == ("error", {"kind": "Conflict", "message": "busy", "param": None, "code": "c", "retry_after_s": None})
 
 
 def test_names_in_the_catalog_resolve_without_a_replica_call():
@@ -108,16 +109,16 @@ def test_names_in_the_catalog_resolve_without_a_replica_call():
 
 @pytest.mark.parametrize("model, endpoint, status", [("sentiment", "chat", 400), ("pirate", "classify", 400), (BASE, "classify", 400), ("", "chat", 400)])
 def test_wrong_endpoint_and_missing_model_are_answered_at_the_ingress(model, endpoint, status):
-    with pytest.raises(APIError) as raised:
+    with pytest.raises(DomainError) as raised:
         asyncio.run(host(RecordingHandle()).resolve(model, endpoint))
-    assert raised.value.status == status
+    assert http(raised.value).status == status
 
 
 def test_an_unknown_name_is_decided_by_a_replica_with_the_name_as_multiplexed_id():
     handle = RecordingHandle({"resolve": lambda model, endpoint: wire.error(model_not_found(model))})
-    with pytest.raises(APIError) as raised:
+    with pytest.raises(DomainError) as raised:
         asyncio.run(host(handle).resolve("new-one", "chat"))
-    assert raised.value.status == 404
+    assert http(raised.value).status == 404
     assert handle.calls == [("resolve", {"multiplexed_model_id": "new-one"}, ("new-one", "chat"))]
 
     found = RecordingHandle({"resolve": lambda model, endpoint: wire.ok(record("new-one"))})
@@ -182,9 +183,9 @@ def test_adapter_requests_carry_their_name_base_requests_none(affinity, model, r
 
 def test_a_replica_error_is_raised_and_a_stream_yields_the_replicas_chunks():
     failing = StreamingHandle([wire.error(model_not_found("pirate"))])
-    with pytest.raises(APIError) as raised:
+    with pytest.raises(DomainError) as raised:
         asyncio.run(host(failing).generate("chat", _Request("pirate"), _Raw()))
-    assert raised.value.status == 404 and failing.stream.cancelled
+    assert http(raised.value).status == 404 and failing.stream.cancelled
 
     streaming = StreamingHandle([("stream", None), ("chunk", "data: 1\n\n"), ("chunk", "data: [DONE]\n\n"), ("usage", (2, 9))])
     used = []
@@ -202,25 +203,25 @@ def test_a_replica_error_is_raised_and_a_stream_yields_the_replicas_chunks():
 
 
 def test_admin_succeeds_if_every_replica_did_else_says_which_did_not():
-    loaded = RecordingHandle(broadcasts={"admin": [wire.error(APIError(409, "already", code="adapter_already_loaded")), wire.ok(record("pirate"))]})
+    loaded = RecordingHandle(broadcasts={"admin": [wire.error(Conflict("already", code="adapter_already_loaded")), wire.ok(record("pirate"))]})
     assert asyncio.run(host(loaded).load_adapter("pirate")).name == "pirate"
     assert ("broadcast:admin", {}, ("load", "pirate")) in loaded.calls
 
-    refused = RecordingHandle(broadcasts={"admin": [wire.error(APIError(404, "not loaded")), RuntimeError("replica died")]})
-    with pytest.raises(APIError) as raised:
+    refused = RecordingHandle(broadcasts={"admin": [wire.error(NotFound("not loaded")), RuntimeError("replica died")]})
+    with pytest.raises(DomainError) as raised:
         asyncio.run(host(refused).unload_adapter("nope"))
-    assert raised.value.status == 404
+    assert http(raised.value).status == 404
 
     gone = RecordingHandle(broadcasts={"admin": [RuntimeError("replica died")]})
-    with pytest.raises(APIError) as raised:
+    with pytest.raises(DomainError) as raised:
         asyncio.run(host(gone).reload_adapter("pirate"))
-    assert raised.value.status == 503
+    assert http(raised.value).status == 503
 
     # done on one replica, not on the other: not a success
     partly = RecordingHandle(broadcasts={"admin": [wire.ok(None), TimeoutError("replica busy")]})
-    with pytest.raises(APIError) as raised:
+    with pytest.raises(DomainError) as raised:
         asyncio.run(host(partly).unload_adapter("pirate"))
-    assert raised.value.status == 503 and raised.value.code == "not_done_on_every_replica"
+    assert http(raised.value).status == 503 and raised.value.code == "not_done_on_every_replica"
     assert "1 of 2 replicas" in raised.value.message and "replica #1: TimeoutError" in raised.value.message
 
 

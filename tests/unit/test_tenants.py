@@ -7,6 +7,7 @@ import os
 import pytest
 
 from adapterserve.tenants.keys import KeyEntry, KeyLimits, KeyStore, add, hash_secret, read, revoke
+from adapterserve.api.errors import as_api_error
 from adapterserve.tenants.limits import RateLimitExceeded, TenantLimiter
 
 
@@ -50,7 +51,8 @@ def test_requests_per_minute_with_retry_after():
     limiter.admit(key)
     with pytest.raises(RateLimitExceeded) as refused:
         limiter.admit(key)
-    assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "50"
+    rendered = as_api_error(refused.value)  # the API's one table of statuses
+    assert rendered.status == 429 and rendered.headers["Retry-After"] == "50"
     assert refused.value.reason == "requests_per_minute"
     now[0] = 60.5  # the first left the window
     limiter.admit(key)

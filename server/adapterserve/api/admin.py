@@ -15,6 +15,8 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
+from adapterserve.errors import adapter_not_loaded, not_in_dedicated_mode
+from adapterserve.metrics.engines import engine_reports
 from adapterserve.registry.records import is_safe_name
 
 from .auth import require_admin_key
@@ -39,7 +41,7 @@ def _check_name(name: object, raw_request: Request | None = None) -> str:
     if not is_safe_name(name):
         raise APIError(400, f"{name!r} is not a valid adapter name.", param="lora_name")
     if raw_request is not None and not _may_administer(raw_request, name):
-        raise APIError(404, f"The adapter `{name}` is not loaded.", param="lora_name", code="adapter_not_found")
+        raise adapter_not_loaded(name)
     return name
 
 
@@ -77,29 +79,10 @@ def _check_path(raw_request: Request, name: str, lora_path: object) -> None:
 
 
 def _registry(raw_request: Request):
-    registry = getattr(raw_request.app.state.host, "registry", None)
+    registry = raw_request.app.state.host.registry
     if registry is None:
-        raise APIError(400, "The server runs in dedicated mode: it hosts whole models, not adapters.", code="not_supported_in_mode")
+        raise not_in_dedicated_mode()
     return registry
-
-
-def engine_reports(host, metrics) -> list[dict]:
-    """Each running engine of the host with its processes, slots and adapter ids."""
-    # what each engine's worker reported at the last metrics reading (every metrics_refresh_s)
-    readings = {m.name: m for m in metrics.memory if m.measured}
-
-    def described(engine) -> dict:
-        reading = readings.get(engine.name)
-        return {
-            "name": engine.name, "runner": engine.spec.runner, "pids": engine.process_ids(),
-            "startup_seconds": engine.startup_seconds, "max_lora_rank": engine.spec.max_lora_rank,
-            # adapter ids in the engine's CPU cache and slots, and the id each served name has now
-            "cpu_cache_ids": sorted(reading.cached_adapters) if reading else None,
-            "slot_ids": sorted(reading.slot_adapters) if reading else None,
-            "adapter_ids": {name: lora_id for lora_id, name in host.published_adapters(engine).items()},
-        }
-
-    return [described(e) for e in host.engines()]
 
 
 @router.get("/admin/engines")
@@ -108,15 +91,16 @@ async def list_engines(raw_request: Request):
     Serve, every replica's engines, each with its replica."""
     _require_global_admin(raw_request)  # processes and every tenant's adapter ids
     host = raw_request.app.state.host
-    remote = getattr(host, "engine_reports", None)
-    engines = await remote() if remote is not None else engine_reports(host, raw_request.app.state.metrics)
+    engines = await host.engine_reports()  # Ray Serve: each replica reports its own
+    if engines is None:
+        engines = engine_reports(host, raw_request.app.state.metrics)
     return {"mode": host.mode, "engines": engines}
 
 
 @router.get("/admin/adapters")
 async def list_adapters(raw_request: Request):
     registry = _registry(raw_request)
-    pinned = getattr(raw_request.app.state.host, "pinned", set())
+    pinned = raw_request.app.state.host.pinned
     records = [r for r in sorted(registry.adapters.values(), key=lambda r: r.name) if _may_administer(raw_request, r.name)]
     global_admin = getattr(raw_request.state, "admin_tenant", None) is None
     return {

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter
 
-from .errors import APIError, engine_unavailable, from_vllm_error
-from .serving import call_vllm, check_ceilings, read_json_object, route, validate
+from .errors import APIError, from_vllm_error
+from .serving import check_ceilings, read_json_object, route, run_with_vllm, validate
 
 router = APIRouter()
 
@@ -40,13 +40,11 @@ async def create_classification(raw_request: Request):
     target = await route(raw_request, request, "classify")
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-    response = await call_vllm(target.engine.serving("classify")(request, raw_request), raw_request, target)
+    response = await run_with_vllm(target, "classify", request, raw_request)
     if isinstance(response, ErrorResponse):  # vLLM's handler raised: its status and message (a bad input is a 400)
         raise from_vllm_error(response)
     body = json.loads(response.body)
     if response.status_code != 200 or "error" in body:
-        if response.status_code >= 500 and not target.engine.running:
-            raise engine_unavailable(target.engine.name)
         raise from_vllm_error(ErrorResponse.model_validate(body))
     labels = target.record.labels if target.record else []
     for item in body.get("data", []):

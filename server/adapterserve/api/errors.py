@@ -1,5 +1,5 @@
 """Rendering errors as HTTP: one OpenAI error body everywhere, and one mapping from
-exceptions (the hosts' `APIError`, FastAPI's, vLLM's) to statuses.
+exceptions (the domain's errors through `STATUS_BY_ERROR`, FastAPI's, vLLM's) to statuses.
 
 Body: {"error": {"message": str, "type": str, "param": str | null, "code": str | null}},
 as the OpenAI API sends it, for every status (400, 401, 403, 404, 409, 503, 500) and
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from http import HTTPStatus
 from typing import Any
@@ -21,19 +22,92 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapterserve.errors import (  # noqa: F401 (re-exported for the endpoints)
-    RETRY_AFTER_SECONDS,
-    APIError,
-    engine_unavailable,
-    error_body,
-    error_type_for,
-    model_not_found,
-)
+from adapterserve import errors as domain
+from adapterserve.errors import RETRY_AFTER_SECONDS, DomainError  # noqa: F401 (re-exported for the endpoints)
 
 log = logging.getLogger(__name__)
 
-def render(error: APIError) -> JSONResponse:
+# The OpenAI API's error types by status.
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "invalid_request_error",
+    501: "not_implemented_error",
+    503: "service_unavailable_error",
+}
+
+# The one table from the domain's errors (errors.py) to HTTP statuses.
+STATUS_BY_ERROR: dict[type[DomainError], int] = {
+    domain.InvalidRequest: 400,
+    domain.UnknownModel: 404,
+    domain.NotFound: 404,
+    domain.Conflict: 409,
+    domain.Forbidden: 403,
+    domain.LimitExceeded: 429,
+    domain.Unavailable: 503,
+    domain.ServingFailed: 500,
+    domain.ClientGone: 499,  # nginx's "client closed request": only logs and metrics see it
+}
+
+
+def error_type_for(status: int) -> str:
+    return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type_for(status), "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """An error the API answers with its status and OpenAI body (the API's own refusals,
+    and every domain error once mapped: `as_api_error`)."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = int(status)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+def status_of(error: DomainError) -> int:
+    if isinstance(error, domain.EngineRejected):
+        return error.vllm_status  # as vLLM's own server would answer it
+    return next((status for cls, status in STATUS_BY_ERROR.items() if isinstance(error, cls)), 500)
+
+
+def as_api_error(error: DomainError) -> APIError:
+    if isinstance(error, domain.EngineRejected) and error.code is None:
+        return _vllm_shaped(error.vllm_status, error.message, error.param)
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return APIError(status_of(error), error.message, param=error.param, code=error.code, headers=headers)
+
+
+def model_not_found(name: str) -> APIError:
+    return as_api_error(domain.model_not_found(name))
+
+
+def render(error: APIError | DomainError) -> JSONResponse:
     """The HTTP response for an error the hosts or the API raised."""
+    if isinstance(error, DomainError):
+        error = as_api_error(error)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
@@ -53,10 +127,12 @@ _FIELD_FIRST = re.compile(r"^([a-z][a-z0-9_]*) (?:must|should|cannot|is not|has 
 def from_vllm_error(error: Any) -> APIError:
     """Reshape vLLM's ErrorResponse (code = HTTP status) into an APIError."""
     info = error.error
-    status = int(info.code) if isinstance(info.code, int) else 500
+    return _vllm_shaped(int(info.code) if isinstance(info.code, int) else 500, info.message, info.param)
+
+
+def _vllm_shaped(status: int, message: str, param: str | None) -> APIError:
     code = None
-    message = info.message
-    param = clean_param(info.param)
+    param = clean_param(param)
     if status == 400 and param is None and (match := _FIELD_FIRST.match(message)):
         param = match.group(1)
     if status == 400 and "maximum context length" in message:
@@ -109,6 +185,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
+        return render(exc)
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError):
         return render(exc)
 
     @app.exception_handler(RequestValidationError)

@@ -10,7 +10,6 @@ is checked on the parsed request, after vLLM's models have converted "64" and 64
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -20,12 +19,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from adapterserve.hosting.protocol import Endpoint, Target, requested_name
+from adapterserve.hosting import serving
+from adapterserve.hosting.protocol import Endpoint, Target
 
-from .errors import (
-    APIError, engine_unavailable, from_validation_error, from_vllm_error, model_not_found, reshape_stream_chunk,
-    streaming_error_line,
-)
+from .errors import APIError, from_validation_error, from_vllm_error, model_not_found, reshape_stream_chunk, streaming_error_line
 
 log = logging.getLogger(__name__)
 
@@ -163,36 +160,42 @@ def validate(payload: dict, validator) -> Any:
 
 
 async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Target:
-    """Resolve the model through the host and point the request at vLLM's name for it.
-    A tenant's key must allow the model (else the answer is exactly an unknown model's,
-    given before the host looks at it) and be within its limits (checked before the host
-    resolves: a throttled key makes the server validate, copy or swap nothing)."""
+    """Resolve the model through the host (hosting/serving.py), with the request's key as
+    the tenancy gate, and keep the target for the metrics and logs."""
     key = getattr(raw_request.state, "key", None)
     host = raw_request.app.state.host
-    if key is not None and isinstance(request.model, str):
-        requested = requested_name(request.model, host.base_name)
-        if not key.may_use(requested, host.base_name):
-            raw_request.state.rejection = "model_not_allowed"
-            log.info("tenant %s (key %s): model %r not allowed, answered as unknown", key.tenant, key.id, request.model)
-            raise model_not_found(request.model)
-        admit(raw_request, key)  # before the host does any work for it (discovery, a swap)
-    target = await host.resolve(request.model, endpoint)
-    if key is not None and not key.may_use(target.model, host.base_name):
-        raw_request.state.rejection = "model_not_allowed"
-        raise model_not_found(request.model)
-    request.model = target.vllm_model
+    gate = KeyGate(raw_request, key, host.base_name) if key is not None else None
+    target = await serving.resolve(host, request, endpoint, gate)
     raw_request.state.target = target  # for metrics and logs
     return target
+
+
+class KeyGate:
+    """A tenant's key as the serving gate: a model it may not use is answered exactly as an
+    unknown model (given before the host looks at it), and the request counts against the
+    key's limits before the host does any work for it (429 when over)."""
+
+    def __init__(self, raw_request: Request, key, base_name: str | None):
+        self.raw_request, self.key, self.base_name = raw_request, key, base_name
+
+    def allow(self, name: str, asked: str) -> None:
+        if not self.key.may_use(name, self.base_name):
+            self.raw_request.state.rejection = "model_not_allowed"
+            log.info("tenant %s (key %s): model %r not allowed, answered as unknown", self.key.tenant, self.key.id, asked)
+            raise model_not_found(asked)
+
+    def admit(self) -> None:
+        admit(self.raw_request, self.key)
 
 
 def admit(raw_request: Request, key) -> None:
     """Count the request against its key's limits (429 when over); the tenants middleware
     releases it when its response has ended."""
-    from adapterserve.tenants.limits import RateLimitExceeded
+    from adapterserve.errors import LimitExceeded
 
     try:
         raw_request.app.state.limiter.admit(key)
-    except RateLimitExceeded as exc:
+    except LimitExceeded as exc:
         raw_request.state.rejection = exc.reason
         log.info("tenant %s (key %s): 429, %s", key.tenant, key.id, exc.reason)
         raise
@@ -216,77 +219,16 @@ async def serve_generation(raw_request: Request, endpoint: Endpoint) -> JSONResp
     request = await parse_request(raw_request, generation_request_class(endpoint))
     check_ceilings(request, endpoint, raw_request.app.state.settings)
     target = await route(raw_request, request, endpoint)
-    return answer(await generate_with_vllm(target, endpoint, request, raw_request))
+    return answer(await run_with_vllm(target, endpoint, request, raw_request))
 
 
-async def generate_with_vllm(target: Target, endpoint: Endpoint, request: Any, raw_request: Request) -> Any:
-    """vLLM's chat, completion or responses handler on the target's engine, called through
-    `call_vllm` (the request already points at vLLM's name for the model). A stream is
-    SSE text for every endpoint (the Responses API's events as vLLM's server writes them)."""
-    handler = target.engine.serving(endpoint)
-    if endpoint == "responses":
-        result = await call_vllm(handler.create_responses(request, raw_request), raw_request, target)
-        return result if isinstance(result, BaseModel) else _response_events(result)
-    create = handler.create_chat_completion if endpoint == "chat" else handler.create_completion
-    return await call_vllm(create(request, raw_request), raw_request, target)
-
-
-async def _response_events(events: AsyncIterator[BaseModel | str]) -> AsyncIterator[str]:
-    """The Responses API's stream events as SSE (`event:` and `data:` lines), as vLLM's own
-    router writes them (events that arrive as SSE already, from a Ray replica, pass as they are)."""
-    async for event in events:
-        if isinstance(event, str):
-            yield event
-            continue
-        kind = getattr(event, "type", "unknown")
-        yield f"event: {kind}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
-
-
-async def call_vllm(awaitable, raw_request: Request, target: Target) -> Any:
-    """Await a vLLM serving call; an exception it raises becomes the status vLLM's own
-    server would give it (400 for a client's mistake, 500 for a server fault), and a
-    failure of an engine that has died a 503 with Retry-After.
-
-    The call is cancelled when the client disconnects first, as vLLM's own server does
-    (`with_cancellation`): cancelling it aborts the request in the engine. The body has
-    been read by then, so listening for the disconnect consumes nothing else."""
-    from vllm.entrypoints.serve import create_error_response
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+async def run_with_vllm(target: Target, endpoint: Endpoint, request: Any, raw_request: Request) -> Any:
+    """vLLM's handler for the endpoint on the target's engine (hosting/serving.py), given
+    up when the client disconnects first."""
     from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect
 
-    work = asyncio.ensure_future(awaitable)
-    watch = asyncio.ensure_future(listen_for_disconnect(raw_request))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (work, watch):
-            if not task.done():
-                task.cancel()
-    if not work.done() or work.cancelled():
-        raise APIError(499, "The client closed the request.", code="client_closed_request")
-    try:
-        result = work.result()
-    except APIError:
-        raise
-    except Exception as exc:
-        result = create_error_response(exc)
-    if isinstance(result, ErrorResponse) and _status(result) >= 500:
-        if not target.engine.running:
-            raise engine_unavailable(target.engine.name)
-        reason = getattr(raw_request.app.state.host, "quarantined", {}).get(target.model) if target.record is not None else None
-        if reason is not None:
-            quarantined = reason.startswith("quarantined")
-            raise APIError(
-                500, f"The adapter `{target.model}` produced non-finite values (NaN logits); the request was stopped"
-                + (" and the adapter quarantined." if quarantined else "."), param="model",
-                code="adapter_quarantined" if quarantined else "adapter_nonfinite",
-            )
-    return result
-
-
-def _status(error: Any) -> int:
-    code = error.error.code
-    return int(code) if isinstance(code, int) else 500
+    host = raw_request.app.state.host
+    return await serving.run(host, target, endpoint, request, raw_request, lambda: listen_for_disconnect(raw_request))
 
 
 def answer(result: Any) -> JSONResponse | StreamingResponse:

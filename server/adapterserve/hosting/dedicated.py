@@ -4,8 +4,9 @@ The honest other column of the hosting table. Each model is a full folder with i
 engine processes, weights and KV cache. With `max_resident_models`, only that many engines
 run; a request for another model swaps the least recently used one out and starts the
 one it needs, and waits for it (bounded, then a 503 with Retry-After). An engine that dies
-is reported by /health and restarted with the shared mode's policy (hosting/restart.py,
-back-off included), and the other models keep serving.
+is reported by /health and restarted by the engine supervisor both modes share
+(hosting/supervisor.py: one restart policy, back-off included), and the other models keep
+serving.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterserve.config import Settings
-from adapterserve.errors import APIError, model_not_found
+from adapterserve.errors import RETRY_AFTER_SECONDS, Unavailable, engine_unavailable, model_not_found, not_in_dedicated_mode
+from adapterserve.registry import kinds
 
-from .backoff import Backoff
 from .engine import EngineSpec, VllmEngine, start_together
-from .restart import backoff_for, start_again
 from .protocol import (
     ENGINE_RUNTIME_BYTES, GiB, Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model,
 )
+from .supervisor import EngineSupervisor
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_SECONDS = 10
+WATCH_INTERVAL_S = 2.0
 
 
 class BudgetExceeded(RuntimeError):
@@ -77,6 +78,7 @@ def discover_models(paths: list[Path]) -> list[FullModel]:
 
 class DedicatedHost:
     mode = "dedicated"
+    remote_engines = False
     registry = None  # no adapters: every task is a whole model
 
     def __init__(
@@ -86,8 +88,8 @@ class DedicatedHost:
             raise ValueError("dedicated mode needs at least one model folder")
         self.settings = settings
         self.models = {m.name: m for m in models}
-        self.engine_factory = engine_factory
         self.observer = observer or HostObserver()
+        self.supervisor = EngineSupervisor(settings, engine_factory, self.observer)
         self.base_path = None  # no shared base: every model holds its own weights
         self.pinned: set[str] = set()
         # what the shared mode's slots would hold for these tasks (the metrics' estimate)
@@ -96,16 +98,19 @@ class DedicatedHost:
         self._tasks = [HostedTask(m.name, m.kind, "full_model", _folder_bytes(m.path), _merged_adapter_elements(m.path)) for m in models]
         self.base_name = None  # no base model: a key's `base: true` grants none of these models
         self.resident: OrderedDict[str, Engine] = OrderedDict()  # least recently used first
-        self.starting: dict[str, asyncio.Task] = {}
-        self.down: dict[str, str] = {}  # model -> why its engine is down
+        self.starting: dict[str, asyncio.Task] = {}  # model -> the swap or restart its requests wait for
         self.swap_count = 0
         self.swap_seconds: list[float] = []
-        self.restarts: dict[str, int] = {}
         self.created = int(time.time())
         self._lock = asyncio.Lock()
-        self._starting: set[Engine] = set()  # engines being started (stopped with the host)
-        self._monitor: asyncio.Task | None = None
-        self._backoffs: dict[str, Backoff] = {}  # model -> the back-off of its engine's restarts
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        return self.supervisor.restarts
+
+    @property
+    def down(self) -> dict[str, str]:
+        return self.supervisor.down  # engine name (the model's) -> why it is down
 
     @property
     def max_resident(self) -> int:
@@ -135,42 +140,27 @@ class DedicatedHost:
     def _spec(self, model: FullModel) -> EngineSpec:
         return EngineSpec.from_settings(
             self.settings, model.name, model.path, model.name,
-            runner="pooling" if model.kind == "head" else "generate",
+            runner=kinds.of(model.kind).runner,
             log_stats=False,  # vLLM's stats logger would unregister the other engines' metrics
         )
 
     async def start(self) -> None:
         self.check_budget()
         await start_together(self._start_engine(model) for model in list(self.models.values())[: self.max_resident])
-        self._monitor = asyncio.create_task(self._watch())
+        self.supervisor.watch(self._dead, self._on_dead, WATCH_INTERVAL_S)
 
     async def stop(self) -> None:
-        if self._monitor is not None:
-            self._monitor.cancel()
         for task in self.starting.values():
             task.cancel()
         # engines in the middle of a start too: their stop waits for their construction
-        for engine in [*self._starting, *self.resident.values()]:
-            engine.stop()
-        self._starting.clear()
+        self.supervisor.stop(self.resident.values())
         self.resident.clear()
 
     def engines(self) -> list[Engine]:
         return list(self.resident.values())
 
     async def _start_engine(self, model: FullModel) -> Engine:
-        engine = self.engine_factory(self._spec(model))
-        engine.on_started = self.observer.engine_started
-        self._starting.add(engine)
-        try:
-            await engine.start()
-        except asyncio.CancelledError:
-            raise  # the host is stopping: its stop() stops this engine too
-        except BaseException:
-            self._starting.discard(engine)
-            await engine.stop_async()
-            raise
-        self._starting.discard(engine)
+        engine = await self.supervisor.start(self.supervisor.new_engine(self._spec(model)))
         self.resident[model.name] = engine
         self.down.pop(model.name, None)
         return engine
@@ -210,10 +200,7 @@ class DedicatedHost:
             # dead engine out of `resident` within its interval, and vLLM marks its client
             # errored when its engine core dies
             if engine.client is None or engine.client.errored:
-                raise APIError(
-                    503, f"The engine serving `{model.name}` is down and is being restarted.",
-                    code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-                )
+                raise engine_unavailable(model.name)
             self.resident.move_to_end(model.name)
             return engine
         task = self.starting.get(model.name)
@@ -225,46 +212,35 @@ class DedicatedHost:
             # shield: a request that gives up does not cancel the start others wait for
             return await asyncio.wait_for(asyncio.shield(task), timeout=self.settings.model_start_wait_s)
         except asyncio.TimeoutError:
-            raise APIError(
-                503, f"The model `{model.name}` is being loaded; retry shortly.",
-                code="model_loading", headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            raise Unavailable(
+                f"The model `{model.name}` is being loaded; retry shortly.", code="model_loading", retry_after_s=RETRY_AFTER_SECONDS,
             ) from None
 
-    async def _watch(self, interval: float = 2.0) -> None:
-        """Restart engines that died; the other models keep serving meanwhile."""
-        while True:
-            await asyncio.sleep(interval)
-            for name, engine in list(self.resident.items()):
-                if engine.running or name in self.starting:
-                    continue
-                reason = await engine.check_health() or "engine stopped"
-                self.down[name] = reason
-                log.error("engine for %s is down (%s); restarting it", name, reason)
-                # out of the resident set and marked as starting at once, with no await in
-                # between: a request meanwhile waits for this restart instead of its own
-                self.resident.pop(name, None)
-                task = asyncio.create_task(self._restart(self.models[name], engine))
-                self.starting[name] = task
-                task.add_done_callback(lambda _, n=name: self.starting.pop(n, None))
+    def _dead(self) -> list[Engine]:
+        return [e for n, e in self.resident.items() if n not in self.starting and not e.running]
+
+    async def _on_dead(self, engine: Engine) -> None:
+        """Restart a dead engine in the background; requests for its model wait for it."""
+        name = engine.name
+        await self.supervisor.mark_down(engine)
+        # out of the resident set and marked as starting at once, with no await in between:
+        # a request meanwhile waits for this restart instead of its own
+        self.resident.pop(name, None)
+        task = asyncio.create_task(self._restart(self.models[name], engine))
+        self.starting[name] = task
+        task.add_done_callback(lambda _, n=name: self.starting.pop(n, None))
 
     async def _restart(self, model: FullModel, dead: Engine) -> Engine:
-        """Stop what is left of the dead engine and start a new one, with the shared mode's
-        restart policy (hosting/restart.py: tried again after a back-off until it starts);
-        requests for the model wait for this task (see `_engine_for`)."""
-        await dead.stop_async()
-
+        """The supervisor's restart, each try under the swap lock (swaps of other models go
+        on during the back-off); requests for the model wait for this task (`_engine_for`)."""
         async def start_new() -> Engine:
-            async with self._lock:  # per try: swaps of other models go on during the back-off
+            async with self._lock:
                 return await self._start_engine(model)
 
-        def failed(reason: str) -> None:
-            self.down[model.name] = reason
+        async def published(engine: Engine) -> None:
+            return None  # `_start_engine` made it resident
 
-        backoff = self._backoffs.setdefault(model.name, backoff_for(self.settings))
-        engine = await start_again(model.name, start_new, backoff, failed)
-        self.restarts[model.name] = self.restarts.get(model.name, 0) + 1
-        self.observer.engine_restarted(model.name)
-        return engine
+        return await self.supervisor.restart(dead, published, start_new)
 
     def tasks(self) -> list[HostedTask]:
         return list(self._tasks)
@@ -274,10 +250,17 @@ class DedicatedHost:
 
     async def health(self) -> dict[str, str | None]:
         report: dict[str, str | None] = {name: self.down[name] for name in self.models if name in self.down}
-        resident = [(n, e) for n, e in self.resident.items() if n not in report]
-        results = await asyncio.gather(*(engine.check_health() for _, engine in resident))
-        report.update({name: result for (name, _), result in zip(resident, results)})
+        report.update(await self.supervisor.health(e for n, e in self.resident.items() if n not in report))
         return report
+
+    def nonfinite_state(self, model: str) -> None:
+        return None  # whole models: no quarantine
+
+    async def engine_reports(self) -> None:
+        return None
+
+    async def metrics_pages(self) -> None:
+        return None
 
     # --- routing -----------------------------------------------------------------
     async def resolve(self, model: str | None, endpoint: Endpoint) -> Target:
@@ -320,8 +303,8 @@ class DedicatedHost:
         raise _no_adapters()
 
 
-def _no_adapters() -> APIError:
-    return APIError(400, "The server runs in dedicated mode: it hosts whole models, not adapters.", code="not_supported_in_mode")
+def _no_adapters():
+    return not_in_dedicated_mode()
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """The interfaces between the hosts and the rest: Host, Engine, HostObserver, HostedTask.
 
 A request names a model; the host answers with a Target (the engine that serves it and
-the name that engine knows it by), or raises an APIError: 404 for an unknown model, 400
-for a model that exists but is served by another endpoint. The API, the admin endpoints
-and the metrics use the hosts only through these; the metrics observe a host through the
-HostObserver it is given.
+the name that engine knows it by), or raises a domain error (errors.py): UnknownModel,
+InvalidRequest for a model that exists but is served by another endpoint, Unavailable
+while its engine is down. The API, the admin endpoints, the metrics and the Ray replicas
+use the hosts only through these (nothing outside hosting/ reaches past them:
+tests/unit/test_structure.py); the metrics observe a host through the HostObserver it is
+given.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from adapterserve.errors import APIError
+from adapterserve.errors import InvalidRequest, missing_model  # noqa: F401 (missing_model: for the hosts)
+from adapterserve.registry import kinds
 from adapterserve.registry.records import AdapterRecord
 
 from .engine import EngineSpec
@@ -159,6 +162,7 @@ class Host(Protocol):
     weights_path: Path  # a folder one engine of this host loads (for estimates)
     lora_rank: int  # the max LoRA rank of the engines' slots (fitted to the stores, or as set)
     pinned: set[str]  # adapters kept in their engine, never evicted
+    remote_engines: bool  # the engines run elsewhere (Ray Serve replicas): `engines()` is empty
 
     def tasks(self) -> list[HostedTask]: ...
 
@@ -194,6 +198,21 @@ class Host(Protocol):
         """Scan the stores now: register new folders, reload changed ones, drop removed ones."""
         ...
 
+    def nonfinite_state(self, model: str) -> str | None:
+        """Whether `model`'s requests produced non-finite values: "quarantined" (it serves no
+        more), "reported" (it serves on: tenants share it), or None."""
+        ...
+
+    async def engine_reports(self) -> list[dict] | None:
+        """What the engines report of themselves (/admin/engines), for a host whose engines
+        run elsewhere (Ray Serve replicas); None: the server reads its own engines."""
+        ...
+
+    async def metrics_pages(self) -> list[tuple[str, str]] | None:
+        """(replica, Prometheus page) of engines whose processes run elsewhere (Ray
+        replicas), or None: the server's own registry holds its engines' metrics."""
+        ...
+
 
 def requested_name(model: str, base_name: str | None) -> str:
     """The name a client's `model` means: `<base>:<adapter>` (the form some clients send)
@@ -205,27 +224,17 @@ def requested_name(model: str, base_name: str | None) -> str:
 
 
 def check_endpoint(model: str, kind: str, endpoint: Endpoint) -> None:
-    """Heads answer /v1/classify only; the base, LoRA adapters and full models the
-    generation endpoints only."""
-    if (kind == "head") != (endpoint == "classify"):
+    """Each kind is answered by its endpoints only (registry/kinds.py): heads by
+    /v1/classify, the base, LoRA adapters and full models by the generation endpoints."""
+    if endpoint not in kinds.of(kind).endpoints:
         raise wrong_endpoint(model, kind, endpoint)
 
 
-def wrong_endpoint(model: str, kind: str, endpoint: Endpoint) -> APIError:
+def wrong_endpoint(model: str, kind: str, endpoint: Endpoint) -> InvalidRequest:
     """A model that exists but is served elsewhere: say where."""
-    if kind == "head":
-        where = ENDPOINT_PATHS["classify"]
-        what = "a classification head adapter"
-    else:
-        where = f"{ENDPOINT_PATHS['chat']}, {ENDPOINT_PATHS['completion']} or {ENDPOINT_PATHS['responses']}"
-        what = "a text generation model" if kind in ("base", "full") else "a LoRA adapter"
-    return APIError(
-        400,
-        f"The model `{model}` is {what} and is not served by {ENDPOINT_PATHS[endpoint]}; use {where}.",
-        param="model",
-        code="model_not_supported_by_endpoint",
+    served = kinds.of(kind)
+    return InvalidRequest(
+        f"The model `{model}` is {served.described} and is not served by {ENDPOINT_PATHS[endpoint]}; "
+        f"use {kinds.endpoint_paths(served, ENDPOINT_PATHS)}.",
+        param="model", code="model_not_supported_by_endpoint",
     )
-
-
-def missing_model() -> APIError:
-    return APIError(400, "You must provide a model parameter.", param="model", code="missing_required_parameter")

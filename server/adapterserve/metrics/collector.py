@@ -95,7 +95,7 @@ class HostCollector:
                 families["gpu"].add_metric([reading.name, gpu], used)
 
     def _adapters(self, host, memory, family) -> None:
-        registry = getattr(host, "registry", None)
+        registry = host.registry
         counts = {(kind, tier): 0 for kind in ("lora", "head") for tier in ("registered", "cpu_cache", "engine_slot", "pinned")}
         if registry is not None:
             for record in registry.adapters.values():

@@ -3,7 +3,7 @@ front of N engine replicas, each a shared-mode host with its own engines over th
 stores (see docs/scaling.md).
 
 - `replica.py`: the engine replica deployment (host, metrics, adapter leases).
-- `ingress.py`: the ingress deployment (the same FastAPI app over `hosting/ray/remote.py`).
+- `ingress.py`: the ingress deployment (the same FastAPI app over `replica_set.py`).
 - `app.py`: the application builder (`import_path: adapterserve.rayserve.app:build`), and
   `serve --ray` on a local Ray cluster.
 

@@ -16,7 +16,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         from adapterserve.app import create_app
-        from adapterserve.hosting.ray.remote import ReplicaSetHost
+        from adapterserve.rayserve.replica_set import ReplicaSetHost
 
         def host_factory(settings, observer):
             return ReplicaSetHost(settings, self.replicas, observer, adapter_affinity=self.adapter_affinity)

@@ -17,11 +17,10 @@ import logging
 import os
 from typing import Any
 
-from adapterserve.api.errors import from_vllm_error
-from adapterserve.api.serving import call_vllm, generate_with_vllm
-from adapterserve.errors import APIError
-from adapterserve.hosting.protocol import ENDPOINT_PATHS
-from adapterserve.hosting.ray import wire
+from adapterserve.errors import DomainError
+from adapterserve.hosting import serving
+
+from . import wire
 
 log = logging.getLogger(__name__)
 
@@ -40,37 +39,6 @@ class AdapterLease:
             self.replica.release(self)
         except Exception:  # the replica is shutting down: nothing left to evict
             pass
-
-
-class _AppState:
-    """What adapterserve's API helpers read from `request.app.state`."""
-
-    def __init__(self, host, settings):
-        self.host, self.settings = host, settings
-
-
-class _App:
-    def __init__(self, host, settings):
-        self.state = _AppState(host, settings)
-
-
-def replica_request(app: _App, path: str, headers: dict[str, str]):
-    """A Starlette request for vLLM's serving calls in the replica: the forwarded headers
-    (request id, tracing), and a receive that never reports a disconnect (a client that goes
-    away cancels the Ray call, which cancels the work here)."""
-    from starlette.requests import Request
-
-    never = asyncio.Event()
-
-    async def receive():
-        await never.wait()
-        return {"type": "http.disconnect"}
-
-    scope = {
-        "type": "http", "method": "POST", "path": path, "app": app, "query_string": b"",
-        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
-    }
-    return Request(scope, receive)
 
 
 class EngineReplica:
@@ -94,7 +62,6 @@ class EngineReplica:
             await self.host.stop()
             raise
         await self.metrics.bind_host(self.host)
-        self.app = _App(self.host, settings)
         self.leases: dict[str, AdapterLease] = {}  # adapter -> its current lease
         self._evicting: set[asyncio.Task] = set()
         for name in list(self.host.registry.adapters):
@@ -102,7 +69,7 @@ class EngineReplica:
         log.info("replica %s (pid %d) serves %s", self.replica, os.getpid(), self.host.base_name)
 
     async def __del__(self):  # Ray calls it when it stops the replica
-        if getattr(self, "host", None) is not None:
+        if "host" in vars(self):  # (not when the constructor failed before making it)
             await self.metrics.unbind_host()
             await self.host.stop()
 
@@ -143,17 +110,17 @@ class EngineReplica:
         from pydantic import BaseModel
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-        raw = replica_request(self.app, ENDPOINT_PATHS[endpoint], headers)
         sink = _collect_traffic(endpoint)
         try:
-            target = await self.host.resolve(request.model, endpoint)
+            target = await serving.resolve(self.host, request, endpoint)
             await self._lease_for(target)
-            request.model = target.vllm_model
-            result = await generate_with_vllm(target, endpoint, request, raw)
-            if isinstance(result, ErrorResponse):
-                raise from_vllm_error(result)
-        except APIError as exc:
+            # no disconnect to listen for: a client that goes away cancels the Ray call
+            result = await serving.run(self.host, target, endpoint, request, serving.RequestMeta(headers))
+        except DomainError as exc:
             yield wire.error(exc)
+            return
+        if isinstance(result, ErrorResponse):
+            yield wire.VLLM_ERROR, result.model_dump(mode="json")
             return
         if isinstance(result, BaseModel):
             yield "json", result.model_dump(mode="json", by_alias=True)
@@ -165,16 +132,14 @@ class EngineReplica:
 
     async def classify(self, request, headers: dict[str, str]):
         """A classification request: ("ok", (status, body)) as vLLM's handler answered."""
-        raw = replica_request(self.app, ENDPOINT_PATHS["classify"], headers)
         sink = _collect_traffic("classify")
 
         async def run():
-            target = await self.host.resolve(request.model, "classify")
+            target = await serving.resolve(self.host, request, "classify")
             await self._lease_for(target)
-            request.model = target.vllm_model
-            response = await call_vllm(target.engine.serving("classify")(request, raw), raw, target)
+            response = await serving.run(self.host, target, "classify", request, serving.RequestMeta(headers))
             if not hasattr(response, "body"):  # vLLM's handler raised: its ErrorResponse (a bad input is a 400)
-                raise from_vllm_error(response)
+                raise serving.rejected(response)
             return response.status_code, bytes(response.body), _usage(sink)
 
         return await wire.replying(run())
@@ -210,7 +175,7 @@ class EngineReplica:
         return self.replica, await self.host.health()
 
     async def engine_reports(self) -> list[dict]:
-        from adapterserve.api.admin import engine_reports
+        from adapterserve.metrics.engines import engine_reports
 
         return [{**report, "replica": self.replica, "replica_pid": os.getpid(), "leased": sorted(self.leases)}
                 for report in engine_reports(self.host, self.metrics)]

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from adapterserve.errors import APIError
+from adapterserve.errors import LimitExceeded
 
 from .keys import KeyEntry
 
@@ -33,13 +33,12 @@ class _Usage:
             self.tokens.popleft()
 
 
-class RateLimitExceeded(APIError):
+class RateLimitExceeded(LimitExceeded):
+    """Over one of the key's limits: retry after the seconds until the oldest request (or
+    tokens) leaves the window, rounded up."""
+
     def __init__(self, reason: str, message: str, retry_after: float):
-        super().__init__(
-            429, message, code="rate_limit_exceeded",
-            headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
-        )
-        self.reason = reason
+        super().__init__(reason, message, max(1, math.ceil(retry_after)))
 
 
 class TenantLimiter:

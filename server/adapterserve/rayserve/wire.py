@@ -1,40 +1,38 @@
 """What crosses between the ingress and the engine replicas, as plain picklable data.
 
-Replies are ("ok", value) or ("error", fields of an APIError): an exception raised in a
-replica would reach the ingress wrapped by Ray (and APIError does not survive pickling
-with its status), so errors travel as data and are raised again on the ingress side.
+Replies are ("ok", value) or ("error", the fields of a domain error): an exception raised
+in a replica would reach the ingress wrapped by Ray, so errors travel as data and are
+raised again on the ingress side (errors.py: `DomainError.fields`, `from_fields`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from adapterserve.errors import APIError
+from adapterserve.errors import DomainError, from_fields
 
 OK, ERROR = "ok", "error"
+VLLM_ERROR = "vllm_error"  # vLLM's ErrorResponse, as its JSON (the ingress shapes it)
 
 
-def error_fields(exc: APIError) -> dict[str, Any]:
-    return {"status": exc.status, "message": exc.message, "param": exc.param, "code": exc.code, "headers": dict(exc.headers)}
+def error_fields(exc: DomainError) -> dict[str, Any]:
+    return exc.fields()
 
 
-def error_from_fields(fields: dict[str, Any]) -> APIError:
-    return APIError(
-        fields["status"], fields["message"], param=fields.get("param"), code=fields.get("code"),
-        headers=fields.get("headers") or {},
-    )
+def error_from_fields(fields: dict[str, Any]) -> DomainError:
+    return from_fields(fields)
 
 
 def ok(value: Any = None) -> tuple[str, Any]:
     return OK, value
 
 
-def error(exc: APIError) -> tuple[str, Any]:
+def error(exc: DomainError) -> tuple[str, Any]:
     return ERROR, error_fields(exc)
 
 
 def unwrap(reply: tuple[str, Any]) -> Any:
-    """The value of a reply, or its error raised as the APIError it was."""
+    """The value of a reply, or its error raised as the domain error it was."""
     status, value = reply
     if status == ERROR:
         raise error_from_fields(value)
@@ -42,10 +40,10 @@ def unwrap(reply: tuple[str, Any]) -> Any:
 
 
 async def replying(call) -> tuple[str, Any]:
-    """Await `call` (a coroutine) and turn its result or APIError into a reply."""
+    """Await `call` (a coroutine) and turn its result or domain error into a reply."""
     try:
         return ok(await call)
-    except APIError as exc:
+    except DomainError as exc:
         return error(exc)
 
 

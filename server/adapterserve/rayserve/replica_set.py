@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from adapterserve.errors import APIError, engine_unavailable, model_not_found
+from adapterserve.errors import Conflict, DomainError, Unavailable, engine_unavailable, model_not_found
 from adapterserve.hosting.protocol import HostObserver, ModelCard, Target, check_endpoint, missing_model, requested_name
 
 from . import wire
@@ -129,6 +129,7 @@ class ReplicaSetHost:
     """Host protocol over the replicas of a Ray Serve deployment (the EngineReplica)."""
 
     mode = "shared"
+    remote_engines = True
     base_path = None
 
     def __init__(self, settings, handle, observer: HostObserver | None = None, adapter_affinity: bool = True):
@@ -138,7 +139,6 @@ class ReplicaSetHost:
         self.adapter_affinity = adapter_affinity
         self.created = int(time.time())
         self.engine = ReplicaSetEngine(self)
-        self.quarantined: dict[str, str] = {}  # replicas answer quarantines themselves
         self.restarts: dict[str, int] = {}  # replicas restart their own engines (their metrics count it)
         self.catalog: wire.Catalog | None = None
         self._refresher: asyncio.Task | None = None
@@ -213,7 +213,7 @@ class ReplicaSetHost:
         """Await a replica call; a replica that died under it is a 503 (Ray replaces it)."""
         try:
             return await response
-        except APIError:
+        except DomainError:
             raise
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
@@ -235,6 +235,11 @@ class ReplicaSetHost:
         if kind == wire.ERROR:
             stream.cancel()
             raise wire.error_from_fields(value)
+        if kind == wire.VLLM_ERROR:  # vLLM's own refusal: the API shapes it as for a local engine
+            stream.cancel()
+            from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+            return ErrorResponse.model_validate(value)
         if kind == "json":
             async for _kind, usage in stream:  # the usage item ends it
                 self.observer.tokens_used(*usage)
@@ -278,6 +283,9 @@ class ReplicaSetHost:
     def engines(self) -> list:
         return []  # the engines are in the replicas: see engine_reports
 
+    def nonfinite_state(self, model: str) -> None:
+        return None  # each replica answers its adapters' non-finite values itself
+
     # --- every replica -----------------------------------------------------------------
     async def broadcast(self, method: str, *args) -> list[Any]:
         """Call `method` on every running replica; exceptions are returned, not raised."""
@@ -299,7 +307,7 @@ class ReplicaSetHost:
             status, value = reply
             if status == wire.OK:
                 values.append(value)
-            elif value.get("status") == 409:
+            elif value.get("kind") == Conflict.__name__:
                 already.append(value)
             else:
                 failures.append((index, str(value.get("message", ""))[:200], value))
@@ -309,9 +317,9 @@ class ReplicaSetHost:
             log.warning("refreshing the catalog failed: %s", exc)
         if failures and (values or already):
             detail = "; ".join(f"replica #{index}: {reason}" for index, reason, _ in failures)
-            raise APIError(
-                503, f"`{op}` was done on {len(values) + len(already)} of {len(replies)} replicas, not on: {detail}. "
-                "Send it again.", code="not_done_on_every_replica", headers={"Retry-After": "5"},
+            raise Unavailable(
+                f"`{op}` was done on {len(values) + len(already)} of {len(replies)} replicas, not on: {detail}. "
+                "Send it again.", code="not_done_on_every_replica", retry_after_s=5,
             )
         if values:
             return values[0]
