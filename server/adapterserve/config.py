@@ -2,6 +2,10 @@
 
 Every field carries a description; the CLI builds its `serve` flags from them, so
 `adapterserve serve --help` always lists exactly what can be set here.
+
+Kept as one module: one declarative schema (a field per setting, grouped by concern in
+the order of the class: server, tenants, mode and stores, engine, limits, metrics, Ray).
+Splitting it into nested models would rename every flag and variable users have set.
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from adapterserve.config import load_settings
-from adapterserve.models import resolve_base_model
+from adapterserve.base_model import resolve_base_model
 from adapterserve.registry.records import BaseModelInfo
 from adapterserve.training.demo import demo_store
 from tests.adapter_factory import build_broken_corpus, write_lora
-from adapterserve.process import ServerProcess
+from adapterserve.server_process import ServerProcess
 
 ADMIN_KEY = "integration-admin"
 MAX_LORAS = 4

@@ -14,7 +14,7 @@ import shutil
 import openai
 import pytest
 
-from adapterserve.process import ServerProcess
+from adapterserve.server_process import ServerProcess
 from tests.integration.conftest import DEMO, MAX_LORA_RANK, MAX_LORAS
 from tests.reference import served_greedy
 

@@ -18,7 +18,7 @@ import shutil
 import openai
 import pytest
 
-from adapterserve.process import ServerProcess
+from adapterserve.server_process import ServerProcess
 from tests.integration.conftest import DEMO
 from tests.reference import assert_matches, served_greedy
 

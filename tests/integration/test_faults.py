@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from adapterserve.process import ServerProcess
+from adapterserve.server_process import ServerProcess
 from tests.integration.conftest import ADMIN_KEY
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapterserve.process import ServerProcess
+from adapterserve.server_process import ServerProcess
 from tests.integration.conftest import ADMIN_KEY
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from adapterserve.process import ServerProcess
+from adapterserve.server_process import ServerProcess
 from tests.adapter_factory import lora_tensors, write_lora
 from tests.integration.conftest import DEMO
 from tests.reference import assert_matches, greedy_of, greedy_request

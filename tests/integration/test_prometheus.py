@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
 
-from adapterserve.process import free_port
+from adapterserve.server_process import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

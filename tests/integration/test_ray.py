@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapterserve.config import Settings
-from adapterserve.process import RayCluster, ServerProcess
+from adapterserve.server_process import RayCluster, ServerProcess
 from adapterserve.rayserve.app import QUEUE_FACTOR
 from adapterserve.tenants.keys import KeyLimits, add
 from tests.integration.conftest import ADMIN_KEY, MAX_LORA_RANK, MAX_LORAS

@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from adapterserve.process import ServerProcess
+from adapterserve.server_process import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from adapterserve.process import ServerProcess
+from adapterserve.server_process import ServerProcess
 from adapterserve.tenants.keys import KeyLimits, add, revoke
 from tests.integration.conftest import ADMIN_KEY
 

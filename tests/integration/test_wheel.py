@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from adapterserve.config import load_settings
-from adapterserve.process import ServerProcess
+from adapterserve.server_process import ServerProcess
 from tests.wheel_env import build_wheel, clean_environment, installed_environment
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,9 @@ import os
 
 import pytest
 
+from adapterserve.config import Settings
 from adapterserve.hosting import cpu_cores
+from adapterserve.hosting.engine_environment import engine_environment
 
 
 @pytest.mark.parametrize("cpus, expected", [(1, 0), (2, 0), (3, None), (64, None)])
@@ -20,10 +22,11 @@ def test_the_setting_then_the_operators_variable_win(monkeypatch):
     monkeypatch.setattr(cpu_cores, "usable_cpus", lambda: 2)
     monkeypatch.setenv(cpu_cores.ENV_RESERVED, "1")
     assert cpu_cores.reserved_cpus(None) is None  # left to vLLM, which reads the variable
-    cpu_cores.apply_reserved_cpus(None)
-    assert os.environ[cpu_cores.ENV_RESERVED] == "1"
-    cpu_cores.apply_reserved_cpus(0)
-    assert os.environ[cpu_cores.ENV_RESERVED] == "0"
+    # what an engine's processes start with (hosting/engine_environment.py, set by the engine)
+    environment = {**os.environ, **engine_environment(Settings(), "generate")}
+    assert environment[cpu_cores.ENV_RESERVED] == "1"
+    environment = {**os.environ, **engine_environment(Settings(engine_reserved_cpus=0), "generate")}
+    assert environment[cpu_cores.ENV_RESERVED] == "0"
 
 
 def test_the_setting_is_a_flag_and_refuses_negative_counts():

@@ -7,7 +7,8 @@ import asyncio
 import threading
 import time
 
-from adapterserve.hosting.engine import EngineSpec, VllmEngine, _construct_in_thread
+from adapterserve.hosting.engine import EngineSpec, VllmEngine
+from adapterserve.hosting.engine_processes import construct_in_thread
 
 
 def test_construction_runs_in_a_thread_while_the_loop_keeps_running():
@@ -21,7 +22,7 @@ def test_construction_runs_in_a_thread_while_the_loop_keeps_running():
                 await asyncio.sleep(0.01)
 
         ticking = asyncio.create_task(ticker())
-        built = await asyncio.wrap_future(_construct_in_thread(lambda: (time.sleep(0.5), threading.current_thread())[1]))
+        built = await asyncio.wrap_future(construct_in_thread(lambda: (time.sleep(0.5), threading.current_thread())[1]))
         ticking.cancel()
         return built, ticks
 
@@ -43,7 +44,7 @@ class BuiltClient:
 def test_a_stop_during_the_construction_waits_for_it_and_stops_what_it_built(tmp_path):
     engine = VllmEngine(EngineSpec(name="e", model_path=tmp_path, served_model_name="m"))
     built = BuiltClient()
-    engine._construction = _construct_in_thread(lambda: (time.sleep(0.3), built)[1])
+    engine._construction = construct_in_thread(lambda: (time.sleep(0.3), built)[1])
     engine.stop(wait_s=1)  # as the host's stop does when the server shuts down mid-restart
     assert built.shut_down and engine.client is None
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from adapterserve import process
-from adapterserve.process import PORT_ATTEMPTS, PORT_IN_USE_EXIT, ServerProcess
+from adapterserve import server_process as process
+from adapterserve.server_process import PORT_ATTEMPTS, PORT_IN_USE_EXIT, ServerProcess
 
 
 def held_port() -> socket.socket:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapterserve.process import ServerProcess
+from adapterserve.server_process import ServerProcess
 
 from .tasks import ADDED_TASK, TaskSet
 from .workload import run_classify_workload, run_workload

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from adapterserve.config import Settings
-from adapterserve.process import ServerProcess
+from adapterserve.server_process import ServerProcess
 
 from .measure import ADMIN_KEY, ModeRun, Workload, add_task, run_workloads, snapshot, warm_up
 from .tasks import TaskSet, choose, fitting_lora_rank, lay_out

@@ -9,26 +9,15 @@ started later, by the app's lifespan.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from adapterserve.config import Settings
 
-from .cpu_cores import apply_reserved_cpus
 from .protocol import Host, HostObserver
 
 
 def build_host(settings: Settings, observer: HostObserver | None = None) -> Host:
     """The real host for these settings: prepares the base, builds and validates adapters."""
-    from adapterserve.engine_plugins.cpu_lora import native
-    from adapterserve.engine_plugins.cpu_lora.plugin import ENV_SWITCH
-
-    # vLLM loads the CPU LoRA plugin in each engine process; they inherit these switches
-    # (vLLM passes no per-engine setting to its plugins).
-    os.environ[ENV_SWITCH] = "1" if settings.grouped_lora_ops else "0"
-    os.environ[native.ENV_SWITCH] = "1" if settings.cpu_lora_kernel else "0"
-    os.environ[native.ENV_DIR] = str(settings.cache_dir / "kernels")  # built and loaded only there
-    apply_reserved_cpus(settings.engine_reserved_cpus)
     if settings.mode.value == "dedicated" and settings.dedicated_models:
         from .dedicated import DedicatedHost, discover_models
 
@@ -58,7 +47,7 @@ def prepare_on_disk(settings: Settings) -> None:
 def _open_stores(settings: Settings):
     """The base (prepared on first use), its name, and the registry of the adapter stores
     (plus the demo adapters, trained on first use), served from snapshots."""
-    from adapterserve.models import resolve_base_model
+    from adapterserve.base_model import resolve_base_model
     from adapterserve.registry.records import BaseModelInfo
     from adapterserve.registry.store import open_registry
 

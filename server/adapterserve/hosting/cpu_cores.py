@@ -36,10 +36,3 @@ def reserved_cpus(setting: int | None) -> int | None:
     if ENV_RESERVED in os.environ:
         return None  # the operator's, read by vLLM as is
     return 0 if usable_cpus() <= NONE_RESERVED_UP_TO else None
-
-
-def apply_reserved_cpus(setting: int | None) -> None:
-    """Set vLLM's variable for the engines this process starts (they inherit it)."""
-    reserved = reserved_cpus(setting)
-    if reserved is not None:
-        os.environ[ENV_RESERVED] = str(reserved)

@@ -12,12 +12,10 @@ serving.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from adapterserve.config import Settings
 from adapterserve.errors import RETRY_AFTER_SECONDS, Unavailable, engine_unavailable, model_not_found, not_in_dedicated_mode
@@ -27,6 +25,7 @@ from .engine import EngineSpec, VllmEngine, start_together
 from .protocol import (
     ENGINE_RUNTIME_BYTES, GiB, Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model,
 )
+from .full_models import FullModel, discover_models, folder_bytes, merged_adapter_elements  # noqa: F401 (discover_models: re-exported)
 from .supervisor import EngineSupervisor
 
 log = logging.getLogger(__name__)
@@ -36,44 +35,6 @@ WATCH_INTERVAL_S = 2.0
 
 class BudgetExceeded(RuntimeError):
     """The configured models do not fit the memory budget."""
-
-
-@dataclass
-class FullModel:
-    """One fully fine-tuned model folder."""
-
-    name: str
-    path: Path
-    kind: str  # "full" (generation) or "head" (classification)
-    labels: list[str] = field(default_factory=list)
-
-    @property
-    def weights_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.glob("*.safetensors"))
-
-    @classmethod
-    def read(cls, folder: Path) -> "FullModel":
-        config = json.loads((folder / "config.json").read_text())
-        architectures = config.get("architectures") or []
-        if any(a.endswith("ForSequenceClassification") for a in architectures):
-            id2label = config.get("id2label") or {}
-            labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(len(id2label))]
-            return cls(folder.name, folder.resolve(), "head", labels)
-        return cls(folder.name, folder.resolve(), "full")
-
-
-def discover_models(paths: list[Path]) -> list[FullModel]:
-    """Each path is a model folder, or a directory of model folders."""
-    models: list[FullModel] = []
-    for path in paths:
-        path = Path(path).expanduser()
-        folders = [path] if (path / "config.json").is_file() else sorted(p for p in path.iterdir() if (p / "config.json").is_file())
-        models += [FullModel.read(folder) for folder in folders]
-    names = [m.name for m in models]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"two model folders share a name: {', '.join(duplicates)}")
-    return models
 
 
 class DedicatedHost:
@@ -95,7 +56,7 @@ class DedicatedHost:
         # what the shared mode's slots would hold for these tasks (the metrics' estimate)
         self.lora_rank = settings.fixed_lora_rank or 16
         self.weights_path = models[0].path
-        self._tasks = [HostedTask(m.name, m.kind, "full_model", _folder_bytes(m.path), _merged_adapter_elements(m.path)) for m in models]
+        self._tasks = [HostedTask(m.name, m.kind, "full_model", folder_bytes(m.path), merged_adapter_elements(m.path)) for m in models]
         self.base_name = None  # no base model: a key's `base: true` grants none of these models
         self.resident: OrderedDict[str, Engine] = OrderedDict()  # least recently used first
         self.starting: dict[str, asyncio.Task] = {}  # model -> the swap or restart its requests wait for
@@ -314,20 +275,3 @@ class _LabelsOnly:
 
 def _labels_only(model: FullModel):
     return _LabelsOnly(model.labels) if model.kind == "head" else None
-
-
-def _folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def _merged_adapter_elements(model_path: Path) -> int:
-    """A merged full model records the adapter it came from: its weights' elements (0 if unknown)."""
-    from adapterserve.registry.safetensors_header import safetensors_elements
-    from adapterserve.training.merge import MERGE_INFO
-
-    try:
-        source = json.loads((Path(model_path) / MERGE_INFO).read_text()).get("source", "")
-    except (OSError, ValueError, AttributeError):
-        return 0
-    adapter = Path(str(source).rsplit(":", 2)[0])
-    return safetensors_elements(adapter) if adapter.is_dir() else 0

@@ -12,172 +12,21 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import multiprocessing
 import os
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psutil
 from starlette.datastructures import State
 
-from adapterserve.dtypes import resolve_dtype
 
-from .nonfinite import ENV_COUNT_NANS, watch_nonfinite
+from .engine_processes import (
+    ABANDONED_CONSTRUCTION_WAIT_S, construct_in_thread, processes_of, reap, shut_down_late_client, spawned_children, stop_trees,
+)
+from .engine_spec import EngineSpec, parse_vllm_args  # noqa: F401 (the engine's spec, re-exported)
+from .nonfinite import watch_nonfinite
 
 log = logging.getLogger(__name__)
-
-Runner = Literal["generate", "pooling"]
-
-
-@dataclass
-class EngineSpec:
-    """What one engine loads and how big it may grow."""
-
-    name: str  # the engine's id in logs and metrics: "generate", "classify", or a model name
-    model_path: Path
-    served_model_name: str
-    runner: Runner = "generate"
-    dtype: str = "auto"
-    max_model_len: int = 2048
-    max_num_seqs: int = 32
-    kv_cache_memory_bytes: int = 256 * 1024 * 1024
-    enforce_eager: bool = False  # compiled, as vLLM's default
-    enable_lora: bool = False
-    max_loras: int = 16
-    max_lora_rank: int = 64
-    max_cpu_loras: int = 16
-    # pooling engines: label count of the widest head (vLLM sizes the score layer by it)
-    num_labels: int | None = None
-    max_lora_cls_labels: int | None = None
-    # vLLM's Prometheus logger unregisters every vllm: metric of the process when it
-    # starts, so only one engine per process can report vLLM's own metrics.
-    log_stats: bool = True
-    # generation engines: vLLM's --tool-call-parser (None: no tool calling)
-    tool_call_parser: str | None = None
-    # an engine not ready after this long is stopped and its start fails (engine_start_timeout_s)
-    start_timeout_s: float = 600.0
-    extra_args: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_settings(cls, settings, name: str, model_path: Path, served_model_name: str, **extra) -> "EngineSpec":
-        """The engine-wide settings (dtype, context, KV cache, LoRA limits), then `extra`
-        (which wins: the shared host passes the LoRA rank it fitted to the stores)."""
-        values = dict(
-            name=name,
-            model_path=model_path,
-            served_model_name=served_model_name,
-            dtype=settings.dtype,
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
-            kv_cache_memory_bytes=settings.kv_cache_memory_bytes,
-            enforce_eager=settings.enforce_eager,
-            max_loras=settings.max_loras,
-            max_lora_rank=settings.fixed_lora_rank or 64,
-            max_cpu_loras=settings.max_cpu_loras,
-            start_timeout_s=settings.engine_start_timeout_s,
-            tool_call_parser=settings.tool_call_parser,
-        )
-        return cls(**{**values, **extra})
-
-    def cli_args(self) -> list[str]:
-        """The same flags `vllm serve` would take for this engine."""
-        args = [
-            "--model", str(self.model_path),
-            "--served-model-name", self.served_model_name,
-            "--dtype", resolve_dtype(self.dtype),
-            "--max-model-len", str(self.max_model_len),
-            "--max-num-seqs", str(self.max_num_seqs),
-            "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes),
-            "--disable-uvicorn-access-log",
-        ]
-        if self.enforce_eager:
-            args.append("--enforce-eager")
-        if self.enable_lora:
-            args += [
-                "--enable-lora",
-                "--max-loras", str(self.max_loras),
-                "--max-lora-rank", str(self.max_lora_rank),
-                "--max-cpu-loras", str(max(self.max_cpu_loras, self.max_loras)),
-            ]
-        if self.runner == "generate" and self.tool_call_parser:
-            # vLLM 0.32 reads tool calls (for every tool_choice) only with auto tool choice on
-            args += ["--tool-call-parser", self.tool_call_parser, "--enable-auto-tool-choice"]
-        if self.runner == "pooling":
-            args += ["--runner", "pooling", "--convert", "classify"]
-            if self.num_labels is not None:
-                args += ["--hf-overrides", f'{{"num_labels": {self.num_labels}}}']
-            if self.max_lora_cls_labels is not None:
-                args += ["--max-lora-cls-labels", str(self.max_lora_cls_labels)]
-        return args + self.extra_args
-
-
-def parse_vllm_args(cli_args: list[str]):
-    """vLLM's own server argument namespace for these flags (all defaults filled in)."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = make_arg_parser(FlexibleArgumentParser(prog="adapterserve-engine"))
-    return parser.parse_args(cli_args)
-
-
-# After the processes of an abandoned construction are stopped, how long to wait for
-# vLLM's construction to notice (its start-up handshake fails as soon as they are gone).
-ABANDONED_CONSTRUCTION_WAIT_S = 5.0
-# SIGTERM first (vLLM's processes exit cleanly on it), SIGKILL what is left after this.
-TERMINATE_WAIT_S = 3.0
-
-
-def _spawned_children() -> set[int]:
-    """Process ids of the children this process started through multiprocessing (vLLM
-    starts its engine cores so); not the resource tracker, which every engine shares."""
-    return {child.pid for child in multiprocessing.active_children() if child.pid}
-
-
-def _stop_trees(name: str, roots: list[int]) -> None:
-    """Stop processes and all their descendants: SIGTERM, then SIGKILL (by process id)
-    whatever is alive after TERMINATE_WAIT_S. Used for an engine whose construction is
-    abandoned, where vLLM's own shutdown cannot be reached (it has no client yet)."""
-    processes: list[psutil.Process] = []
-    for root in _processes(roots):
-        try:
-            processes += [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-    if not processes:
-        return
-    log.warning("engine %s: stopping the %d processes of its unfinished start", name, len(processes))
-    for process in processes:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _reap(name, processes, TERMINATE_WAIT_S)
-
-
-def _construct_in_thread(construct) -> concurrent.futures.Future:
-    """Run vLLM's engine construction in a thread of its own; its future.
-
-    `AsyncLLM.from_vllm_config` starts the engine core and waits for it to be ready
-    (~30 s on 2 cores): on the event loop that would stall every other engine, /health and
-    /metrics while an engine restarts or swaps in. Built outside a running loop, vLLM
-    starts its output tasks lazily, at the first request or utility call. The future is
-    kept by the engine, so a stop during the construction (SIGTERM during start-up or a
-    restart, a start past its timeout) stops the processes it started, without waiting
-    for it: no engine process is left behind."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(construct())
-        except BaseException as exc:  # handed to whoever waits
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="engine-construction", daemon=True).start()
-    return future
-
 
 async def start_together(starts) -> None:
     """Await engine starts (coroutines) at the same time and return once every one has
@@ -196,42 +45,6 @@ async def start_together(starts) -> None:
         if isinstance(outcome, BaseException):
             raise outcome
 
-
-def _reap(name: str, processes: list[psutil.Process], wait_s: float) -> None:
-    """Wait for the processes to exit; kill (by process id) those that outlive `wait_s`.
-    psutil.Process objects remember their start time: a process id reused since is never
-    taken for the engine's process."""
-    processes = [p for p in processes if p.is_running()]
-    _, alive = psutil.wait_procs(processes, timeout=wait_s)
-    for process in alive:
-        log.warning("engine %s: process %d outlived the shutdown; killing it", name, process.pid)
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-
-
-def _shut_down_late_client(construction: concurrent.futures.Future, client=None) -> None:
-    """Shut down a client whose construction was abandoned but ended with one anyway."""
-    if client is None:
-        if construction.cancelled() or construction.exception() is not None:
-            return
-        client = construction.result()
-    try:
-        client.shutdown()
-    except Exception:  # its processes are gone already; nothing else to release
-        log.debug("late engine client did not shut down cleanly", exc_info=True)
-
-
-def _processes(pids) -> list[psutil.Process]:
-    found = []
-    for pid in pids:
-        try:
-            found.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 class VllmEngine:
@@ -270,18 +83,17 @@ class VllmEngine:
         )
         log.info("starting engine %s (%s) from %s", self.name, self.spec.runner, self.spec.model_path)
         if self.spec.runner == "generate" and self.spec.tool_call_parser:
-            from adapterserve.models import chat_template_renders_tools
+            from adapterserve.base_model import chat_template_renders_tools
 
             if not chat_template_renders_tools(self.spec.model_path):
                 log.info(
                     "engine %s: the chat template does not render tools; tool_choice 'required' and named functions "
                     "are answered through structured output, and with 'auto' the model answers in text", self.name,
                 )
-        if self.spec.runner == "generate":
-            # the engine's workers count NaN logits per request (inherited by its processes)
-            os.environ[ENV_COUNT_NANS] = "1"
-        self._children_before = _spawned_children()
-        self._construction = _construct_in_thread(
+        # the settings its processes read (they inherit the environment when spawned)
+        os.environ.update(self.spec.environment)
+        self._children_before = spawned_children()
+        self._construction = construct_in_thread(
             functools.partial(
                 AsyncLLM.from_vllm_config,
                 vllm_config=self.vllm_config,
@@ -313,7 +125,7 @@ class VllmEngine:
             raise
         # its processes as started: when the engine core dies, its workers are no longer
         # its children (the system adopts them) but must be stopped with the engine
-        self._processes = _processes(self.process_ids())
+        self._processes = processes_of(self.process_ids())
         self.started_at = time.time()
         self.startup_seconds = time.monotonic() - began
         log.info("engine %s ready in %.1f s", self.name, self.startup_seconds)
@@ -324,12 +136,12 @@ class VllmEngine:
         vLLM's shutdown signals the engine core and returns; the core then stops its
         workers. Waiting here (and killing, by process id, what outlives `wait_s`) is what
         lets the server's own process exit last, with no engine process left behind."""
-        _reap(self.name, self._shut_down(), wait_s)
+        reap(self.name, self._shut_down(), wait_s)
 
     async def stop_async(self, wait_s: float = 30.0) -> None:
         """`stop()` for a running server: the wait for the processes runs in a thread, so
         the other engines keep serving meanwhile."""
-        await asyncio.to_thread(_reap, self.name, self._shut_down(), wait_s)
+        await asyncio.to_thread(reap, self.name, self._shut_down(), wait_s)
 
     def _shut_down(self) -> list[psutil.Process]:
         """vLLM's shutdown of the client (in the event loop's thread: it cancels tasks of
@@ -342,7 +154,7 @@ class VllmEngine:
                 self.client, self._construction = construction.result(), None  # built just now: shut down below
             else:
                 self._abandon_construction()
-        current = _processes(self.process_ids())
+        current = processes_of(self.process_ids())
         processes = current + [p for p in self._processes if p not in current]
         self._processes = []
         client, self.client = self.client, None
@@ -364,20 +176,20 @@ class VllmEngine:
         construction, self._construction = self._construction, None
         if construction is None:
             return
-        _stop_trees(self.name, sorted(_spawned_children() - self._children_before))
+        stop_trees(self.name, sorted(spawned_children() - self._children_before))
         try:
             client = construction.result(timeout=ABANDONED_CONSTRUCTION_WAIT_S)
         except Exception:  # failed, as expected with its processes gone, or still waiting
-            construction.add_done_callback(_shut_down_late_client)
+            construction.add_done_callback(shut_down_late_client)
             return
-        _shut_down_late_client(construction, client)
+        shut_down_late_client(construction, client)
 
     # --- state -------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self.client is not None and not self.client.errored and not self._dead_processes()
+        return self.client is not None and not self.client.errored and not self._deadprocesses_of()
 
-    def _dead_processes(self) -> list[int]:
+    def _deadprocesses_of(self) -> list[int]:
         """Engine core processes that have exited (seen before vLLM itself notices)."""
         dead = []
         for pid in self._engine_core_pids():
@@ -394,7 +206,7 @@ class VllmEngine:
             return "not started"
         if self.client.errored:
             return f"engine dead: {self.client.dead_error}"
-        if dead := self._dead_processes():
+        if dead := self._deadprocesses_of():
             return f"engine dead: process {dead[0]} exited"
         try:
             await asyncio.wait_for(self.client.check_health(), timeout=3)

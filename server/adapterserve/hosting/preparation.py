@@ -29,7 +29,7 @@ class PreparationFailed(RuntimeError):
 
 def pending(settings: Settings) -> list[str]:
     """What start-up still has to make on disk (cheap checks: no torch, no validation)."""
-    from adapterserve.models import default_model_dir, is_prepared
+    from adapterserve.base_model import default_model_dir, is_prepared
     from adapterserve.training.demo import demo_store, is_built
     from adapterserve.training.recipes import demo_recipes
 

@@ -12,7 +12,6 @@ its files and settings, marked as not measured.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -33,7 +33,7 @@ def plain_settings(settings: Settings) -> Settings:
 
 def prepare(settings: Settings) -> None:
     """The embedded base and the demo adapters, built now if missing."""
-    from adapterserve.models import resolve_base_model
+    from adapterserve.base_model import resolve_base_model
 
     base_path = resolve_base_model(settings.base_model, settings.models_dir)
     if settings.demo_adapters:

@@ -7,7 +7,7 @@ and errors describe it, and whether it is an adapter (shared mode) or a whole mo
 hosts, the endpoint check, the metrics and validation ask this table instead of comparing
 strings. `detect` picks an adapter's kind from its PEFT config; a new kind adds a row
 here, its detection and its validation of what is particular to it (a head's labels:
-`validation._head_labels`).
+`head_checks.head_labels`).
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def candidate_folders(store: Path) -> list[Path]:
 
 def base_info(settings) -> BaseModelInfo:
     """The base model the settings name (the embedded default when none), read from disk."""
-    from adapterserve.models import resolve_base_model
+    from adapterserve.base_model import resolve_base_model
 
     path = resolve_base_model(settings.base_model, settings.models_dir)
     return BaseModelInfo.read(settings.served_model_name or path.name, path)

@@ -18,6 +18,10 @@ Layers whose slots are not laid out fused and the embedding go to vLLM's impleme
 (which calls the copy-free ops of `ops.py`); the logits (and a classifier's score layer)
 use those ops too, skip the shrink where no slot of the step holds weights, and the expand
 over the vocabulary when it would add nothing.
+
+Kept as one module: one cohesive algorithm (the plan made per mapping and the layer
+application that reads it share their data layout; apart, each would be read with the
+other open).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The `adapterserve` subcommand groups (cli.py composes them): `models`, `adapters`, `keys`."""

@@ -1,0 +1,33 @@
+"""The settings an engine's own processes need, as the environment they start with.
+
+vLLM passes no per-engine setting to the plugins it loads in its processes (the CPU LoRA
+path, the non-finite watch) nor lets one choose its CPU reservation per engine: its
+processes read environment variables, inherited when they are spawned. So these settings
+travel explicitly in each engine's spec (`EngineSpec.environment`, made here from the
+settings), and the engine sets them in the one place it constructs vLLM
+(`VllmEngine.start`), just before its processes are spawned.
+"""
+
+from __future__ import annotations
+
+from adapterserve.config import Settings
+
+from .cpu_cores import ENV_RESERVED, reserved_cpus
+from .nonfinite import ENV_COUNT_NANS
+
+
+def engine_environment(settings: Settings, runner: str) -> dict[str, str]:
+    from adapterserve.engine_plugins.cpu_lora import native
+    from adapterserve.engine_plugins.cpu_lora.plugin import ENV_SWITCH
+
+    environment = {
+        ENV_SWITCH: "1" if settings.grouped_lora_ops else "0",
+        native.ENV_SWITCH: "1" if settings.cpu_lora_kernel else "0",
+        native.ENV_DIR: str(settings.cache_dir / "kernels"),  # the native kernel is built and loaded only there
+    }
+    reserved = reserved_cpus(settings.engine_reserved_cpus)
+    if reserved is not None:  # None: vLLM's own default (or the operator's variable, read as is)
+        environment[ENV_RESERVED] = str(reserved)
+    if runner == "generate":
+        environment[ENV_COUNT_NANS] = "1"  # the workers count NaN logits per request
+    return environment
