@@ -20,6 +20,8 @@ from .api.tenancy import install_tenants
 from .api.auth import require_api_key, require_server_view
 from .api.errors import install_error_handlers
 from .api.hosts import AllowedHosts, default_allowed_hosts
+from .api.metrics_route import install_metrics_route
+from .api.middleware import RequestContextMiddleware
 from .api.openapi import install_openapi
 from .config import Settings
 from .hosting.protocol import Host, HostObserver
@@ -144,13 +146,17 @@ def create_app(settings: Settings, host_factory: HostFactory | None = None) -> F
     app.state.host_factory = host_factory
     app.state.host = None
     app.state.metrics = Metrics.from_settings(settings)
-    install_tenants(app, settings, app.state.metrics)
+    metrics = app.state.metrics
+    # what the request middleware tells when a request's status is known, and when it ends
+    on_status, on_end = [metrics.request_answered], [metrics.request_ended]
+    install_tenants(app, settings, metrics, on_end)
     install_error_handlers(app)
     for module in (chat, completions, responses, classify, models):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
     app.include_router(admin.router)
     app.include_router(health.router)
-    app.state.metrics.attach(app, guard=require_server_view)
+    install_metrics_route(app, metrics, guard=require_server_view)
     install_openapi(app)
+    app.add_middleware(RequestContextMiddleware, on_status=on_status, on_end=on_end)
     app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts or default_allowed_hosts(settings.host))
     return app

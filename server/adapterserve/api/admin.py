@@ -21,6 +21,7 @@ from adapterserve.registry.records import is_safe_name
 
 from .auth import require_admin_key
 from .errors import APIError
+from .middleware import context_of
 from .serving import read_json_object
 
 router = APIRouter(dependencies=[Depends(require_admin_key)])
@@ -46,12 +47,12 @@ def _check_name(name: object, raw_request: Request | None = None) -> str:
 
 
 def _may_administer(raw_request: Request, name: str) -> bool:
-    tenant = getattr(raw_request.state, "admin_tenant", None)
+    tenant = context_of(raw_request).admin_tenant
     return tenant is None or tenant.may_use(name, raw_request.app.state.host.base_name)
 
 
 def _require_global_admin(raw_request: Request) -> None:
-    if getattr(raw_request.state, "admin_tenant", None) is not None:
+    if context_of(raw_request).admin_tenant is not None:
         raise APIError(403, "This operation touches every tenant's adapters: it needs the server's admin key.", code="insufficient_scope")
 
 
@@ -102,7 +103,7 @@ async def list_adapters(raw_request: Request):
     registry = _registry(raw_request)
     pinned = raw_request.app.state.host.pinned
     records = [r for r in sorted(registry.adapters.values(), key=lambda r: r.name) if _may_administer(raw_request, r.name)]
-    global_admin = getattr(raw_request.state, "admin_tenant", None) is None
+    global_admin = context_of(raw_request).admin_tenant is None
     return {
         "adapters": [{**_record_json(r), "pinned": r.name in pinned} for r in records],
         "refused": [

@@ -9,9 +9,8 @@ import hmac
 from fastapi import Request
 from pydantic import SecretStr
 
-from adapterserve.tenants.context import current_key
-
 from .errors import APIError
+from .middleware import context_of
 
 UNAUTHORIZED = "Incorrect or missing API key. Send 'Authorization: Bearer <key>'."
 
@@ -35,7 +34,8 @@ async def require_api_key(request: Request) -> None:
     """Every /v1 endpoint. With a keys file, the request's tenant key (kept on the request
     for the model checks and the limits); the admin key sees everything."""
     settings, keys = request.app.state.settings, request.app.state.keys
-    request.state.key = None
+    context = context_of(request)
+    context.key = None
     if _is_admin_key(request):
         return
     if keys is not None:
@@ -44,8 +44,7 @@ async def require_api_key(request: Request) -> None:
             raise APIError(401, UNAUTHORIZED, code="invalid_api_key")
         if "inference" not in key.scopes:
             raise APIError(403, "This API key may not call the inference API.", code="insufficient_scope")
-        request.state.key = key
-        current_key.set(key)  # the engine's traffic observer runs in this request's context
+        context.key = key  # the engine's traffic observer runs in this request's context
         return
     if settings.api_key is not None and not _matches(_bearer(request), settings.api_key):
         raise APIError(401, UNAUTHORIZED, code="invalid_api_key")
@@ -78,7 +77,7 @@ async def require_admin_key(request: Request) -> None:
     (kept on the request as `admin_tenant`: it administers its own models only); closed
     when neither is configured."""
     settings, keys = request.app.state.settings, request.app.state.keys
-    request.state.admin_tenant = None
+    context_of(request).admin_tenant = None
     if settings.admin_api_key is None and keys is None:
         raise APIError(403, "The admin API is disabled: start the server with an admin API key.", code="admin_disabled")
     if _is_admin_key(request):
@@ -88,4 +87,4 @@ async def require_admin_key(request: Request) -> None:
         raise APIError(401, "Incorrect or missing admin API key. Send 'Authorization: Bearer <admin key>'.", code="invalid_api_key")
     if "admin" not in key.scopes:
         raise APIError(403, "This API key has no admin scope.", code="insufficient_scope")
-    request.state.admin_tenant = key
+    context_of(request).admin_tenant = key

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from adapterserve.api.errors import model_not_found
+from .errors import model_not_found
+from .middleware import context_of
 
 router = APIRouter()
 
 
 def visible_cards(raw_request: Request):
     """The cards the request's key may use (all of them without a keys file)."""
-    host, key = raw_request.app.state.host, getattr(raw_request.state, "key", None)
+    host, key = raw_request.app.state.host, context_of(raw_request).key
     return [card for card in host.model_cards() if key is None or key.may_use(card.id, host.base_name)]
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from adapterserve.hosting import serving
 from adapterserve.hosting.protocol import Endpoint, Target
 
+from .middleware import context_of
 from .errors import APIError, from_validation_error, from_vllm_error, model_not_found, reshape_stream_chunk, streaming_error_line
 
 log = logging.getLogger(__name__)
@@ -162,11 +163,11 @@ def validate(payload: dict, validator) -> Any:
 async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Target:
     """Resolve the model through the host (hosting/serving.py), with the request's key as
     the tenancy gate, and keep the target for the metrics and logs."""
-    key = getattr(raw_request.state, "key", None)
+    key = context_of(raw_request).key
     host = raw_request.app.state.host
     gate = KeyGate(raw_request, key, host.base_name) if key is not None else None
     target = await serving.resolve(host, request, endpoint, gate)
-    raw_request.state.target = target  # for metrics and logs
+    context_of(raw_request).target = target  # for metrics and logs
     return target
 
 
@@ -180,7 +181,7 @@ class KeyGate:
 
     def allow(self, name: str, asked: str) -> None:
         if not self.key.may_use(name, self.base_name):
-            self.raw_request.state.rejection = "model_not_allowed"
+            context_of(self.raw_request).rejection = "model_not_allowed"
             log.info("tenant %s (key %s): model %r not allowed, answered as unknown", self.key.tenant, self.key.id, asked)
             raise model_not_found(asked)
 
@@ -196,10 +197,10 @@ def admit(raw_request: Request, key) -> None:
     try:
         raw_request.app.state.limiter.admit(key)
     except LimitExceeded as exc:
-        raw_request.state.rejection = exc.reason
+        context_of(raw_request).rejection = exc.reason
         log.info("tenant %s (key %s): 429, %s", key.tenant, key.id, exc.reason)
         raise
-    raw_request.state.admitted = key
+    context_of(raw_request).admitted = key
 
 
 def generation_request_class(endpoint: Endpoint) -> type[BaseModel]:

@@ -5,7 +5,8 @@ apps in one process), and /metrics serves it together with the process-wide defa
 registry where vLLM's engines report. The names, types and labels are listed in the
 README; the Grafana dashboard in deploy/ reads them.
 
-- Traffic: requests and end-to-end time per model and endpoint (HTTP middleware); tokens
+- Traffic: requests and end-to-end time per model and endpoint (told by the API's
+  middleware: `request_answered`, `request_ended`); tokens
   and time to first token per model and endpoint (server/adapterserve/metrics/traffic.py).
 - Memory: engines by component, their processes, adapters by tier, storage, hosting cost;
   refreshed every `metrics_refresh_s` in the background (server/adapterserve/metrics/memory.py).
@@ -20,8 +21,7 @@ import functools
 import logging
 import time
 
-from fastapi import Depends, FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 
 from adapterserve.hosting.protocol import HostObserver
 from adapterserve.registry.safetensors_header import safetensors_elements
@@ -30,13 +30,10 @@ from .collector import HostCollector
 from .labels import OTHER, ModelLabels
 from .lora_routing import LoraRoutingCollector, WithoutVllmLoraInfo, WorkerLoadCounts
 from .memory import EngineMemory, folder_bytes, measure_engine
-from .traffic import RequestTraffic, current_endpoint, observe_client
+from .traffic import RequestTraffic, observe_client
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = {
-    "/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/responses": "responses", "/v1/classify": "classify",
-}
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Adapter loads take tens of ms on CPU; engine swaps tens of seconds.
@@ -142,9 +139,9 @@ class Metrics:
 
     def _tokens_used(self, prompt_tokens: int, generation_tokens: int) -> None:
         """Tokens counted by another process (a Ray Serve replica), for this request's key."""
-        from adapterserve.tenants.context import current_key
+        from adapterserve.request_context import current
 
-        key = current_key.get()
+        key = current().key
         if key is not None:
             self._observe_tenant(key.tenant, key.id, prompt_tokens, generation_tokens)
 
@@ -226,42 +223,27 @@ class Metrics:
         for metric in (self.requests, self.latency, self.ttft, self.prompt_tokens, self.generation_tokens, self.swap_seconds):
             metric.remove_by_labels({"model": model})
 
-    def attach(self, app: FastAPI, guard=None) -> None:
-        """Count every API request, and serve /metrics (behind `guard`, a dependency that
-        refuses callers who may not read every tenant's series)."""
-        @app.middleware("http")
-        async def _count(request: Request, call_next):
-            endpoint = ENDPOINTS.get(request.url.path)
-            if endpoint is None:
-                return await call_next(request)
-            current_endpoint.set(endpoint)  # copied into the request's task: traffic.py reads it
-            began = time.perf_counter()
-            response = await call_next(request)
-            target = getattr(request.state, "target", None)
-            model = self.models.count(target.model) if target is not None else OTHER
-            self.requests.labels(model, endpoint, str(response.status_code)).inc()
-            key = getattr(request.state, "key", None)
-            if key is not None:
-                tenant = self.tenants.count(key.tenant)
-                self.tenant_requests.labels(tenant, str(response.status_code)).inc()
-                rejection = getattr(request.state, "rejection", None)
-                if rejection is not None:
-                    self.tenant_rejections.labels(tenant, rejection).inc()
-            body = response.body_iterator
+    # --- requests (api/middleware.py calls these) ------------------------------------
+    def request_answered(self, context, status: int) -> None:
+        """An API request's status is known: count it (per model, and per tenant)."""
+        if context.endpoint is None:
+            return
+        target = context.target
+        model = self.models.count(target.model) if target is not None else OTHER
+        self.requests.labels(model, context.endpoint, str(status)).inc()
+        if context.key is not None:
+            tenant = self.tenants.count(context.key.tenant)
+            self.tenant_requests.labels(tenant, str(status)).inc()
+            if context.rejection is not None:
+                self.tenant_rejections.labels(tenant, context.rejection).inc()
 
-            async def timed_body():  # the request ends with its last byte, streams included
-                try:
-                    async for chunk in body:
-                        yield chunk
-                finally:
-                    self.latency.labels(model, endpoint).observe(time.perf_counter() - began)
-
-            response.body_iterator = timed_body()
-            return response
-
-        @app.get("/metrics", include_in_schema=False, dependencies=[Depends(guard)] if guard is not None else [])
-        async def _metrics() -> Response:
-            return Response(await self.exposition(), media_type=CONTENT_TYPE_LATEST)
+    def request_ended(self, context, status: int, seconds: float) -> None:
+        """An API request's answer ended (streams: with their last byte)."""
+        if context.endpoint is None:
+            return
+        target = context.target
+        model = self.models.label(target.model) if target is not None else OTHER
+        self.latency.labels(model, context.endpoint).observe(seconds)
 
     def federate(self, pages) -> None:
         """Serve other processes' pages too (Ray Serve replicas): `pages` is an async

@@ -4,22 +4,16 @@ vLLM's own token counters are per engine, not per adapter. Every request of ever
 endpoint passes through the engine client's `generate` (or `encode` for classification),
 with the adapter in `lora_request`; wrapping those two methods of a started engine's
 client sees each request's tokens and first-token time, whatever the endpoint or
-streaming. The endpoint comes from a context variable the route sets.
+streaming. The endpoint and the tenant's key come from the request's context (request_context.py).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 
-from adapterserve.tenants.context import current_key
-
-current_endpoint: ContextVar[str] = ContextVar("adapterserve_endpoint", default="unknown")
-# Where a caller that is not the HTTP layer (a Ray Serve replica) collects the traffic of
-# the request it runs, to report its tokens back to the ingress.
-traffic_sink: ContextVar[list | None] = ContextVar("adapterserve_traffic_sink", default=None)
+from adapterserve.request_context import current
 
 
 @dataclass
@@ -45,9 +39,10 @@ def observe_client(client, base_name: str, observer: Observer) -> None:
 def _observed(method, base_name: str, observer: Observer, counts_generation: bool):
     async def observed(*args, **kwargs):
         lora = kwargs.get("lora_request")
-        key = current_key.get()
+        context = current()
+        key = context.key
         traffic = RequestTraffic(
-            model=lora.lora_name if lora is not None else base_name, endpoint=current_endpoint.get(),
+            model=lora.lora_name if lora is not None else base_name, endpoint=context.endpoint or "unknown",
             tenant=key.tenant if key is not None else None, key_id=key.id if key is not None else None,
         )
         params = args[1] if len(args) > 1 else kwargs.get("sampling_params")
@@ -64,9 +59,8 @@ def _observed(method, base_name: str, observer: Observer, counts_generation: boo
         finally:
             traffic.generation_tokens = sum(tokens.values())
             observer(traffic)
-            sink = traffic_sink.get()
-            if sink is not None:
-                sink.append(traffic)
+            if context.traffic is not None:  # a Ray replica reports the tokens to its ingress
+                context.traffic.append(traffic)
 
     return observed
 

@@ -186,12 +186,9 @@ class EngineReplica:
 
 def _collect_traffic(endpoint: str) -> list:
     """Collect what the engine client's observer sees of this request (metrics/traffic.py)."""
-    from adapterserve.metrics.traffic import current_endpoint, traffic_sink
+    from adapterserve.request_context import RequestContext, begin
 
-    current_endpoint.set(endpoint)
-    sink: list = []
-    traffic_sink.set(sink)
-    return sink
+    return begin(RequestContext(endpoint=endpoint, traffic=[])).traffic
 
 
 def _usage(sink: list) -> tuple[int, int]:
