@@ -274,4 +274,4 @@ class _LabelsOnly:
 
 
 def _labels_only(model: FullModel):
-    return _LabelsOnly(model.labels) if model.kind == "head" else None
+    return _LabelsOnly(model.labels) if model.kind == kinds.HEAD.name else None

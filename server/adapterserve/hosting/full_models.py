@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapterserve.registry import kinds
+
 
 @dataclass
 class FullModel:
@@ -29,8 +31,8 @@ class FullModel:
         if any(a.endswith("ForSequenceClassification") for a in architectures):
             id2label = config.get("id2label") or {}
             labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(len(id2label))]
-            return cls(folder.name, folder.resolve(), "head", labels)
-        return cls(folder.name, folder.resolve(), "full")
+            return cls(folder.name, folder.resolve(), kinds.HEAD.name, labels)  # served as a head is
+        return cls(folder.name, folder.resolve(), kinds.FULL.name)
 
 
 def discover_models(paths: list[Path]) -> list[FullModel]:

@@ -21,12 +21,14 @@ import functools
 import logging
 import time
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from adapterserve.hosting.protocol import HostObserver
+from adapterserve.registry import kinds
 from adapterserve.registry.safetensors_header import safetensors_elements
 
 from .collector import HostCollector
+from .counters import Counters
 from .labels import OTHER, ModelLabels
 from .lora_routing import LoraRoutingCollector, WithoutVllmLoraInfo, WorkerLoadCounts
 from .memory import EngineMemory, folder_bytes, measure_engine
@@ -34,80 +36,17 @@ from .traffic import RequestTraffic, observe_client
 
 log = logging.getLogger(__name__)
 
-LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-# Adapter loads take tens of ms on CPU; engine swaps tens of seconds.
-LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-SWAP_BUCKETS = (1, 5, 10, 20, 30, 45, 60, 90, 120, 300)
-
-
 class Metrics:
     def __init__(self, max_models: int = 50, refresh_seconds: float = 5.0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.refresh_seconds = refresh_seconds
         self.models = ModelLabels(max_models, on_displaced=self._drop_model_series)
-        per_model = ["model", "endpoint"]
-        self.requests = Counter(
-            "adapterserve_requests", "HTTP requests by model, endpoint and status code.",
-            ["model", "endpoint", "status"], registry=self.registry,
-        )
-        self.latency = Histogram(
-            "adapterserve_request_duration_seconds",
-            "End-to-end request time by model and endpoint (streams: until the last byte).",
-            per_model, registry=self.registry, buckets=LATENCY_BUCKETS,
-        )
-        self.ttft = Histogram(
-            "adapterserve_time_to_first_token_seconds",
-            "Time from the engine receiving a request to its first generated token.",
-            per_model, registry=self.registry, buckets=TOKEN_BUCKETS,
-        )
-        self.prompt_tokens = Counter(
-            "adapterserve_prompt_tokens", "Prompt tokens processed, by model and endpoint.", per_model, registry=self.registry
-        )
-        self.generation_tokens = Counter(
-            "adapterserve_generation_tokens", "Tokens generated, by model and endpoint.", per_model, registry=self.registry
-        )
-        self.adapter_load_seconds = Histogram(
-            "adapterserve_adapter_load_seconds",
-            "Time to load an adapter into its engine (registration, reload, admin load).",
-            ["kind"], registry=self.registry, buckets=LOAD_BUCKETS,
-        )
-        self.adapter_loads = Counter(
-            "adapterserve_adapter_loads", "Adapters that entered an engine's CPU cache.", ["kind"], registry=self.registry
-        )
-        self.adapter_evictions = Counter(
-            "adapterserve_adapter_evictions", "Adapters that left an engine's CPU cache (LRU eviction or replacement).",
-            ["kind"], registry=self.registry,
-        )
-        self.swap_seconds = Histogram(
-            "adapterserve_model_swap_seconds",
-            "Dedicated mode: time to swap a model's engine in (stop the LRU engine, start this one).",
-            ["model"], registry=self.registry, buckets=SWAP_BUCKETS,
-        )
-        self.engine_restarts = Counter(
-            "adapterserve_engine_restarts", "Engines restarted after they died, by engine.", ["engine"], registry=self.registry
-        )
+        self.counters = counters = Counters(self.registry)
+        # the series the rest of this class records into
+        for name, metric in vars(counters).items():
+            setattr(self, name, metric)
         self.tenants = ModelLabels(max_models)  # tenant label values, capped like the models'
-        self.tenant_requests = Counter(
-            "adapterserve_tenant_requests", "HTTP requests by tenant (keys file) and status code.",
-            ["tenant", "status"], registry=self.registry,
-        )
-        self.tenant_tokens = Counter(
-            "adapterserve_tenant_tokens", "Tokens by tenant: prompt and generation.", ["tenant", "kind"], registry=self.registry,
-        )
-        self.tenant_rejections = Counter(
-            "adapterserve_tenant_rejections", "Requests refused by tenant and reason: model_not_allowed, "
-            "requests_per_minute, tokens_per_minute, concurrent_requests.", ["tenant", "reason"], registry=self.registry,
-        )
         self.token_listeners: list = []  # called with (key id, tokens) after each request (the limits)
-        self.adapter_quarantines = Counter(
-            "adapterserve_adapter_quarantines", "Adapters quarantined after their requests produced NaN logits.",
-            ["kind"], registry=self.registry,
-        )
-        for kind in ("lora", "head"):  # zero series from the start: rate() needs a first sample
-            self.adapter_loads.labels(kind)
-            self.adapter_evictions.labels(kind)
-            self.adapter_quarantines.labels(kind)
         self.host = None
         self.base_storage_bytes = 0
         self.memory: list[EngineMemory] = []
@@ -182,7 +121,7 @@ class Metrics:
             for memory in readings:
                 if not memory.measured:
                     continue
-                kind = "head" if memory.runner == "pooling" else "lora"
+                kind = kinds.adapter_kind_for_runner(memory.runner)
                 now, before = set(memory.cached_adapters), self._cached.get(memory.name, set())
                 if memory.lora_counts is not None:  # counted in the worker: nothing missed between readings
                     loads, evictions = self.worker_loads.increments(memory.name, clients[memory.name], memory.lora_counts)

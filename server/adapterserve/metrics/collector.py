@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from adapterserve.dtypes import dtype_bytes
 from adapterserve.hosting.protocol import ENGINE_RUNTIME_BYTES
+from adapterserve.registry import kinds
 from adapterserve.registry.records import BaseModelInfo
 from adapterserve.registry.safetensors_header import safetensors_elements
 
@@ -96,7 +97,7 @@ class HostCollector:
 
     def _adapters(self, host, memory, family) -> None:
         registry = host.registry
-        counts = {(kind, tier): 0 for kind in ("lora", "head") for tier in ("registered", "cpu_cache", "engine_slot", "pinned")}
+        counts = {(kind, tier): 0 for kind in kinds.ADAPTER_KINDS for tier in ("registered", "cpu_cache", "engine_slot", "pinned")}
         if registry is not None:
             for record in registry.adapters.values():
                 counts[(record.kind, "registered")] += 1
@@ -107,7 +108,7 @@ class HostCollector:
             engine = engines.get(reading.name)
             if engine is None or not reading.measured:
                 continue
-            kind = "head" if reading.runner == "pooling" else "lora"
+            kind = kinds.adapter_kind_for_runner(reading.runner)
             published = host.published_adapters(engine)  # adapters of earlier loads are not counted
             counts[(kind, "cpu_cache")] += sum(1 for i in reading.cached_adapters if i in published)
             counts[(kind, "engine_slot")] += sum(1 for i in reading.slot_adapters if i in published)

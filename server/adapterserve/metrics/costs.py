@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adapterserve.registry import kinds
+
 GENERATE, POOLING = "generate", "pooling"
 
 
@@ -37,7 +39,7 @@ class Task:
 
 
 def runner_of(kind: str) -> str:
-    return POOLING if kind == "head" else GENERATE
+    return kinds.of(kind).runner
 
 
 def dedicated_bytes(tasks: list[Task], engine_bytes: dict[str, int]) -> int:
