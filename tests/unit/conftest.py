@@ -17,6 +17,7 @@ from adapterserve.hosting.shared import SharedBaseHost
 from adapterserve.registry.records import BaseModelInfo
 from adapterserve.registry.snapshots import SnapshotStore
 from adapterserve.registry.store import Registry
+from adapterserve.registry.sources import local_stores
 from adapterserve.registry.validation import Limits
 from tests.adapter_factory import write_lora
 from tests.fakes import FakeEngine
@@ -57,7 +58,7 @@ def store(tmp_path, tiny_base) -> Path:
 @pytest.fixture
 def registry(tiny_base, store, tmp_path) -> Registry:
     registry = Registry(
-        base=tiny_base, stores=[store], limits=Limits(max_lora_rank=16), snapshots=SnapshotStore(tmp_path / "snapshots")
+        base=tiny_base, sources=local_stores([store]), limits=Limits(max_lora_rank=16), snapshots=SnapshotStore(tmp_path / "snapshots")
     )
     registry.scan()
     return registry

@@ -18,6 +18,7 @@ from adapterserve.hosting.shared import SharedBaseHost
 from adapterserve.registry.records import is_safe_name
 from adapterserve.registry.snapshots import SnapshotStore
 from adapterserve.registry.store import Registry
+from adapterserve.registry.sources import local_stores
 from adapterserve.registry.validation import Limits
 from tests.adapter_factory import build_broken_corpus, write_lora
 from tests.fakes import FakeEngine
@@ -37,7 +38,7 @@ def corpus(tmp_path, tiny_base):
 
 
 def app_client(settings, tiny_base, stores, tmp_path):
-    registry = Registry(base=tiny_base, stores=stores, limits=Limits(max_lora_rank=16, refuse_other_base=True),
+    registry = Registry(base=tiny_base, sources=local_stores(stores), limits=Limits(max_lora_rank=16, refuse_other_base=True),
                         snapshots=SnapshotStore(tmp_path / "snapshots"))
     registry.scan()
     host = lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer)  # noqa: E731

@@ -172,10 +172,11 @@ def test_max_lora_rank_must_be_auto_or_a_vllm_rank():
 def test_an_unload_holds_across_a_restart_until_loaded_again(settings, store, tiny_base, tmp_path):
     from adapterserve.registry.snapshots import SnapshotStore
     from adapterserve.registry.store import Registry
+    from adapterserve.registry.sources import local_stores
     from adapterserve.registry.validation import Limits
 
     def server():  # a fresh process, as far as the host knows: the stores scanned anew
-        registry = Registry(base=tiny_base, stores=[store], limits=Limits(max_lora_rank=16), snapshots=SnapshotStore(tmp_path / "snapshots"))
+        registry = Registry(base=tiny_base, sources=local_stores([store]), limits=Limits(max_lora_rank=16), snapshots=SnapshotStore(tmp_path / "snapshots"))
         registry.scan()
         app = create_app(settings, host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
         return TestClient(app, base_url=LOCAL)

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from adapterserve.registry.store import Registry
+from adapterserve.registry.sources import local_stores
 from adapterserve.registry.validation import Limits
 from tests.adapter_factory import build_broken_corpus, write_lora
 
@@ -16,7 +17,7 @@ def test_each_broken_adapter_is_refused_with_its_reason(tmp_path, tiny_base):
     store, outside = tmp_path / "store", tmp_path / "outside"
     expected = build_broken_corpus(store, tiny_base, outside, max_rank=16)
     write_lora(store / "good", tiny_base, rank=4)
-    registry = Registry(base=tiny_base, stores=[store], limits=Limits(max_lora_rank=16, refuse_other_base=True))
+    registry = Registry(base=tiny_base, sources=local_stores([store]), limits=Limits(max_lora_rank=16, refuse_other_base=True))
     registry.scan()
     assert set(registry.adapters) == {"good"}
     reasons = {p.name: p.reason for p in registry.problems}
@@ -28,7 +29,7 @@ def test_each_broken_adapter_is_refused_with_its_reason(tmp_path, tiny_base):
 def test_other_base_is_a_warning_unless_refused(tmp_path, tiny_base):
     store = tmp_path / "store"
     write_lora(store / "foreign", tiny_base, rank=4, config_overrides={"base_model_name_or_path": "org/other-model"})
-    registry = Registry(base=tiny_base, stores=[store], limits=Limits(max_lora_rank=16))
+    registry = Registry(base=tiny_base, sources=local_stores([store]), limits=Limits(max_lora_rank=16))
     registry.scan()
     assert registry.adapters["foreign"].warnings == ["trained for base 'org/other-model', served base is 'tiny-base'"]
 
@@ -36,7 +37,7 @@ def test_other_base_is_a_warning_unless_refused(tmp_path, tiny_base):
 def test_record_fields(tmp_path, tiny_base):
     store = tmp_path / "store"
     write_lora(store / "small", tiny_base, rank=4, targets=("q_proj", "down_proj"))
-    registry = Registry(base=tiny_base, stores=[store], limits=Limits())
+    registry = Registry(base=tiny_base, sources=local_stores([store]), limits=Limits())
     registry.scan()
     record = registry.adapters["small"]
     assert record.kind == "lora" and record.rank == 4
@@ -50,7 +51,7 @@ def test_duplicate_names_across_stores_keep_the_first(tmp_path, tiny_base):
     first, second = tmp_path / "a", tmp_path / "b"
     write_lora(first / "same", tiny_base, rank=4)
     write_lora(second / "same", tiny_base, rank=4)
-    registry = Registry(base=tiny_base, stores=[first, second], limits=Limits())
+    registry = Registry(base=tiny_base, sources=local_stores([first, second]), limits=Limits())
     registry.scan()
     assert registry.adapters["same"].path == (first / "same").resolve()
     assert "duplicate name" in registry.problems[0].reason
@@ -63,6 +64,7 @@ def test_a_refusal_naming_a_hostile_tensor_is_one_log_line(tmp_path, tiny_base, 
     from safetensors.torch import load_file, save_file
 
     from adapterserve.registry.store import Registry
+    from adapterserve.registry.sources import local_stores
     from adapterserve.registry.validation import Limits
     from tests.adapter_factory import write_lora
 
@@ -71,7 +73,7 @@ def test_a_refusal_naming_a_hostile_tensor_is_one_log_line(tmp_path, tiny_base, 
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     tensors["x\nERROR adapterserve: all adapters deleted\r.lora_A.weight"] = torch.zeros(4, 16)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    registry = Registry(base=tiny_base, stores=[tmp_path / "store"], limits=Limits(max_lora_rank=16))
+    registry = Registry(base=tiny_base, sources=local_stores([tmp_path / "store"]), limits=Limits(max_lora_rank=16))
     with caplog.at_level(logging.WARNING, logger="adapterserve.registry.store"):
         registry.scan()
     assert "forger" not in registry.adapters

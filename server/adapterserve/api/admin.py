@@ -61,11 +61,11 @@ def _check_path(raw_request: Request, name: str, lora_path: object) -> None:
     if lora_path in (None, ""):
         return
     registry = _registry(raw_request)
-    found = registry.find_folder(name)
+    source = registry.locate(name)
     try:
         allowed = (
-            isinstance(lora_path, str) and found is not None
-            and Path(lora_path).resolve() == found[0].resolve()
+            isinstance(lora_path, str) and source is not None
+            and Path(lora_path).resolve() == Path(source.location(name)).resolve()
         )
     except (ValueError, OSError, RuntimeError):  # NUL bytes, symlink loops, names too long
         allowed = False

@@ -23,9 +23,10 @@ from adapterserve.config import Settings
 from adapterserve.errors import Conflict, DomainError, InvalidRequest, NotFound, adapter_not_loaded
 from adapterserve.registry import kinds
 from adapterserve.registry.records import AdapterInvalid, AdapterRecord, is_safe_name, printable
+from adapterserve.registry.sources import Signature
 from adapterserve.registry.store import Problem, Registry
 
-from . import discovery, lora_table
+from . import lora_table
 from .protocol import Engine, HostObserver
 from .unloads import Unloads, unloads_path
 
@@ -52,7 +53,7 @@ class AdapterCatalog:
             )
         self.quarantined: dict[str, str] = {}  # adapter -> why it no longer serves (until reloaded)
         self.nonfinite: dict[str, str] = {}  # adapter -> its requests produced non-finite values (still serving)
-        self.signatures: dict[str, discovery.Signature | None] = {}  # name -> folder at its last validation
+        self.signatures: dict[str, Signature | None] = {}  # name -> its version at its last validation
         self._name_locks: dict[str, asyncio.Lock] = {}  # one discovery or reload of a name at a time
         self._freeing: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the host runs on (set by `open`)
@@ -64,7 +65,7 @@ class AdapterCatalog:
         self._loop = asyncio.get_running_loop()
         for name in sorted(self.pinned - set(self.registry.adapters)):
             log.warning("pinned adapter %r is not in the stores (or was refused); nothing to pin", name)
-        self.signatures = await asyncio.to_thread(discovery.store_signatures, self.registry.stores)
+        self.signatures = await asyncio.to_thread(self.registry.signatures)
         for name in [n for n in self.unloaded if n in self.registry.adapters]:
             log.info("adapter %r stays unloaded (an admin unloaded it)", name)
             self.registry.remove(name)
@@ -177,8 +178,8 @@ class AdapterCatalog:
 
     async def _reload(self, name: str) -> AdapterRecord:
         previous = self.servable(name)
-        found = self.registry.find_folder(name)
-        self.signatures[name] = discovery.folder_signature(found[0]) if found else None
+        source = self.registry.locate(name)
+        self.signatures[name] = source.signature(name) if source else None
         try:
             # validation reads and checks every weight: off the event loop
             record = await asyncio.to_thread(self.registry.validate, name)
@@ -190,8 +191,8 @@ class AdapterCatalog:
             if previous is None:
                 self.registry.remove(name)
                 await self._unpublish(name)
-                if found is not None:  # the reason, for the admins (/admin/adapters, `adapters list`)
-                    self._set_problem(name, found[0], exc.reason)
+                if source is not None:  # the reason, for the admins (/admin/adapters, `adapters list`)
+                    self._set_problem(name, source.location(name), exc.reason)
                 raise error(str(exc), param="lora_name", code=code) from None
             self._set_problem(name, previous.path, f"new version refused, the last good one serves: {exc.reason}")
             raise error(f"{exc}; the last good version of `{name}` keeps serving.", param="lora_name", code=code) from None
@@ -256,14 +257,14 @@ class AdapterCatalog:
     async def discover(self, name: str) -> AdapterRecord | None:
         """A request names an adapter that is not registered: if its folder is in a store,
         validate and register it now (under the same rules as every other adapter)."""
-        if not is_safe_name(name) or name in self.unloaded or self.registry.find_folder(name) is None:
+        if not is_safe_name(name) or name in self.unloaded or self.registry.locate(name) is None:
             return None
         async with self._name_lock(name):
             record = self.servable(name)
             if record is not None:
                 return record  # registered by a request that came first
-            found = self.registry.find_folder(name)
-            signature = discovery.folder_signature(found[0]) if found else None
+            source = self.registry.locate(name)
+            signature = source.signature(name) if source else None
             refused = any(p.name == name for p in self.registry.problems)
             if refused and self.signatures.get(name) == signature:
                 return None  # refused before and unchanged since (the reason: /admin/adapters)

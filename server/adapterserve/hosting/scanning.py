@@ -60,7 +60,7 @@ class Scanner:
     async def rescan(self) -> discovery.Changes:
         """Register new folders, reload changed ones, unregister removed ones."""
         catalog = self.catalog
-        now = await asyncio.to_thread(discovery.store_signatures, self.registry.stores)
+        now = await asyncio.to_thread(self.registry.signatures)
         changes = discovery.compare(catalog.signatures, now, set(self.registry.adapters))
         for name in changes.removed:
             log.info("adapter %r: its folder is gone; unregistering it", name)

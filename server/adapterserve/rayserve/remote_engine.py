@@ -5,7 +5,6 @@ the replicas' catalog (`RegistryView`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
@@ -38,12 +37,13 @@ class RegistryView:
     def __init__(self, catalog: wire.Catalog):
         self.adapters = catalog.records
         self.problems = catalog.problems
-        self.stores = [Path(s) for s in catalog.stores]
+        self.stores = list(catalog.stores)
 
-    def find_folder(self, name: str) -> tuple[Path, Path] | None:
-        from adapterserve.registry.store import find_folder
+    def locate(self, name: str):
+        """The source holding `name` (every replica opens the same sources)."""
+        from adapterserve.registry.sources import first_holding, open_source
 
-        return find_folder(self.stores, name)
+        return first_holding([open_source(s) for s in self.stores], name)
 
 
 class ReplicaSetEngine:

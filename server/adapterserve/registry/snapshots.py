@@ -47,9 +47,8 @@ class SnapshotStore:
         """Copy each of the named files that exists in `folder` (name -> most bytes) into a
         new staging folder: from where it resolves now, which must lie inside `inside` (the
         store; default: the folder), and never through a link."""
-        self.root.mkdir(parents=True, exist_ok=True)
         root = Path(os.path.realpath(inside or folder))
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        staging = self.new_staging()
         try:
             for name, most in limits.items():
                 source = folder / name
@@ -63,6 +62,25 @@ class SnapshotStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return staging
+
+    def new_staging(self) -> Path:
+        """An empty staging folder only the server writes (a source fetches into it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+
+    @staticmethod
+    def receive(staging: Path, name: str, chunks, most: int) -> None:
+        """Write file `name` of a fetched adapter into `staging` from `chunks` (bytes), at
+        most `most` bytes: a longer one is refused, whatever its size was said to be."""
+        if "/" in name or name in ("", ".", ".."):
+            raise SnapshotError(f"{name!r} is not a file name")
+        written = 0
+        with (staging / name).open("xb") as writer:
+            for chunk in chunks:
+                written += len(chunk)
+                if written > most:
+                    raise SnapshotError(f"{name} is larger than the limit of {most} bytes")
+                writer.write(chunk)
 
     def commit(self, staging: Path) -> Path:
         """The staged folder under its content address (an identical snapshot is reused once

@@ -1,7 +1,6 @@
-"""Adapter stores on disk: discovery of the folders in them, and the registry of the valid ones.
-
-A store is a directory; each sub-folder is one adapter, served under the folder's name.
-Bad folders are reported and skipped; the others are served.
+"""The registry of adapters over the adapter sources (registry/sources/: a local store is
+a directory whose every sub-folder is one adapter): the ones that passed validation, and
+the ones that did not, with why. Bad adapters are reported and skipped; the others are served.
 """
 
 from __future__ import annotations
@@ -12,19 +11,10 @@ from pathlib import Path
 
 from .records import AdapterInvalid, AdapterRecord, BaseModelInfo, printable
 from .snapshots import SnapshotStore
-from .validation import Limits, validate_adapter
+from .sources import AdapterSource, all_signatures, first_holding, open_source
+from .validation import Limits, validate_from
 
 log = logging.getLogger(__name__)
-
-
-def find_folder(stores: list[Path], name: str) -> tuple[Path, Path] | None:
-    """The (folder, store) holding adapter `name`, looked up by name only: a client never
-    hands the server a path to read."""
-    for store in stores:
-        folder = store / name
-        if folder.exists() or folder.is_symlink():
-            return folder, store
-    return None
 
 
 @dataclass
@@ -38,10 +28,11 @@ class Problem:
 
 @dataclass
 class Registry:
-    """The adapters that passed validation, by name, and the folders that did not."""
+    """The adapters that passed validation, by name, and the ones that did not, over the
+    adapter sources (registry/sources/) in order: the first source wins on a name."""
 
     base: BaseModelInfo
-    stores: list[Path]
+    sources: list[AdapterSource]
     limits: Limits
     # Where validated copies are kept and served from; None validates the folders in
     # place (the read-only reports of the CLI), never for serving.
@@ -49,48 +40,57 @@ class Registry:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
+    @property
+    def stores(self) -> list[str]:
+        """The sources as admins see them (and as the unloads file is keyed)."""
+        return [source.describe() for source in self.sources]
+
     def scan(self) -> None:
-        """(Re)discover every store; first store wins on duplicate names."""
+        """(Re)discover every source; first source wins on duplicate names."""
         self.adapters.clear()
         self.problems.clear()
-        for store in self.stores:
+        for source in self.sources:
             try:
-                folders = candidate_folders(store)
-            except OSError as exc:  # an unreadable store is reported, the others served
-                self.problems.append(Problem(store.name, store, f"adapter store cannot be listed ({exc})"))
+                names = source.names()
+            except OSError as exc:  # an unreadable source is reported, the others served
+                self.problems.append(Problem(source.describe(), Path(source.describe()), f"adapter store cannot be listed ({exc})"))
                 continue
-            for folder in folders:
-                self._admit(folder, store)
+            for name in names:
+                self._admit(name, source)
         for problem in self.problems:
             log.warning("adapter %r refused: %s", problem.name, printable(problem.reason))
         for record in self.adapters.values():
             for warning in record.warnings:
                 log.warning("adapter %r: %s", record.name, printable(warning))
 
-    def _admit(self, folder: Path, store: Path) -> AdapterRecord | None:
-        name = folder.name
+    def _admit(self, name: str, source: AdapterSource) -> AdapterRecord | None:
         if name in self.adapters:
-            self.problems.append(Problem(name, folder, f"duplicate name, already served from {self.adapters[name].path}"))
+            self.problems.append(Problem(name, source.location(name), f"duplicate name, already served from {self.adapters[name].path}"))
             return None
         try:
-            record = validate_adapter(folder, store, self.base, self.limits, self.snapshots)
+            record = validate_from(source, name, self.base, self.limits, self.snapshots)
         except AdapterInvalid as exc:
-            self.problems.append(Problem(name, folder, exc.reason))
+            self.problems.append(Problem(name, source.location(name), exc.reason))
             return None
         self.adapters[name] = record
         return record
 
-    def find_folder(self, name: str) -> tuple[Path, Path] | None:
-        return find_folder(self.stores, name)
+    def locate(self, name: str) -> AdapterSource | None:
+        """The source holding adapter `name`, looked up by name only: a client never hands
+        the server a path to read."""
+        return first_holding(self.sources, name)
+
+    def signatures(self) -> dict:
+        """Every adapter name in the sources -> its current signature."""
+        return all_signatures(self.sources)
 
     def validate(self, name: str) -> AdapterRecord:
-        """Validate `name` again from its store (for load and reload) without registering
+        """Validate `name` again from its source (for load and reload) without registering
         it; raise AdapterInvalid. The registered version, if any, stays as it is."""
-        found = self.find_folder(name)
-        if found is None:
+        source = self.locate(name)
+        if source is None:
             raise AdapterInvalid(name, "no such folder in the adapter stores")
-        folder, store = found
-        return validate_adapter(folder, store, self.base, self.limits, self.snapshots)
+        return validate_from(source, name, self.base, self.limits, self.snapshots)
 
     def register(self, record: AdapterRecord) -> None:
         self.adapters[record.name] = record
@@ -98,17 +98,6 @@ class Registry:
 
     def remove(self, name: str) -> AdapterRecord | None:
         return self.adapters.pop(name, None)
-
-
-def candidate_folders(store: Path) -> list[Path]:
-    """Every entry of a store that could be an adapter (hidden entries are skipped)."""
-    store = Path(store)
-    if not store.is_dir():
-        log.warning("adapter store %s does not exist", store)
-        return []
-    return sorted(
-        entry for entry in store.iterdir() if not entry.name.startswith(".") and (entry.is_dir() or entry.is_symlink())
-    )
 
 
 def base_info(settings) -> BaseModelInfo:
@@ -138,7 +127,7 @@ def open_registry(settings, stores: list[Path], base: BaseModelInfo | None = Non
     `serving`: adapters are snapshotted into the server's cache and served from there."""
     registry = Registry(
         base=base or base_info(settings),
-        stores=[Path(s).expanduser().resolve() for s in stores],
+        sources=[open_source(s) for s in stores],
         limits=limits_from(settings),
         snapshots=SnapshotStore(settings.snapshots_dir) if serving else None,
     )

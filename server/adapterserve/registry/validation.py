@@ -28,30 +28,37 @@ from .limits import (  # noqa: F401 (the file names and Limits: validation's pub
 )
 from .records import AdapterInvalid, AdapterRecord, BaseModelInfo, is_safe_name
 from .safetensors_header import element_count
-from .snapshots import SnapshotError, SnapshotStore
-from .weight_checks import check_lora_shapes, check_values, check_weights_present, read_weights
+from .snapshots import SnapshotStore
+from .sources import AdapterSource
+from .weight_checks import check_lora_shapes, check_values, read_weights
+
 
 def validate_adapter(
     folder: Path, store: Path, base: BaseModelInfo, limits: Limits, snapshots: SnapshotStore | None = None
 ) -> AdapterRecord:
-    """Check one adapter folder against the served base; return its record (whose `path`
-    is the snapshot when `snapshots` is given) or raise AdapterInvalid, never anything else."""
-    folder = Path(folder)
-    name = folder.name
+    """Check one folder of a local store (see `validate_from`)."""
+    from .sources.local import LocalFolderSource
+
+    return validate_from(LocalFolderSource(Path(store)), Path(folder).name, base, limits, snapshots)
+
+
+def validate_from(
+    source: AdapterSource, name: str, base: BaseModelInfo, limits: Limits, snapshots: SnapshotStore | None = None
+) -> AdapterRecord:
+    """Fetch adapter `name` from its source and check it against the served base; return its
+    record (whose `path` is the snapshot when `snapshots` is given) or raise AdapterInvalid,
+    never anything else."""
     try:
         validate_name(name, base.name)
-        check_inside_store(folder, store, name)
-        if not folder.is_dir():
-            raise AdapterInvalid(name, "not a folder")
+        files = source.fetch(name, snapshots, file_limits(limits))
         if snapshots is None:
-            return _validate_contents(folder, folder, base, limits, name)
-        staging = _stage(snapshots, folder, store, limits, name)
+            return _validate_contents(files, source.location(name), base, limits, name)
         try:
-            record = _validate_contents(staging, folder, base, limits, name)
+            record = _validate_contents(files, source.location(name), base, limits, name)
         except BaseException:
-            snapshots.discard(staging)
+            snapshots.discard(files)
             raise
-        record.path = snapshots.commit(staging)
+        record.path = snapshots.commit(files)
         return record
     except AdapterInvalid:
         raise
@@ -59,6 +66,11 @@ def validate_adapter(
         raise AdapterInvalid(name, "a file in it is nested too deeply to be read") from None
     except Exception as exc:  # anything else a broken folder can make a reader raise
         raise AdapterInvalid(name, f"could not be read ({type(exc).__name__}: {short(str(exc))})") from None
+
+
+def file_limits(limits: Limits) -> dict[str, int]:
+    """The files an adapter is made of, each with the most bytes it may have."""
+    return {CONFIG_FILE: MAX_CONFIG_BYTES, WEIGHTS_FILE: limits.max_adapter_bytes, LABELS_FILE: MAX_LABELS_BYTES}
 
 
 def validate_name(name: str, base_name: str) -> None:
@@ -70,30 +82,9 @@ def validate_name(name: str, base_name: str) -> None:
         raise AdapterInvalid(name, "name clashes with the served base model")
 
 
-def check_inside_store(folder: Path, store: Path, name: str) -> None:
-    """Refuse a folder, or a file in it, that resolves outside the store (symlinks, '..')."""
-    root = store.resolve()
-    entries = [folder, *folder.iterdir()] if folder.is_dir() else [folder]
-    for entry in entries:
-        resolved = entry.resolve()
-        if not resolved.is_relative_to(root):
-            raise AdapterInvalid(name, f"'{entry.name}' resolves outside the adapter store")
-
-
-def _stage(snapshots: SnapshotStore, folder: Path, store: Path, limits: Limits, name: str) -> Path:
-    check_weights_present(folder, name)
-    try:
-        return snapshots.stage(
-            folder,
-            {CONFIG_FILE: MAX_CONFIG_BYTES, WEIGHTS_FILE: limits.max_adapter_bytes, LABELS_FILE: MAX_LABELS_BYTES},
-            inside=store,
-        )
-    except SnapshotError as exc:
-        raise AdapterInvalid(name, str(exc)) from None
-
-
 def _validate_contents(files: Path, source: Path, base: BaseModelInfo, limits: Limits, name: str) -> AdapterRecord:
-    """The checks of the files in `files` (the store's folder, or its staged copy)."""
+    """The checks of the files in `files` (the staged copy, or a local folder read in place);
+    `source` is where they came from (the record's `source`)."""
     config = read_config(files, name)
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
