@@ -1,5 +1,5 @@
 """The /metrics exposition, parsed with prometheus-client's own parser: every metric the
-README documents, with its type and labels; memory figures that agree with the files; the
+docs/metrics.md documents, with its type and labels; memory figures that agree with the files; the
 label cap; the hosting cost derivation; tokens and first-token time per model."""
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from adapterserve.metrics.traffic import RequestTraffic, observe_client
 from tests.fakes import ReportingFakeEngine
 from tests.unit.conftest import LOCAL
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
 def documented_metrics() -> dict[str, tuple[str, set[str]]]:
-    """name -> (type, labels) from the README's metrics table."""
+    """name -> (type, labels) from the metrics table of docs/metrics.md."""
     table = {}
     for line in README.read_text().splitlines():
         match = re.match(r"\| `(adapterserve_\w+)` \| (\w+) \| ([^|]*) \|", line)
@@ -100,7 +100,7 @@ def test_every_documented_metric_is_exposed_with_its_type_and_labels(reporting_c
         assert sample_labels == labels, name
     # prometheus-client's `_created` timestamps are parsed as families of their own.
     undocumented = {f for f in families if not f.endswith("_created")} - {exposed_name(n, k) for n, (k, _) in documented.items()}
-    assert not undocumented, f"exposed but not in the README: {undocumented}"
+    assert not undocumented, f"exposed but not in docs/metrics.md: {undocumented}"
 
 
 def test_base_weights_bytes_agree_with_the_safetensors_of_the_base(client, tiny_base, settings):

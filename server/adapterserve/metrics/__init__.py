@@ -3,7 +3,7 @@
 adapterserve's collectors live in a registry of their own, made per app (tests create many
 apps in one process), and /metrics serves it together with the process-wide default
 registry where vLLM's engines report. The names, types and labels are listed in the
-README; the Grafana dashboard in deploy/ reads them.
+docs/metrics.md; the Grafana dashboard in deploy/ reads them.
 
 - Traffic: requests and end-to-end time per model and endpoint (told by the API's
   middleware: `request_answered`, `request_ended`); tokens

@@ -72,7 +72,7 @@ class HostCollector:
             "hosting": GaugeMetricFamily(
                 "adapterserve_hosting_memory_bytes",
                 "Memory to host the current tasks: the running mode as measured (basis=measured), and both "
-                "modes derived from measured per-engine figures (basis=derived; see the README).",
+                "modes derived from measured per-engine figures (basis=derived; see docs/metrics.md).",
                 labels=["mode", "basis"],
             ),
         }

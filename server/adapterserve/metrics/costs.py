@@ -1,7 +1,7 @@
 """Hosting cost: the memory the running mode uses for its tasks, and what the other mode
 would need for the same tasks, derived from the engines' measured figures.
 
-The derivation (also in the README):
+The derivation (also in docs/metrics.md):
 
 - An engine without LoRA support costs what a measured engine of the same runner
   (generate or pooling) costs minus its LoRA state: its preallocated slots and the

@@ -1,4 +1,4 @@
-"""The series adapterserve records, by name, type and labels (the README's metrics table
+"""The series adapterserve records, by name, type and labels (docs/metrics.md's table
 and the Grafana dashboard in deploy/ read them), in a registry of the app's own."""
 
 from __future__ import annotations
