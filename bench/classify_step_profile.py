@@ -16,7 +16,7 @@ call of the fused wrapper (`punica.apply_layer`: applied, or found with nothing 
 
 Reproduce with:
 
-    .venv/bin/python bench/classify_step_profile.py [--batch 1] [--rounds 10] [--out classify_step_profile.json]
+    .venv/bin/python -m bench.classify_step_profile [--batch 1] [--rounds 10] [--out classify_step_profile.json]
 
 Writes bench/results/<out> (with the CPU) and prints the table.
 """
@@ -27,23 +27,20 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engines in this process, where the timers are
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from classify_throughput import head_and_merged  # noqa: E402
-from lora_rank_fit import machine  # noqa: E402
+from bench.classify_throughput import head_and_merged  # noqa: E402
+from bench.common import machine  # noqa: E402
 
 from adapterserve.compare.workload import TEXTS  # noqa: E402
 from adapterserve.config import load_settings  # noqa: E402
 from adapterserve.dtypes import resolve_dtype  # noqa: E402
-from adapterserve.models import resolve_base_model  # noqa: E402
+from adapterserve.base_model import resolve_base_model  # noqa: E402
 from adapterserve.training.demo import build_demo_adapters, demo_store  # noqa: E402
 
 HEAD = "sentiment"

@@ -1,12 +1,12 @@
 """Classification requests per second with 1 and 4 head adapters over the one base,
 versus one transformers+peft classifier switching heads per request. Reproduce with:
 
-    .venv/bin/python bench/classify_throughput.py [--requests 256 --concurrency 8]
+    .venv/bin/python -m bench.classify_throughput [--requests 256 --concurrency 8]
 
 The 4 heads are the two demo heads and copies of them under other names. Writes
 bench/results/classify_throughput.json and prints the table.
 
-    .venv/bin/python bench/classify_throughput.py --vs-dedicated [--rounds 8] [--out NAME.json]
+    .venv/bin/python -m bench.classify_throughput --vs-dedicated [--rounds 8] [--out NAME.json]
 
 instead compares one head over the shared base (`adapterserve serve`, the demo head
 `sentiment` only) with a dedicated classifier engine serving the full model merged from
@@ -26,20 +26,17 @@ import argparse
 import asyncio
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapterserve.compare.workload import TEXTS  # noqa: E402
 from adapterserve.config import load_settings  # noqa: E402
-from adapterserve.models import resolve_base_model  # noqa: E402
-from adapterserve.process import ServerProcess  # noqa: E402
+from adapterserve.base_model import resolve_base_model  # noqa: E402
+from adapterserve.server_process import ServerProcess  # noqa: E402
 from adapterserve.training.demo import build_demo_adapters, demo_store  # noqa: E402
 
 HEADS = ["sentiment", "topic"]
@@ -103,7 +100,7 @@ def head_and_merged(settings, base_path: Path, demo: Path, head: str, tmp: Path)
 
 async def versus_dedicated(args, settings, base_path: Path, demo: Path) -> dict:
     """One head: shared mode against a dedicated engine on the merged model, A B B A."""
-    from lora_rank_fit import machine
+    from bench.common import machine
 
     head = HEADS[0]
     with tempfile.TemporaryDirectory() as tmp:

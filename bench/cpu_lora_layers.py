@@ -16,7 +16,7 @@ worker runs one per core it binds), through `add_lora_linear` of
 The mapping is made once per case (as vLLM does once per step), tokens spread
 round-robin over the adapters. Reproduce with:
 
-    .venv/bin/python bench/cpu_lora_layers.py [--dtype bfloat16] [--threads 1] [--out NAME.json]
+    .venv/bin/python -m bench.cpu_lora_layers [--dtype bfloat16] [--threads 1] [--out NAME.json]
 
 Writes bench/results/cpu_lora_layers[-bfloat16].json (with the CPU) and prints the rows.
 """
@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vllm.lora.layers.utils import LoRAMapping  # noqa: E402
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
@@ -142,7 +139,7 @@ def main() -> None:
             row["speedup"] = round(row["vllm_ms"] / row["adapterserve_ms"], 2)
             rows.append(row)
             print(row, flush=True)
-    from lora_rank_fit import machine
+    from bench.common import machine
 
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -3,7 +3,7 @@ adapterserve's (dense for small batches, grouped for large ones), across token c
 4 and 16 adapters, rank 8: shrink 576 -> 8 and expand 8 -> 1536 (SmolLM2's up_proj).
 Reproduce with:
 
-    .venv/bin/python bench/cpu_lora_ops.py
+    .venv/bin/python -m bench.cpu_lora_ops
 
 Writes bench/results/cpu_lora_ops.json and prints the table.
 """
@@ -11,13 +11,11 @@ Writes bench/results/cpu_lora_ops.json and prints the table.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm.lora.ops.torch_ops import lora_ops as reference  # noqa: E402
 

@@ -12,20 +12,17 @@ fifteenth session: without `custom_op`'s Python wrapper around every call.
 
 Reproduce with:
 
-    .venv/bin/python bench/custom_op_cost.py
+    .venv/bin/python -m bench.custom_op_cost
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_rank_fit import machine  # noqa: E402
+from bench.common import machine  # noqa: E402
 
 
 def per_call_us(fn, *args, warmup: int = 200, calls: int = 5000) -> float:

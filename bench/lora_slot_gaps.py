@@ -10,7 +10,7 @@ layers do not fit in the caches, as in a real step.
 
 Reproduce with:
 
-    .venv/bin/python bench/lora_slot_gaps.py [--threads 2]
+    .venv/bin/python -m bench.lora_slot_gaps [--threads 2]
 
 Writes bench/results/lora_slot_gaps.json (with the CPU) and prints the table.
 """
@@ -20,17 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_rank_fit import machine  # noqa: E402
+from bench.common import machine  # noqa: E402
 
 from adapterserve.engine_plugins.cpu_lora import punica  # noqa: E402
 from adapterserve.engine_plugins.cpu_lora.layout import fused_slots, lay_out  # noqa: E402

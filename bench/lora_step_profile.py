@@ -3,14 +3,14 @@ no engine-core process: `VLLM_ENABLE_V1_MULTIPROCESSING=0`), the fused CPU LoRA 
 the plugin, and every call of `punica.apply_layer` timed by form (the kernel, single adapter,
 dense, grouped) and phase (decode: at most 16 tokens; prefill: more).
 
-The workload of `lora_rank_fit.py` without the server: 48 chats x 32 tokens (`ignore_eos`,
+The workload of `bench/ab.py` without the server: 48 chats x 32 tokens (`ignore_eos`,
 greedy), at most 16 sequences at a time, base-only then 1, 3 and 8 demo-adapter copies
 (distinct adapters) mixed round-robin, `--rounds` times. The engine: `--dtype` (default
 auto, as `adapterserve serve` resolves it on this CPU), 16 slots fitted to rank 8, eager.
 
 Reproduce with:
 
-    .venv/bin/python bench/lora_step_profile.py [--rounds 2] [--dtype auto] [--out lora_step_profile.json]
+    .venv/bin/python -m bench.lora_step_profile [--rounds 2] [--dtype auto] [--out lora_step_profile.json]
 
 Writes bench/results/<out> (with the CPU) and prints the table.
 """
@@ -20,22 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this process, where the timer is
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_rank_fit import machine  # noqa: E402
-from lora_throughput import DEMO  # noqa: E402
+from bench.common import machine  # noqa: E402
+from bench.common import DEMO  # noqa: E402
 
 from adapterserve.compare.workload import PROMPTS  # noqa: E402
 from adapterserve.config import load_settings  # noqa: E402
 from adapterserve.dtypes import resolve_dtype  # noqa: E402
-from adapterserve.models import resolve_base_model  # noqa: E402
+from adapterserve.base_model import resolve_base_model  # noqa: E402
 from adapterserve.training.demo import build_demo_adapters, demo_store  # noqa: E402
 
 DECODE_MAX_TOKENS = 16  # the batch: at most 16 sequences, one token each in a decode step

@@ -12,7 +12,7 @@
 
 Reproduce with (an idle machine; a local Ray cluster is started on free ports and stopped):
 
-    .venv/bin/python bench/ray_routing.py [--requests 96 --concurrency 8 --max-tokens 16] [--rounds 2]
+    .venv/bin/python -m bench.ray_routing [--requests 96 --concurrency 8 --max-tokens 16] [--rounds 2]
 
 Writes bench/results/ray_routing.json (with this machine's CPU) and prints the tables.
 """
@@ -30,16 +30,14 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_rank_fit import machine  # noqa: E402
-from lora_throughput import make_store, mean_row  # noqa: E402
+from bench.common import machine  # noqa: E402
+from bench.common import make_store, mean_row  # noqa: E402
 
 from adapterserve.compare.workload import run_workload  # noqa: E402
 from adapterserve.config import load_settings  # noqa: E402
-from adapterserve.models import resolve_base_model  # noqa: E402
-from adapterserve.process import RayCluster, ServerProcess  # noqa: E402
+from adapterserve.base_model import resolve_base_model  # noqa: E402
+from adapterserve.server_process import RayCluster, ServerProcess  # noqa: E402
 from adapterserve.training.demo import build_demo_adapters, demo_store  # noqa: E402
 
 ADAPTERS = 8

@@ -3,7 +3,8 @@
 vLLM's CPU worker binds its OpenMP threads to every usable CPU but one, which it reserves
 for its scheduler process and the API server ("reserve_cpu_num" in vLLM's log). On a
 2-core machine that halves the compute of every step. Measured on the 2-core Xeon of
-bench/RESULTS.md (`bench/lora_rank_fit.py --variants auto allcores --rounds 2`): with no
+bench/RESULTS.md (then `bench/lora_rank_fit.py --variants auto allcores --rounds 2`; now
+`python -m bench.ab run --servers adapterserve adapterserve:reserve1`): with no
 CPU reserved, base-only 117 against 88 tok/s, LoRA-mixed 1 / 3 / 8 adapters 105 / 91 / 86
 against 79 / 70 / 62, and TTFT p50 0.8 against 1.4 s; the scheduler and the API server
 then share the cores with the worker, which costs less than the idle core did.
