@@ -48,7 +48,7 @@ class DedicatedHost:
         if not models:
             raise ValueError("dedicated mode needs at least one model folder")
         self.settings = settings
-        self.models = {m.name: m for m in models}
+        self.full_models = {m.name: m for m in models}
         self.observer = observer or HostObserver()
         self.supervisor = EngineSupervisor(settings, engine_factory, self.observer)
         self.base_path = None  # no shared base: every model holds its own weights
@@ -75,7 +75,7 @@ class DedicatedHost:
 
     @property
     def max_resident(self) -> int:
-        return self.settings.max_resident_models or len(self.models)
+        return self.settings.max_resident_models or len(self.full_models)
 
     # --- memory budget -----------------------------------------------------------
     def engine_bytes(self, model: FullModel) -> int:
@@ -86,10 +86,10 @@ class DedicatedHost:
         budget = self.settings.memory_budget_bytes
         if budget is None:
             return
-        largest = sorted((self.engine_bytes(m) for m in self.models.values()), reverse=True)[: self.max_resident]
+        largest = sorted((self.engine_bytes(m) for m in self.full_models.values()), reverse=True)[: self.max_resident]
         needed = sum(largest)
         if needed > budget:
-            per = ", ".join(f"{m.name} {self.engine_bytes(m) / GiB:.2f} GiB" for m in self.models.values())
+            per = ", ".join(f"{m.name} {self.engine_bytes(m) / GiB:.2f} GiB" for m in self.full_models.values())
             raise BudgetExceeded(
                 f"{self.max_resident} resident engine(s) need up to {needed / GiB:.2f} GiB "
                 f"(weights + KV cache {self.settings.kv_cache_memory_bytes / GiB:.2f} GiB + runtime "
@@ -107,7 +107,7 @@ class DedicatedHost:
 
     async def start(self) -> None:
         self.check_budget()
-        await start_together(self._start_engine(model) for model in list(self.models.values())[: self.max_resident])
+        await start_together(self._start_engine(model) for model in list(self.full_models.values())[: self.max_resident])
         self.supervisor.watch(self._dead, self._on_dead, WATCH_INTERVAL_S)
 
     async def stop(self) -> None:
@@ -187,7 +187,7 @@ class DedicatedHost:
         # out of the resident set and marked as starting at once, with no await in between:
         # a request meanwhile waits for this restart instead of its own
         self.resident.pop(name, None)
-        task = asyncio.create_task(self._restart(self.models[name], engine))
+        task = asyncio.create_task(self._restart(self.full_models[name], engine))
         self.starting[name] = task
         task.add_done_callback(lambda _, n=name: self.starting.pop(n, None))
 
@@ -210,7 +210,7 @@ class DedicatedHost:
         return {}  # full models: no adapters
 
     async def health(self) -> dict[str, str | None]:
-        report: dict[str, str | None] = {name: self.down[name] for name in self.models if name in self.down}
+        report: dict[str, str | None] = {name: self.down[name] for name in self.full_models if name in self.down}
         report.update(await self.supervisor.health(e for n, e in self.resident.items() if n not in report))
         return report
 
@@ -227,7 +227,7 @@ class DedicatedHost:
     async def resolve(self, model: str | None, endpoint: Endpoint) -> Target:
         if not model:
             raise missing_model()
-        entry = self.models.get(model)
+        entry = self.full_models.get(model)
         if entry is None:
             raise model_not_found(model)
         check_endpoint(model, entry.kind, endpoint)
@@ -241,7 +241,7 @@ class DedicatedHost:
                 max_model_len=self.settings.max_model_len, size_bytes=m.weights_bytes,
                 labels=m.labels or None,
             )
-            for m in self.models.values()
+            for m in self.full_models.values()
         ]
 
     # --- adapters: not in this mode ------------------------------------------------

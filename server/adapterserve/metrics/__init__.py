@@ -40,12 +40,12 @@ class Metrics:
     def __init__(self, max_models: int = 50, refresh_seconds: float = 5.0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.refresh_seconds = refresh_seconds
-        self.models = ModelLabels(max_models, on_displaced=self._drop_model_series)
+        self.model_labels = ModelLabels(max_models, on_displaced=self._drop_model_series)
         self.counters = counters = Counters(self.registry)
         # the series the rest of this class records into
         for name, metric in vars(counters).items():
             setattr(self, name, metric)
-        self.tenants = ModelLabels(max_models)  # tenant label values, capped like the models'
+        self.tenant_labels = ModelLabels(max_models)  # tenant label values, capped like the models'
         self.token_listeners: list = []  # called with (key id, tokens) after each request (the limits)
         self.host = None
         self.base_storage_bytes = 0
@@ -72,7 +72,7 @@ class Metrics:
             adapter_loaded=lambda kind, seconds: self.adapter_load_seconds.labels(kind).observe(seconds),
             adapter_quarantined=lambda kind: self.adapter_quarantines.labels(kind).inc(),
             engine_restarted=lambda engine: self.engine_restarts.labels(engine).inc(),  # few engines: no cap needed
-            model_swapped=lambda model, seconds: self.swap_seconds.labels(self.models.label(model)).observe(seconds),
+            model_swapped=lambda model, seconds: self.swap_seconds.labels(self.model_labels.label(model)).observe(seconds),
             tokens_used=self._tokens_used,
         )
 
@@ -142,7 +142,7 @@ class Metrics:
 
     # --- traffic -----------------------------------------------------------------
     def observe_traffic(self, traffic: RequestTraffic) -> None:
-        model = self.models.label(traffic.model)
+        model = self.model_labels.label(traffic.model)
         self.prompt_tokens.labels(model, traffic.endpoint).inc(traffic.prompt_tokens)
         self.generation_tokens.labels(model, traffic.endpoint).inc(traffic.generation_tokens)
         if traffic.time_to_first_token is not None:
@@ -151,7 +151,7 @@ class Metrics:
 
     def _observe_tenant(self, tenant: str | None, key_id: str | None, prompt_tokens: int, generation_tokens: int) -> None:
         if tenant is not None:
-            label = self.tenants.label(tenant)
+            label = self.tenant_labels.label(tenant)
             self.tenant_tokens.labels(label, "prompt").inc(prompt_tokens)
             self.tenant_tokens.labels(label, "generation").inc(generation_tokens)
         if key_id is not None:
@@ -168,10 +168,10 @@ class Metrics:
         if context.endpoint is None:
             return
         target = context.target
-        model = self.models.count(target.model) if target is not None else OTHER
+        model = self.model_labels.count(target.model) if target is not None else OTHER
         self.requests.labels(model, context.endpoint, str(status)).inc()
         if context.key is not None:
-            tenant = self.tenants.count(context.key.tenant)
+            tenant = self.tenant_labels.count(context.key.tenant)
             self.tenant_requests.labels(tenant, str(status)).inc()
             if context.rejection is not None:
                 self.tenant_rejections.labels(tenant, context.rejection).inc()
@@ -181,7 +181,7 @@ class Metrics:
         if context.endpoint is None:
             return
         target = context.target
-        model = self.models.label(target.model) if target is not None else OTHER
+        model = self.model_labels.label(target.model) if target is not None else OTHER
         self.latency.labels(model, context.endpoint).observe(seconds)
 
     def federate(self, pages) -> None:

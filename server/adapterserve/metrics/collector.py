@@ -122,7 +122,7 @@ class HostCollector:
         # under `other`; a scrape reads, it never hands out the traffic labels' slots
         by_size = sorted(stored, key=lambda item: (-item.bytes, item.task))
         for rank, item in enumerate(by_size):
-            if rank >= self.metrics.models.limit:
+            if rank >= self.metrics.model_labels.limit:
                 rest[item.kind] = rest.get(item.kind, 0) + item.bytes
             else:
                 families["task_storage"].add_metric([item.task, item.kind], item.bytes)
