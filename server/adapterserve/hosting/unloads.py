@@ -6,14 +6,13 @@ change it under a lock, each reading it again first, so none undoes another's ch
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from adapterserve.state_files import locked, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +42,7 @@ class Unloads:
     def _write(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(handle, "w") as stream:
-            json.dump(sorted(self._names), stream)
-        os.replace(temporary, self.path)
+        write_atomically(self.path, json.dumps(sorted(self._names)))
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
@@ -60,15 +55,10 @@ class Unloads:
         if self.path is None:
             yield
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path.parent / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        with locked(self.path):
             self._names = self._read()  # what other replicas wrote meanwhile
             yield
             self._write()
-        finally:
-            os.close(descriptor)
 
     def add(self, name: str) -> None:
         with self._changing():

@@ -17,20 +17,18 @@ a key added or revoked takes effect on the next request, without a restart.
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import hashlib
 import hmac
 import logging
-import os
 import secrets
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapterserve.state_files import locked, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -89,29 +87,14 @@ def read(path: Path) -> KeysFile:
 
 def write(path: Path, keys: KeysFile) -> None:
     """Atomically (a reader never sees half a file), readable by the owner only."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        yaml.safe_dump(keys.model_dump(mode="json"), stream, sort_keys=False)
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, path)
+    write_atomically(path, yaml.safe_dump(keys.model_dump(mode="json"), sort_keys=False), mode=0o600)
 
 
-@contextmanager
 def changing(path: Path):
     """Hold the keys file's lock while it is read, changed and written: `keys add` and
     `keys revoke` run at the same time by two people, or by a script, neither lose a key nor
-    bring a revoked one back. The lock is a file beside it (`.<name>.lock`), locked with
-    flock: released by the system when the holder exits, however it exits."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)  # closing releases the lock
+    bring a revoked one back (state_files.py)."""
+    return locked(path)
 
 
 def add(path: Path, tenant: str, models: list[str], base: bool, scopes: list[str], limits: KeyLimits) -> tuple[KeyEntry, str]:
