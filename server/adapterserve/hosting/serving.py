@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from adapterserve.errors import ClientGone, EngineRejected, ServingFailed, engine_unavailable
+from adapterserve.errors import ClientGone, DomainError, EngineRejected, ServingFailed, engine_unavailable
 
 from .protocol import Endpoint, Host, Target, requested_name
 
@@ -95,6 +95,8 @@ async def run(
         raise ClientGone("The client closed the request.", code="client_closed_request")
     try:
         result = work.result()
+    except DomainError:
+        raise  # already what went wrong (a Ray replica's answer, a host's refusal)
     except Exception as exc:
         result = create_error_response(exc)
     if isinstance(result, ErrorResponse) and _status(result) >= 500:
