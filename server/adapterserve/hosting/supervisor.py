@@ -121,9 +121,11 @@ class EngineSupervisor:
     async def health(self, engines: Iterable[Engine]) -> dict[str, str | None]:
         """Engine name -> None when healthy, else why not."""
         engines = list(engines)
-        results = await asyncio.gather(*(e.check_health() for e in engines if e.name not in self.down))
-        healthy = iter(results)
-        return {e.name: self.down[e.name] if e.name in self.down else next(healthy) for e in engines}
+        down = {e.name: self.down[e.name] for e in engines if e.name in self.down}
+        asked = [e for e in engines if e.name not in down]
+        results = await asyncio.gather(*(e.check_health() for e in asked))
+        answers = {**down, **{e.name: result for e, result in zip(asked, results)}}
+        return {e.name: answers[e.name] for e in engines}
 
     # --- stopping ---------------------------------------------------------------------
     def stop(self, engines: Iterable[Engine]) -> None:
