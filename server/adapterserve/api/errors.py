@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapterserve import errors as domain
-from adapterserve.errors import RETRY_AFTER_SECONDS, DomainError  # noqa: F401 (re-exported for the endpoints)
+from adapterserve.errors import DomainError
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,6 @@ def as_api_error(error: DomainError) -> APIError:
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     return APIError(status_of(error), error.message, param=error.param, code=error.code, headers=headers)
-
-
-def model_not_found(name: str) -> APIError:
-    return as_api_error(domain.model_not_found(name))
 
 
 def render(error: APIError | DomainError) -> JSONResponse:

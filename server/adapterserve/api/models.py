@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from .errors import model_not_found
+from adapterserve.errors import model_not_found
+
 from .middleware import context_of
 
 router = APIRouter()

@@ -19,11 +19,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from adapterserve.errors import LimitExceeded, model_not_found
 from adapterserve.hosting import serving
 from adapterserve.hosting.protocol import Endpoint, Target
 
 from .middleware import context_of
-from .errors import APIError, from_validation_error, from_vllm_error, model_not_found, reshape_stream_chunk, streaming_error_line
+from .errors import APIError, from_validation_error, from_vllm_error, reshape_stream_chunk, streaming_error_line
 
 log = logging.getLogger(__name__)
 
@@ -186,21 +187,16 @@ class KeyGate:
             raise model_not_found(asked)
 
     def admit(self) -> None:
-        admit(self.raw_request, self.key)
-
-
-def admit(raw_request: Request, key) -> None:
-    """Count the request against its key's limits (429 when over); the tenants middleware
-    releases it when its response has ended."""
-    from adapterserve.errors import LimitExceeded
-
-    try:
-        raw_request.app.state.limiter.admit(key)
-    except LimitExceeded as exc:
-        context_of(raw_request).rejection = exc.reason
-        log.info("tenant %s (key %s): 429, %s", key.tenant, key.id, exc.reason)
-        raise
-    context_of(raw_request).admitted = key
+        """Count the request against the key's limits (429 when over); the request
+        middleware gives its place back when its answer has ended (api/tenancy.py)."""
+        key = self.key
+        try:
+            self.raw_request.app.state.limiter.admit(key)
+        except LimitExceeded as exc:
+            context_of(self.raw_request).rejection = exc.reason
+            log.info("tenant %s (key %s): 429, %s", key.tenant, key.id, exc.reason)
+            raise
+        context_of(self.raw_request).admitted = key
 
 
 def generation_request_class(endpoint: Endpoint) -> type[BaseModel]:
