@@ -73,8 +73,8 @@ def with_settings_flags(command):
 def settings_from_flags(flags: dict[str, Any]) -> Settings:
     config = flags.pop("config", None)
     values = {k: (v.value if isinstance(v, Enum) else v) for k, v in flags.items() if v is not None}
-    if "adapter_dirs" in values and not values["adapter_dirs"]:
-        values.pop("adapter_dirs")
+    for name in [k for k, v in values.items() if isinstance(v, (list, tuple)) and not v]:
+        values.pop(name)  # a repeatable flag not given: the environment's or the file's value
     return load_settings(config, **values)
 
 

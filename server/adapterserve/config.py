@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -122,6 +122,29 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Adapter store directories; every valid adapter folder in them is served "
         "under its folder name. The built demo adapters are added unless --no-demo-adapters.",
+    )
+    adapter_sources: list[str] = Field(
+        default_factory=list,
+        description="Adapter sources, in order (the first holding a name wins): local directories (as "
+        "adapter_dirs), s3://bucket/prefix (each <prefix>/<name>/ is one adapter; endpoint and credentials "
+        "from the standard AWS environment and config files), hf://org/repo[@revision] (one adapter per "
+        "repo, from the local Hugging Face cache when the Hub cannot be reached) and "
+        "https://host/adapter.tar.gz#sha256=<hex> (or .zip; the archive's sha256 pinned).",
+    )
+    adapter_fetch_timeout_s: float = Field(
+        120.0, gt=0, description="Most seconds one fetch of an adapter from a remote source may take "
+        "(retries and back-off included); a slower one is refused.",
+    )
+    adapters_validated_at_start: int = Field(
+        256, ge=0, description="Adapters fetched, validated and registered before the server is ready; the "
+        "sources' other adapters are listed (in /v1/models) and validated on their first request.",
+    )
+    require_signed_adapters: bool = Field(
+        False, description="Serve only adapters whose files verify against an OpenSSF Model Signing signature "
+        "(model.sig in the adapter's folder) by one of trusted_adapter_keys.",
+    )
+    trusted_adapter_keys: list[Path] = Field(
+        default_factory=list, description="Public keys (PEM, elliptic curve) whose adapter signatures are trusted.",
     )
     adapter_scan_interval_s: float = Field(
         30.0, ge=0, description="Seconds between scans of the stores for new, changed and removed adapter "
@@ -311,6 +334,24 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
+
+    @field_validator("adapter_sources")
+    @classmethod
+    def _sources_parse(cls, value: list[str]) -> list[str]:
+        from adapterserve.registry.sources import open_source
+
+        for spec in value:
+            open_source(spec)  # a malformed source is a settings error now, not a surprise later
+        return value
+
+    @model_validator(mode="after")
+    def _signed_needs_keys(self) -> "Settings":
+        if self.require_signed_adapters and not self.trusted_adapter_keys:
+            raise ValueError("require_signed_adapters needs trusted_adapter_keys (public keys, PEM)")
+        for key in self.trusted_adapter_keys:
+            if not Path(key).expanduser().is_file():
+                raise ValueError(f"trusted adapter key {key} is not a file")
+        return self
 
     @field_validator("served_model_name")
     @classmethod

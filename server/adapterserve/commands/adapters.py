@@ -24,7 +24,7 @@ def _base(settings: Settings):
     return base_info(settings)
 
 
-def _registry(settings: Settings, stores: list[Path]):
+def _registry(settings: Settings, stores: list[Path | str]):
     from adapterserve.registry.store import open_registry
 
     return open_registry(settings, stores)
@@ -59,7 +59,7 @@ def adapters_list(
     from adapterserve.training.demo import demo_store
 
     settings = load_settings(config, base_model=base_model)
-    stores = list(adapter_dir) or list(settings.adapter_dirs)
+    stores = list(adapter_dir) or [*settings.adapter_dirs, *settings.adapter_sources]
     if not stores:
         base = _base(settings)
         stores = [demo_store(settings.cache_dir, base.path)]
@@ -149,3 +149,19 @@ def adapters_merge(
     for name, folder in merged.items():
         console.print(f"{name}: {folder}")
     typer.echo(merged_store(settings.cache_dir, base.path))
+
+
+@app.command("sign")
+def adapters_sign(
+    folder: Path = typer.Argument(..., help="The adapter folder to sign (its config, weights and labels)."),
+    key: Path = typer.Option(..., "--key", help="Elliptic-curve private key, PEM (openssl ecparam -name prime256v1 -genkey -noout)."),
+) -> None:
+    """Sign an adapter folder (OpenSSF Model Signing): writes model.sig beside its files, which a
+    server with --require-signed-adapters verifies against its --trusted-adapter-keys."""
+    from adapterserve.registry.signing import sign_folder
+
+    if not (folder / "adapter_config.json").is_file():
+        console.print(f"[red]{escape(str(folder))} holds no adapter_config.json[/red]")
+        raise typer.Exit(1)
+    signature = sign_folder(folder, key)
+    console.print(f"signed: {escape(str(signature))}")

@@ -53,7 +53,7 @@ def _open_stores(settings: Settings):
 
     base_path = resolve_base_model(settings.base_model, settings.models_dir)
     base_name = settings.served_model_name or Path(base_path).name
-    stores = [Path(p) for p in settings.adapter_dirs]
+    stores: list[Path | str] = [*(Path(p) for p in settings.adapter_dirs), *settings.adapter_sources]
     if settings.demo_adapters:
         from adapterserve.training.demo import ensure_demo_adapters
 

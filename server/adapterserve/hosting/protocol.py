@@ -122,12 +122,13 @@ class ModelCard:
     id: str
     root: str
     parent: str | None
-    kind: str  # "base", "lora", "head" or "full"
+    kind: str  # "base", "lora", "head", "full", or "adapter" (listed, kind not known yet)
     created: int
     max_model_len: int | None = None
     rank: int | None = None
     size_bytes: int | None = None
     labels: list[str] | None = None
+    state: str | None = None  # "listed": in a source, fetched and validated on its first request
 
     def as_openai(self) -> dict:
         card = {
@@ -139,7 +140,7 @@ class ModelCard:
             "parent": self.parent,
             "kind": self.kind,
         }
-        for key in ("max_model_len", "rank", "size_bytes", "labels"):
+        for key in ("max_model_len", "rank", "size_bytes", "labels", "state"):
             value = getattr(self, key)
             if value is not None:
                 card[key] = value

@@ -66,7 +66,16 @@ class Scanner:
             log.info("adapter %r: its folder is gone; unregistering it", name)
             catalog.signatures.pop(name, None)
             await catalog.unregister(name)
+        for name in [n for n in self.registry.listed if n not in now]:
+            self.registry.listed.pop(name)
+        budget = self.settings.adapters_validated_at_start  # many new adapters at once: listed, validated on use
         for name in changes.added + changes.changed:
+            if name in self.registry.listed or (name in changes.added and budget <= 0):
+                catalog.signatures[name] = now[name]  # validated on its first request
+                if name in self.registry.holders:
+                    self.registry.list_only(name, self.registry.holders[name])
+                continue
+            budget -= name in changes.added
             catalog.unloaded.discard(name)  # a changed folder is served again
             try:
                 await catalog.reload(name)

@@ -157,6 +157,11 @@ class SharedBaseHost:
                 rank=record.rank, size_bytes=record.size_bytes, labels=record.labels or None,
             )
             for record in sorted(self.registry.adapters.values(), key=lambda r: r.name) if self.catalog.published(record.name)
+        ] + [
+            # in a source, validated on its first request (the rest of a large store)
+            ModelCard(id=name, root=name, parent=self.base_name, kind="adapter", created=self.created,
+                      max_model_len=self.settings.max_model_len, state="listed")
+            for name in sorted(self.registry.listed) if name not in self.catalog.unloaded
         ]
 
     def nonfinite_state(self, model: str) -> str | None:

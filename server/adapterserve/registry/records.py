@@ -51,7 +51,7 @@ class AdapterRecord:
     base_model: str | None  # as the adapter's config records it
     labels: list[str] = field(default_factory=list)  # heads: label names by index
     warnings: list[str] = field(default_factory=list)
-    source: Path | None = None  # the store folder it was validated from
+    source: Path | str | None = None  # where it was validated from: a store folder, or a source's URL
 
     def share_of_base(self, base_params: int) -> float:
         return self.trainable_params / base_params if base_params else 0.0

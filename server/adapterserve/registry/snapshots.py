@@ -33,6 +33,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+FETCHED = ".fetched"  # the index of fetches from remote sources (see `fetched`)
 
 
 class SnapshotError(Exception):
@@ -82,6 +83,28 @@ class SnapshotStore:
                     raise SnapshotError(f"{name} is larger than the limit of {most} bytes")
                 writer.write(chunk)
 
+    # --- fetched adapters, by their source's version -----------------------------------
+    # A remote source's fetch is keyed by (source, name, the version it lists): the key's
+    # file under FETCHED holds the address of the snapshot made from that fetch, so a
+    # restart, another engine or another server sharing this folder copies the snapshot
+    # instead of fetching again. The snapshot is still read again and validated by value.
+    def fetched(self, key: str) -> Path | None:
+        """The snapshot a fetch under `key` became, if it is still here."""
+        try:
+            address = (self.root / FETCHED / key).read_text().strip()
+        except OSError:
+            return None
+        folder = self.root / address
+        return folder if len(address) == 32 and folder.is_dir() else None
+
+    def remember(self, key: str, staging: Path) -> None:
+        """Record that a fetch under `key` produced the files in `staging`."""
+        index = self.root / FETCHED
+        index.mkdir(parents=True, exist_ok=True)
+        temporary = index / f".{key}.{os.getpid()}"
+        temporary.write_text(_address(staging))
+        os.replace(temporary, index / key)
+
     def commit(self, staging: Path) -> Path:
         """The staged folder under its content address (an identical snapshot is reused once
         it has been read again and still holds that content; else it is replaced)."""
@@ -125,7 +148,7 @@ class SnapshotStore:
                 idle = time.time() - entry.lstat().st_mtime
             except OSError:
                 continue
-            if entry.name in kept or idle < grace_s:
+            if entry.name in kept or entry.name == FETCHED or idle < grace_s:
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .records import AdapterInvalid, AdapterRecord, BaseModelInfo, printable
+from .records import AdapterInvalid, AdapterRecord, BaseModelInfo, is_safe_name, printable
 from .snapshots import SnapshotStore
 from .sources import AdapterSource, all_signatures, first_holding, open_source
 from .validation import Limits, validate_from
@@ -22,7 +22,7 @@ class Problem:
     """An adapter folder that was refused, and why."""
 
     name: str
-    path: Path
+    path: Path | str  # a folder, or a remote source's URL
     reason: str
 
 
@@ -37,8 +37,13 @@ class Registry:
     # Where validated copies are kept and served from; None validates the folders in
     # place (the read-only reports of the CLI), never for serving.
     snapshots: SnapshotStore | None = None
+    # How many adapters a scan fetches and validates; the others are only listed, and
+    # validated on their first request (None: all of them, as the CLI's reports do).
+    validated_at_start: int | None = None
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    listed: dict[str, AdapterSource] = field(default_factory=dict)  # in a source, not validated yet
+    holders: dict[str, AdapterSource] = field(default_factory=dict)  # name -> its source, at the last `signatures`
 
     @property
     def stores(self) -> list[str]:
@@ -49,14 +54,22 @@ class Registry:
         """(Re)discover every source; first source wins on duplicate names."""
         self.adapters.clear()
         self.problems.clear()
+        self.listed.clear()
+        budget = self.validated_at_start
         for source in self.sources:
             try:
                 names = source.names()
             except OSError as exc:  # an unreadable source is reported, the others served
-                self.problems.append(Problem(source.describe(), Path(source.describe()), f"adapter store cannot be listed ({exc})"))
+                self.problems.append(Problem(source.describe(), source.describe(), f"adapter store cannot be listed ({exc})"))
                 continue
             for name in names:
-                self._admit(name, source)
+                if budget is None or budget > 0:
+                    budget = None if budget is None else budget - 1
+                    self._admit(name, source)
+                else:
+                    self.list_only(name, source)
+        if self.listed:
+            log.info("%d adapters listed, to be validated on their first request", len(self.listed))
         for problem in self.problems:
             log.warning("adapter %r refused: %s", problem.name, printable(problem.reason))
         for record in self.adapters.values():
@@ -75,14 +88,21 @@ class Registry:
         self.adapters[name] = record
         return record
 
+    def list_only(self, name: str, source: AdapterSource) -> None:
+        """Know `name` is in `source` without fetching it yet (refused names are not listed)."""
+        if is_safe_name(name) and name != self.base.name and name not in self.adapters:
+            self.listed.setdefault(name, source)
+
     def locate(self, name: str) -> AdapterSource | None:
         """The source holding adapter `name`, looked up by name only: a client never hands
         the server a path to read."""
         return first_holding(self.sources, name)
 
     def signatures(self) -> dict:
-        """Every adapter name in the sources -> its current signature."""
-        return all_signatures(self.sources)
+        """Every adapter name in the sources -> its current signature (one listing of each
+        source); the source now holding each name is kept for `list_only`."""
+        self.holders = {}
+        return all_signatures(self.sources, self.holders)
 
     def validate(self, name: str) -> AdapterRecord:
         """Validate `name` again from its source (for load and reload) without registering
@@ -94,9 +114,11 @@ class Registry:
 
     def register(self, record: AdapterRecord) -> None:
         self.adapters[record.name] = record
+        self.listed.pop(record.name, None)
         self.problems = [p for p in self.problems if p.name != record.name]
 
     def remove(self, name: str) -> AdapterRecord | None:
+        self.listed.pop(name, None)
         return self.adapters.pop(name, None)
 
 
@@ -119,17 +141,21 @@ def limits_from(settings) -> Limits:
         max_cls_labels=settings.max_cls_labels,
         refuse_other_base=settings.base_mismatch.value == "refuse",
         served_dtype=resolve_dtype(settings.dtype),
+        require_signed=settings.require_signed_adapters,
+        trusted_keys=tuple(str(Path(k).expanduser()) for k in settings.trusted_adapter_keys),
     )
 
 
-def open_registry(settings, stores: list[Path], base: BaseModelInfo | None = None, serving: bool = False) -> Registry:
-    """The scanned registry of these stores over the settings' base, with its limits.
-    `serving`: adapters are snapshotted into the server's cache and served from there."""
+def open_registry(settings, stores: list[Path | str], base: BaseModelInfo | None = None, serving: bool = False) -> Registry:
+    """The scanned registry of these sources (directories or source URLs) over the
+    settings' base, with its limits. `serving`: adapters are snapshotted into the server's
+    cache and served from there."""
     registry = Registry(
         base=base or base_info(settings),
-        sources=[open_source(s) for s in stores],
+        sources=[open_source(s, settings.adapter_fetch_timeout_s) for s in stores],
         limits=limits_from(settings),
         snapshots=SnapshotStore(settings.snapshots_dir) if serving else None,
+        validated_at_start=settings.adapters_validated_at_start if serving else None,
     )
     registry.scan()
     return registry

@@ -24,11 +24,13 @@ from . import kinds
 from .config_checks import check_features, check_rank, check_scaling, check_targets, read_config, string_list
 from .head_checks import check_base, head_labels
 from .limits import (  # noqa: F401 (the file names and Limits: validation's public names)
-    CONFIG_FILE, LABELS_FILE, MAX_CONFIG_BYTES, MAX_LABELS_BYTES, WEIGHTS_FILE, Limits, short,
+    CONFIG_FILE, LABELS_FILE, MAX_CONFIG_BYTES, MAX_LABELS_BYTES, MAX_SIGNATURE_BYTES, SIGNATURE_FILE, WEIGHTS_FILE,
+    Limits, short,
 )
 from .records import AdapterInvalid, AdapterRecord, BaseModelInfo, is_safe_name
 from .safetensors_header import element_count
 from .snapshots import SnapshotStore
+from .signing import verify_folder
 from .sources import AdapterSource
 from .weight_checks import check_lora_shapes, check_values, read_weights
 
@@ -52,9 +54,9 @@ def validate_from(
         validate_name(name, base.name)
         files = source.fetch(name, snapshots, file_limits(limits))
         if snapshots is None:
-            return _validate_contents(files, source.location(name), base, limits, name)
+            return _checked(files, source.location(name), base, limits, name)
         try:
-            record = _validate_contents(files, source.location(name), base, limits, name)
+            record = _checked(files, source.location(name), base, limits, name)
         except BaseException:
             snapshots.discard(files)
             raise
@@ -70,7 +72,10 @@ def validate_from(
 
 def file_limits(limits: Limits) -> dict[str, int]:
     """The files an adapter is made of, each with the most bytes it may have."""
-    return {CONFIG_FILE: MAX_CONFIG_BYTES, WEIGHTS_FILE: limits.max_adapter_bytes, LABELS_FILE: MAX_LABELS_BYTES}
+    return {
+        CONFIG_FILE: MAX_CONFIG_BYTES, WEIGHTS_FILE: limits.max_adapter_bytes, LABELS_FILE: MAX_LABELS_BYTES,
+        SIGNATURE_FILE: MAX_SIGNATURE_BYTES,
+    }
 
 
 def validate_name(name: str, base_name: str) -> None:
@@ -82,9 +87,16 @@ def validate_name(name: str, base_name: str) -> None:
         raise AdapterInvalid(name, "name clashes with the served base model")
 
 
-def _validate_contents(files: Path, source: Path, base: BaseModelInfo, limits: Limits, name: str) -> AdapterRecord:
+def _checked(files: Path, origin: str | Path, base: BaseModelInfo, limits: Limits, name: str) -> AdapterRecord:
+    """The signature (when required), then the contents."""
+    if limits.require_signed:
+        verify_folder(files, limits.trusted_keys, name)
+    return _validate_contents(files, origin, base, limits, name)
+
+
+def _validate_contents(files: Path, origin: str | Path, base: BaseModelInfo, limits: Limits, name: str) -> AdapterRecord:
     """The checks of the files in `files` (the staged copy, or a local folder read in place);
-    `source` is where they came from (the record's `source`)."""
+    `origin` is where they came from (the record's `source`: a folder, or a source's URL)."""
     config = read_config(files, name)
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
@@ -105,10 +117,11 @@ def _validate_contents(files: Path, source: Path, base: BaseModelInfo, limits: L
     warnings = check_base(config, base, limits, name)
     trainable = element_count(header)
     size = sum(path.stat().st_size for path in files.iterdir() if path.is_file())
+    origin = origin.resolve() if isinstance(origin, Path) else origin
     return AdapterRecord(
         name=name,
         kind=kind.name,
-        path=source.resolve(),
+        path=origin if isinstance(origin, Path) else files,  # a remote source's files: where they were read
         rank=max([rank, *(config.get("rank_pattern") or {}).values()]),  # what an engine slot must hold
         target_modules=targets,
         trainable_params=trainable,
@@ -116,5 +129,5 @@ def _validate_contents(files: Path, source: Path, base: BaseModelInfo, limits: L
         base_model=config.get("base_model_name_or_path") if isinstance(config.get("base_model_name_or_path"), str) else None,
         labels=labels,
         warnings=warnings,
-        source=source.resolve(),
+        source=origin,
     )

@@ -6,10 +6,12 @@ staging folder of the server's snapshot store, within the size of each file. Wha
 source fetches is then validated by value like any other adapter (registry/validation.py)
 and served from its snapshot; a source never decides what is served.
 
-The local folder store (`local.py`: each sub-folder of a directory is one adapter) is the
-first source; `open_source` turns what a user typed (`--adapter-dirs`) into a source.
-A new source (object storage, a model hub) is one module here implementing
-`AdapterSource`, plus its case in `open_source`.
+The sources, one module each: `local.py` (each sub-folder of a directory is one adapter),
+`s3.py` (S3 and S3-compatible stores), `hub.py` (Hugging Face Hub repos) and `archive.py`
+(an https archive with a pinned sha256); `remote.py` holds what the remote ones share
+(deadline, retries, the fetch cache). `open_source` turns what a user typed
+(`--adapter-sources`, `--adapter-dirs`) into a source; a new kind of source is one module
+implementing `AdapterSource`, plus its case in `open_source`.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class AdapterSource(Protocol):
         """Every safe adapter name it holds -> its signature (one listing)."""
         ...
 
-    def location(self, name: str) -> Path:
-        """Where `name` is, as shown with a refusal (a local path; a source's own form)."""
+    def location(self, name: str) -> Path | str:
+        """Where `name` is, as shown with a refusal (a local path; a remote source's URL)."""
         ...
 
     def fetch(self, name: str, snapshots: SnapshotStore | None, file_limits: dict[str, int]) -> Path:
@@ -54,11 +56,30 @@ class AdapterSource(Protocol):
         ...
 
 
-def open_source(spec: str | Path) -> AdapterSource:
-    """The source a setting names: a local directory (the only kind so far)."""
+def open_source(spec: str | Path, timeout_s: float = 120.0) -> AdapterSource:
+    """The source a setting names: `s3://bucket/prefix`, `hf://org/repo[@revision]`,
+    `https://.../adapter.tar.gz#sha256=<hex>`, or else a local directory. Raises
+    ValueError for a malformed one (no network is touched until it is listed)."""
+    from adapterserve.registry.limits import SERVED_FILES
+
+    text = str(spec)
+    if text.startswith("s3://"):
+        from .s3 import S3Source
+
+        return S3Source(text, SERVED_FILES, timeout_s)
+    if text.startswith("hf://"):
+        from .hub import HubSource
+
+        return HubSource(text, SERVED_FILES, timeout_s)
+    if text.startswith(("https://", "http://")):
+        from .archive import ArchiveSource
+
+        return ArchiveSource(text, SERVED_FILES, timeout_s)
+    if "://" in text:
+        raise ValueError(f"{text!r}: an adapter source is a directory, s3://, hf:// or https://")
     from .local import LocalFolderSource
 
-    return LocalFolderSource(Path(spec).expanduser().resolve())
+    return LocalFolderSource(Path(text).expanduser().resolve())
 
 
 def local_stores(paths: list[Path]) -> list[AdapterSource]:
@@ -73,9 +94,10 @@ def first_holding(sources: list[AdapterSource], name: str) -> AdapterSource | No
     return next((source for source in sources if source.has(name)), None)
 
 
-def all_signatures(sources: list[AdapterSource]) -> dict[str, Signature | None]:
+def all_signatures(sources: list[AdapterSource], holders: dict | None = None) -> dict[str, Signature | None]:
     """Every name over every source (first source wins) -> its signature; a source that
-    cannot be listed contributes nothing (its adapters read as removed until it is back)."""
+    cannot be listed contributes nothing (its adapters read as removed until it is back).
+    `holders`, when given, is filled with name -> the source holding it."""
     found: dict[str, Signature | None] = {}
     for source in sources:
         try:
@@ -83,5 +105,8 @@ def all_signatures(sources: list[AdapterSource]) -> dict[str, Signature | None]:
         except OSError:
             continue
         for name, signature in listed.items():
-            found.setdefault(name, signature)
+            if name not in found:
+                found[name] = signature
+                if holders is not None:
+                    holders[name] = source
     return found
