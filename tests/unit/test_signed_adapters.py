@@ -1,0 +1,100 @@
+"""Signed adapters (registry/signing.py) with the real model-signing package and real
+elliptic-curve keys: a folder signed by a trusted key is served, from a local store or
+from S3; unsigned, tampered, signed-by-another and extra-file folders are refused with
+the reason; `adapters sign` writes the signature."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
+
+from adapterserve.registry.limits import SIGNATURE_FILE
+from adapterserve.registry.records import AdapterInvalid
+from adapterserve.registry.signing import sign_folder, verify_folder
+from adapterserve.registry.snapshots import SnapshotStore
+from adapterserve.registry.sources import local_stores
+from adapterserve.registry.store import Registry
+from adapterserve.registry.validation import Limits
+from tests.adapter_factory import write_lora
+
+
+def key_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """A P-256 key pair as PEM files (what `openssl ecparam -name prime256v1 -genkey` makes)."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    private_path, public_path = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private_path.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    public_path.write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private_path, public_path
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return {"trusted": key_pair(tmp_path, "trusted"), "other": key_pair(tmp_path, "other")}
+
+
+@pytest.fixture
+def signed_store(tmp_path, tiny_base, keys) -> Path:
+    store = tmp_path / "signed-store"
+    signed = write_lora(store / "signed", tiny_base, rank=4, seed=1)
+    (signed / "README.md").write_text("trained on ...")  # not an adapter file: left out of the signature
+    sign_folder(signed, keys["trusted"][0])
+    write_lora(store / "unsigned", tiny_base, rank=4, seed=2)
+    shutil.copytree(signed, store / "tampered")
+    write_lora(store / "tampered", tiny_base, rank=4, seed=3)  # new weights under the old signature
+    sign_folder(write_lora(store / "by-another", tiny_base, rank=4, seed=4), keys["other"][0])
+    shutil.copytree(signed, store / "extra-file")
+    (store / "extra-file" / "labels.json").write_text('{"labels": ["a"]}')  # an adapter file nobody signed
+    return store
+
+
+def test_only_adapters_signed_by_a_trusted_key_are_served_each_refusal_with_its_reason(signed_store, tiny_base, keys, tmp_path):
+    registry = Registry(
+        base=tiny_base, sources=local_stores([signed_store]), snapshots=SnapshotStore(tmp_path / "snapshots"),
+        limits=Limits(max_lora_rank=16, require_signed=True, trusted_keys=(str(keys["trusted"][1]),)),
+    )
+    registry.scan()
+    assert list(registry.adapters) == ["signed"]
+    assert (registry.adapters["signed"].path / SIGNATURE_FILE).is_file()
+    reasons = {p.name: p.reason for p in registry.problems}
+    assert "not signed (no model.sig)" in reasons["unsigned"]
+    assert "do not match what was signed" in reasons["tampered"] and "adapter_model.safetensors" in reasons["tampered"]
+    assert "not signed by a trusted key" in reasons["by-another"]
+    assert "do not match what was signed" in reasons["extra-file"] and "labels.json" in reasons["extra-file"]
+
+
+def test_without_the_requirement_signatures_are_not_checked(signed_store, tiny_base, tmp_path):
+    registry = Registry(base=tiny_base, sources=local_stores([signed_store]), limits=Limits(max_lora_rank=16),
+                        snapshots=SnapshotStore(tmp_path / "snapshots"))
+    registry.scan()
+    assert sorted(registry.adapters) == ["by-another", "extra-file", "signed", "tampered", "unsigned"]
+
+
+def test_any_of_several_trusted_keys_verifies_and_the_folder_is_checked_in_place_for_reports(signed_store, keys):
+    trusted = (str(keys["other"][1]), str(keys["trusted"][1]))
+    verify_folder(signed_store / "signed", trusted, "signed")  # README.md beside it: only the adapter files count
+    with pytest.raises(AdapterInvalid, match="no trusted key"):
+        verify_folder(signed_store / "signed", (), "signed")
+
+
+def test_a_damaged_signature_file_is_a_refusal_not_a_crash(signed_store, keys):
+    (signed_store / "signed" / SIGNATURE_FILE).write_text('{"not": "a bundle"')
+    with pytest.raises(AdapterInvalid, match="signature"):
+        verify_folder(signed_store / "signed", (str(keys["trusted"][1]),), "signed")
+
+
+def test_adapters_sign_writes_a_signature_the_server_verifies(tmp_path, tiny_base, keys):
+    from adapterserve.cli import app
+
+    folder = write_lora(tmp_path / "to-sign", tiny_base, rank=4)
+    result = CliRunner().invoke(app, ["adapters", "sign", str(folder), "--key", str(keys["trusted"][0])])
+    assert result.exit_code == 0, result.output
+    verify_folder(folder, (str(keys["trusted"][1]),), "to-sign")
+    refused = CliRunner().invoke(app, ["adapters", "sign", str(tmp_path), "--key", str(keys["trusted"][0])])
+    assert refused.exit_code == 1 and "adapter_config.json" in refused.output
