@@ -265,3 +265,18 @@ def _hostile_heads(store: Path, base: BaseModelInfo, max_rank: int) -> dict[str,
         "head-labels-not-json": "is not valid",
         "head-labels-not-strings": "a list of non-empty strings",
     }
+
+
+def signing_key_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """A P-256 key pair as PEM files, private and public (what `openssl ecparam -name
+    prime256v1 -genkey` makes), for signing adapters."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    private_path, public_path = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private_path.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    public_path.write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private_path, public_path

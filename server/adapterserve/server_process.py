@@ -127,7 +127,8 @@ class RayCluster:
         "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port",
     )
 
-    def __init__(self, log_path: Path, num_cpus: int | None = None, object_store_bytes: int = 256 * 1024**2):
+    def __init__(self, log_path: Path, num_cpus: int | None = None, object_store_bytes: int = 256 * 1024**2,
+                 env: dict[str, str] | None = None):
         self.ports = {name: free_port() for name in self.PORTS}
         self.address = f"127.0.0.1:{self.ports['port']}"
         # Ray's sockets live under its temp dir: a short path (Unix sockets allow ~100 bytes)
@@ -141,7 +142,8 @@ class RayCluster:
         ]
         # A replica killed with SIGKILL leaves its engine processes: the raylet adopts and
         # stops them (Ray's subreaper), so a killed replica leaks no vLLM engine.
-        self.env = {**os.environ, "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper": "true"}
+        # `env`: what the replicas' processes should see (e.g. the AWS environment of an S3 source)
+        self.env = {**os.environ, **(env or {}), "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper": "true"}
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> "RayCluster":

@@ -22,6 +22,7 @@ MAX_LORA_RANK = 16
 DEMO = ["french", "json", "pirate"]  # LoRA demos
 HEADS = ["sentiment", "topic"]
 RANDOM_ADAPTERS = [f"random-{i}" for i in range(5)]  # with the demos: 8 > MAX_LORAS
+S3_BUCKET = "adapters"
 
 
 def pytest_configure(config):
@@ -129,3 +130,14 @@ def tokenizer(base_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(base_path)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (moto) for the session, with the bucket `adapters`."""
+    from tests.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    server.client().create_bucket(Bucket=S3_BUCKET)
+    yield server
+    server.stop()

@@ -9,8 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from adapterserve.registry.limits import SIGNATURE_FILE
@@ -20,18 +18,7 @@ from adapterserve.registry.snapshots import SnapshotStore
 from adapterserve.registry.sources import local_stores
 from adapterserve.registry.store import Registry
 from adapterserve.registry.validation import Limits
-from tests.adapter_factory import write_lora
-
-
-def key_pair(folder: Path, name: str) -> tuple[Path, Path]:
-    """A P-256 key pair as PEM files (what `openssl ecparam -name prime256v1 -genkey` makes)."""
-    private = ec.generate_private_key(ec.SECP256R1())
-    private_path, public_path = folder / f"{name}.pem", folder / f"{name}.pub.pem"
-    private_path.write_bytes(private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    public_path.write_bytes(private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private_path, public_path
+from tests.adapter_factory import signing_key_pair as key_pair, write_lora
 
 
 @pytest.fixture
