@@ -24,7 +24,8 @@ from adapterserve.config import Settings
 from adapterserve.server_process import RayCluster, ServerProcess
 from adapterserve.rayserve.app import QUEUE_FACTOR
 from adapterserve.tenants.keys import KeyLimits, add
-from tests.integration.conftest import ADMIN_KEY, MAX_LORA_RANK, MAX_LORAS
+from tests.integration.conftest import ADMIN_KEY, MAX_LORA_RANK, MAX_LORAS, S3_BUCKET
+from tests.s3_server import upload_folder
 
 pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.integration
@@ -77,16 +78,18 @@ REFRESH_S = 2.0
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, s3):
     logs = tmp_path_factory.mktemp("ray")
-    cluster = RayCluster(logs / "ray.log", num_cpus=REPLICAS).start()
+    # the replicas read the S3 source themselves, through the standard AWS environment
+    cluster = RayCluster(logs / "ray.log", num_cpus=REPLICAS, env=s3.env).start()
     yield cluster
     cluster.stop()
 
 
 @pytest.fixture(scope="module")
-def ray_server(cluster, tmp_path_factory, extra_store):
+def ray_server(cluster, tmp_path_factory, extra_store, s3, demo_dir):
     logs = tmp_path_factory.mktemp("ray-serve")
+    upload_folder(s3.client(), S3_BUCKET, "ray/s3-pirate", demo_dir / "pirate")  # in no folder the replicas share
     keys_file = logs / "keys.yaml"  # tenants are enforced by the ingress
     secrets = {
         "everyone": add(keys_file, "everyone", ["*"], True, ["inference"], KeyLimits())[1],
@@ -96,13 +99,13 @@ def ray_server(cluster, tmp_path_factory, extra_store):
     process = ServerProcess(
         [
             "--ray", "--ray-address", cluster.address, "--replicas", str(REPLICAS), "--keys-file", str(keys_file),
-            "--adapter-dirs", str(extra_store),
+            "--adapter-dirs", str(extra_store), "--adapter-sources", f"s3://{S3_BUCKET}/ray",
             "--max-loras", str(MAX_LORAS), "--max-lora-rank", str(MAX_LORA_RANK), "--max-cpu-loras", "6",
             "--admin-api-key", ADMIN_KEY, "--metrics-refresh-s", str(REFRESH_S),
             "--adapter-scan-interval-s", "0",
             "--no-enforce-eager",  # compiled as the session server it is compared with (the same engine limits: its cached artifacts)
         ],
-        logs / "server.log",
+        logs / "server.log", env=s3.env,
     ).start(timeout=900)
     wait_for_replicas(process.url, REPLICAS)
     process.secrets = secrets
@@ -174,9 +177,18 @@ def test_models_and_adapters_answer_for_the_application(ray_server, server):
     ray_ids = {m["id"] for m in httpx.get(f"{ray_server.url}/v1/models", headers=ray_server.auth, timeout=30).json()["data"]}
     single_ids = {m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]}
     assert {"pirate", "french", "sentiment", "random-0"} <= ray_ids
-    assert ray_ids <= single_ids  # the session server has the broken-adapter store besides
+    assert ray_ids - {"s3-pirate"} <= single_ids  # the session server has the broken-adapter store besides
     adapters = httpx.get(f"{ray_server.url}/admin/adapters", headers=ADMIN, timeout=30).json()
-    assert {"pirate", "sentiment"} <= {a["name"] for a in adapters["adapters"]}
+    assert {"pirate", "sentiment", "s3-pirate"} <= {a["name"] for a in adapters["adapters"]}
+
+
+def test_an_adapter_in_s3_is_served_by_both_replicas_each_fetching_it_itself(ray_server, ray_client, client):
+    engines = engines_by_replica(ray_server.url)
+    assert len(engines) == REPLICAS
+    assert all("s3-pirate" in reports[0]["adapter_ids"] for reports in engines.values()), engines
+    chat = dict(messages=QUESTION, temperature=0, max_tokens=24)
+    from_s3 = ray_client.chat.completions.create(model="s3-pirate", **chat).choices[0].message.content
+    assert from_s3 == client.chat.completions.create(model="pirate", **chat).choices[0].message.content
 
 
 def test_each_adapter_is_loaded_on_one_replica_with_affinity(ray_server, ray_client):
