@@ -85,3 +85,18 @@ def test_adapters_sign_writes_a_signature_the_server_verifies(tmp_path, tiny_bas
     verify_folder(folder, (str(keys["trusted"][1]),), "to-sign")
     refused = CliRunner().invoke(app, ["adapters", "sign", str(tmp_path), "--key", str(keys["trusted"][0])])
     assert refused.exit_code == 1 and "adapter_config.json" in refused.output
+
+
+def test_requiring_signatures_needs_trusted_keys_that_exist(tmp_path):
+    from pydantic import ValidationError
+
+    from adapterserve.config import Settings
+    from adapterserve.registry.store import limits_from
+
+    with pytest.raises(ValidationError, match="needs trusted_adapter_keys"):
+        Settings(require_signed_adapters=True)
+    with pytest.raises(ValidationError, match="an adapter source is"):
+        Settings(adapter_sources=["ftp://host/adapters"])
+    settings = Settings(require_signed_adapters=True, trusted_adapter_keys=[tmp_path / "absent.pub.pem"])
+    with pytest.raises(ValueError, match="trusted adapter keys not found"):
+        limits_from(settings)

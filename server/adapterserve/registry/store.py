@@ -134,6 +134,10 @@ def limits_from(settings) -> Limits:
     from adapterserve.config import VLLM_LORA_RANKS
     from adapterserve.dtypes import resolve_dtype
 
+    keys = tuple(str(Path(k).expanduser()) for k in settings.trusted_adapter_keys)
+    missing = [k for k in keys if not Path(k).is_file()]
+    if missing:
+        raise ValueError(f"trusted adapter keys not found: {', '.join(missing)}")
     return Limits(
         # auto: any rank vLLM can serve; the host then fits the engine to the stores and
         # tightens this limit to the fitted rank (hosting/shared.py)
@@ -142,7 +146,7 @@ def limits_from(settings) -> Limits:
         refuse_other_base=settings.base_mismatch.value == "refuse",
         served_dtype=resolve_dtype(settings.dtype),
         require_signed=settings.require_signed_adapters,
-        trusted_keys=tuple(str(Path(k).expanduser()) for k in settings.trusted_adapter_keys),
+        trusted_keys=keys,
     )
 
 
