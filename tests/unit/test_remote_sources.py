@@ -144,3 +144,14 @@ def test_a_hub_repo_is_served_from_the_local_cache_offline(tmp_path, tiny_base, 
     assert registry.sources[0].signature("support-bot") == (commit,)
     missing = served("hf://acme/not-cached", tiny_base, tmp_path)
     assert not missing.adapters and "not in the local Hugging Face cache" in missing.problems[0].reason
+
+
+def test_credentials_in_an_archive_url_are_never_shown(web, tmp_path, tiny_base):
+    root, url = web
+    spec = publish(root, url, "private.tar.gz", tar_of(adapter_files(tmp_path, tiny_base)))
+    with_credentials = spec.replace("http://", "http://reader:hunter2@")
+    registry = served(with_credentials, tiny_base, tmp_path)
+    source = registry.sources[0]
+    assert "private" in registry.adapters  # fetched with them
+    shown = [source.describe(), source.location("private"), str(registry.adapters["private"].source)]
+    assert not any("hunter2" in text or "reader" in text for text in shown), shown

@@ -44,14 +44,16 @@ class ArchiveSource:
         if not is_safe_name(self.name):
             raise ValueError(f"{spec!r}: {self.name!r} is not a safe model name (add &name=<name> to the fragment)")
         self.url = url._replace(fragment="").geturl()
+        # what admins and logs see: without any user:password@ the URL may carry
+        self.shown = url._replace(fragment="", netloc=url.netloc.rpartition("@")[2]).geturl()
         self.served_files = served_files
         self.timeout_s = timeout_s
 
     def describe(self) -> str:
-        return f"{self.url}#sha256={self.sha256}&name={self.name}"
+        return f"{self.shown}#sha256={self.sha256}&name={self.name}"
 
     def location(self, name: str) -> str:
-        return self.url
+        return self.shown
 
     def names(self) -> list[str]:
         return [self.name]
@@ -94,8 +96,8 @@ class ArchiveSource:
                     raise AdapterInvalid(self.name, f"the archive cannot be fetched (HTTP {answer.status_code})")
                 target.unlink(missing_ok=True)
                 SnapshotStore.receive(target.parent, target.name, deadline.bounded(answer.iter_bytes(CHUNK)), most)
-        except httpx.HTTPError as exc:
-            raise Retryable(f"{type(exc).__name__}: {exc}") from None
+        except httpx.HTTPError as exc:  # its text names the URL: shown without credentials
+            raise Retryable(f"{type(exc).__name__}: {str(exc).replace(self.url, self.shown)}") from None
 
 
 def _sha256(path: Path) -> str:
