@@ -14,6 +14,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from adapterserve.registry.snapshots import SnapshotStore
 from adapterserve.registry.sources import open_source
@@ -95,6 +97,7 @@ def test_a_zip_is_served_and_named_by_its_fragment(web, tmp_path, tiny_base):
     ("link", "not a regular file"),
     ("missing", "HTTP 404"),
     ("not-an-archive", "cannot be read"),
+    ("twice", "adapter_config.json twice"),
 ])
 def test_hostile_or_broken_archives_are_refused_with_the_reason(web, tmp_path, tiny_base, case, expected):
     root, url = web
@@ -106,6 +109,7 @@ def test_hostile_or_broken_archives_are_refused_with_the_reason(web, tmp_path, t
         "link": (tar_of({"adapter_config.json": files["adapter_config.json"]}, {"adapter_model.safetensors": "/etc/passwd"}), None),
         "missing": (None, "0" * 64),
         "not-an-archive": (b"plain text, not gzip", None),
+        "twice": (tar_of(files | {"other/adapter_config.json": b"{}"}), None),
     }
     data, pin = archives[case]
     if data is None:
@@ -155,3 +159,45 @@ def test_credentials_in_an_archive_url_are_never_shown(web, tmp_path, tiny_base)
     assert "private" in registry.adapters  # fetched with them
     shown = [source.describe(), source.location("private"), str(registry.adapters["private"].source)]
     assert not any("hunter2" in text or "reader" in text for text in shown), shown
+
+
+MEMBER_NAMES = st.sampled_from([
+    "adapter_config.json", "adapter_model.safetensors", "labels.json", "model.sig", "x/adapter_config.json",
+    "x/y/adapter_model.safetensors", "../adapter_config.json", "/adapter_config.json", "./adapter_model.safetensors",
+    "a/../../adapter_config.json", "README.md", "x", "", ".", "adapter_config.json/", "a\x00b",
+]) | st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=30)
+MEMBER_TYPES = st.sampled_from([tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE])
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(members=st.lists(st.tuples(MEMBER_NAMES, MEMBER_TYPES, st.binary(max_size=64)), max_size=6))
+def test_fuzzed_archives_put_only_adapter_files_in_staging_or_are_refused(members, tmp_path_factory):
+    """Whatever the members' names, types and bytes: a refusal (AdapterInvalid), or a staging
+    folder holding only adapter file names, each within its limit; never a file elsewhere."""
+    from adapterserve.registry.limits import SERVED_FILES
+    from adapterserve.registry.records import AdapterInvalid
+    from adapterserve.registry.sources.archive import _extract
+
+    work = tmp_path_factory.mktemp("fuzz")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.REGTYPE:
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+            else:
+                info.linkname = "/etc/passwd"
+                archive.addfile(info)
+    (work / "archive").write_bytes(buffer.getvalue())
+    staging = work / "staging"
+    staging.mkdir()
+    limits = dict.fromkeys(SERVED_FILES, 32)
+    try:
+        _extract(work / "archive", "tar", staging, limits, SERVED_FILES, "fuzzed")
+    except AdapterInvalid:
+        pass
+    written = sorted(p.relative_to(work).as_posix() for p in work.rglob("*"))
+    assert all(p in ("archive", "staging") or (p.startswith("staging/") and p[8:] in SERVED_FILES) for p in written), written
+    assert all((staging / f).stat().st_size <= 32 for f in SERVED_FILES if (staging / f).exists())

@@ -108,25 +108,32 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _member_file(member: str, served: tuple[str, ...], name: str) -> str | None:
-    """The adapter file a member is (at the top or under one folder), or None to skip it."""
+def _member_file(member: str, served: tuple[str, ...], name: str, seen: set[str]) -> str | None:
+    """The adapter file a member is (at the top or under one folder), or None to skip it;
+    an unsafe path, or a second member for the same file, refuses the archive."""
     path = PurePosixPath(member)
     if path.is_absolute() or ".." in path.parts:
         raise AdapterInvalid(name, f"the archive holds an unsafe path {member[:200]!r}")
     parts = [p for p in path.parts if p != "."]
     if len(parts) in (1, 2) and parts[-1] in served:
+        if parts[-1] in seen:
+            raise AdapterInvalid(name, f"the archive holds {parts[-1]} twice")
+        seen.add(parts[-1])
         return parts[-1]
     return None
 
 
 def _extract(archive: Path, kind: str, staging: Path, limits: dict[str, int], served: tuple[str, ...], name: str) -> None:
     """Take the adapter's files out of the archive into staging, each within its limit."""
+    seen: set[str] = set()
     try:
         if kind == "zip":
             with zipfile.ZipFile(archive) as bundle:
                 for info in bundle.infolist():
-                    file = _member_file(info.filename, served, name)
-                    if file is None or info.is_dir() or file not in limits:
+                    if info.is_dir():
+                        continue
+                    file = _member_file(info.filename, served, name, seen)
+                    if file is None or file not in limits:
                         continue
                     if (info.external_attr >> 16) & 0o170000 == 0o120000:
                         raise AdapterInvalid(name, f"{info.filename[:200]!r} in the archive is a link")
@@ -135,8 +142,10 @@ def _extract(archive: Path, kind: str, staging: Path, limits: dict[str, int], se
             return
         with tarfile.open(archive, "r:*") as bundle:
             for member in bundle:
-                file = _member_file(member.name, served, name)
-                if file is None or member.isdir() or file not in limits:
+                if member.isdir():
+                    continue
+                file = _member_file(member.name, served, name, seen)
+                if file is None or file not in limits:
                     continue
                 if not member.isfile():
                     raise AdapterInvalid(name, f"{member.name[:200]!r} in the archive is not a regular file")
