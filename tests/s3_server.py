@@ -88,3 +88,13 @@ def delete_prefix(client, bucket: str, prefix: str) -> None:
     listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
     for item in listed.get("Contents", []):
         client.delete_object(Bucket=bucket, Key=item["Key"])
+
+
+def serving(log_dir: Path, bucket: str):
+    """An S3 server holding `bucket`, for a fixture to `yield from` (stopped after)."""
+    server = S3Server(Path(log_dir) / "moto.log").start()
+    try:
+        server.client().create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        server.stop()

@@ -135,9 +135,6 @@ def tokenizer(base_path):
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A real S3-compatible server (moto) for the session, with the bucket `adapters`."""
-    from tests.s3_server import S3Server
+    from tests.s3_server import serving
 
-    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log").start()
-    server.client().create_bucket(Bucket=S3_BUCKET)
-    yield server
-    server.stop()
+    yield from serving(tmp_path_factory.mktemp("moto"), S3_BUCKET)

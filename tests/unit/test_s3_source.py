@@ -15,17 +15,14 @@ from adapterserve.registry.sources import open_source, remote, s3 as s3_source
 from adapterserve.registry.store import Registry
 from adapterserve.registry.validation import Limits
 from tests.adapter_factory import write_lora
-from tests.s3_server import S3Server, upload_folder
+from tests.s3_server import S3Server, serving, upload_folder
 
 BUCKET = "team-adapters"
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log").start()
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
+    yield from serving(tmp_path_factory.mktemp("moto"), BUCKET)
 
 
 @pytest.fixture(autouse=True)
