@@ -96,10 +96,23 @@ class HubSource:
             if most is not None and (sibling.size or 0) > most:
                 raise AdapterInvalid(self.name, f"{sibling.rfilename} is larger than the limit of {most} bytes")
 
+    def _within_deadline(self, name: str, file_limits: dict[str, int]) -> tuple[Path, str]:
+        """huggingface_hub's download, given at most the fetch's time: past it, the fetch is
+        refused (the download may finish in the background, into the Hub cache only)."""
+        from concurrent.futures import ThreadPoolExecutor, TimeoutError
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="hub-fetch")
+        try:
+            return pool.submit(self._snapshot, True, file_limits).result(timeout=self.timeout_s)
+        except TimeoutError:
+            raise AdapterInvalid(name, f"fetching it took longer than {self.timeout_s:g} s") from None
+        finally:
+            pool.shutdown(wait=False)
+
     def fetch(self, name: str, snapshots: SnapshotStore | None, file_limits: dict[str, int]) -> Path:
         if name != self.name:
             raise AdapterInvalid(name, f"not in {self.location(name)}")
-        folder, commit = self._snapshot(download=True, file_limits=file_limits)
+        folder, commit = self._within_deadline(name, file_limits)
 
         def copy(staging: Path) -> None:
             from huggingface_hub import constants
