@@ -113,6 +113,7 @@ def main() -> None:
     _, demo = demo_adapters()
     work = Path(tempfile.mkdtemp(prefix="bench-sources-"))
     s3 = S3Server(work / "moto.log").start()
+    os.environ.update(s3.env)  # this process lists the bucket too, as the server does
     report: dict = {"machine": machine(), "server": "adapterserve serve --enforce-eager (defaults otherwise)"}
     try:
         report["listing"] = listing_seconds(s3, args.listing)

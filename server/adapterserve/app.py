@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from .api import admin, chat, classify, completions, health, models, responses
+from .api import admin, chat, classify, completions, files, fine_tuning, health, models, responses
 from .api.tenancy import install_tenants
 from .api.auth import require_api_key, require_server_view
 from .api.errors import install_error_handlers
@@ -24,6 +24,7 @@ from .api.metrics_route import install_metrics_route
 from .api.middleware import RequestContextMiddleware
 from .api.openapi import install_openapi
 from .config import Settings
+from .finetuning.service import open_fine_tuning
 from .hosting.protocol import Host, HostObserver
 from .metrics import Metrics
 
@@ -58,6 +59,7 @@ async def lifespan(app: FastAPI):
             yield
             return
         app.state.host = host
+        app.state.fine_tuning = await open_fine_tuning(app.state.settings, host)
         if host.remote_engines:  # Ray Serve: the replicas measure their engines themselves
             app.state.metrics.federate(host.metrics_pages)
         else:
@@ -69,6 +71,9 @@ async def lifespan(app: FastAPI):
         raise
     finally:
         app.state.host = None
+        if getattr(app.state, "fine_tuning", None) is not None:
+            await app.state.fine_tuning.stop()
+            app.state.fine_tuning = None
         await app.state.metrics.unbind_host()
         if host is not None:
             await host.stop()
@@ -145,13 +150,14 @@ def create_app(settings: Settings, host_factory: HostFactory | None = None) -> F
         app.state.prepare = prepare
     app.state.host_factory = host_factory
     app.state.host = None
+    app.state.fine_tuning = None  # opened by the lifespan (shared mode on this machine)
     app.state.metrics = Metrics.from_settings(settings)
     metrics = app.state.metrics
     # what the request middleware tells when a request's status is known, and when it ends
     on_status, on_end = [metrics.request_answered], [metrics.request_ended]
     install_tenants(app, settings, metrics, on_end)
     install_error_handlers(app)
-    for module in (chat, completions, responses, classify, models):
+    for module in (chat, completions, responses, classify, models, files, fine_tuning):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
     app.include_router(admin.router)
     app.include_router(health.router)

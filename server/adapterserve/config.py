@@ -136,7 +136,8 @@ class Settings(BaseSettings):
         "(retries and back-off included); a slower one is refused.",
     )
     adapters_validated_at_start: int = Field(
-        256, ge=0, description="Adapters fetched, validated and registered before the server is ready; the "
+        64, ge=0, description="Adapters fetched, validated and registered before the server is ready (each costs "
+        "a copy and a read of its weights); the "
         "sources' other adapters are listed (in /v1/models) and validated on their first request.",
     )
     require_signed_adapters: bool = Field(
@@ -169,6 +170,18 @@ class Settings(BaseSettings):
     base_mismatch: BaseMismatch = Field(
         BaseMismatch.warn,
         description="What to do with an adapter trained for another base: warn and serve, or refuse.",
+    )
+
+    # --- fine-tuning API -----------------------------------------------------------
+    fine_tuning_threads: int = Field(
+        1, gt=0, description="Threads of a fine-tuning job's trainer (a process at low priority, so serving goes first).",
+    )
+    fine_tuning_max_file_bytes: int = Field(64 * 1024**2, gt=0, description="Largest training file accepted by POST /v1/files.")
+    fine_tuning_max_stored_bytes: int = Field(
+        1024**3, gt=0, description="Bytes of files one tenant (or a server without keys) may keep stored.",
+    )
+    fine_tuning_max_active_jobs: int = Field(
+        4, gt=0, description="Jobs one tenant may have queued or running at once (they train one at a time).",
     )
 
     # --- dedicated mode -----------------------------------------------------------

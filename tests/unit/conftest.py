@@ -76,3 +76,22 @@ def client(settings, registry, tiny_base):
 
     with TestClient(create_app(settings, host_factory=factory), base_url=LOCAL) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def make_client(settings, registry, tiny_base):
+    clients = []
+
+    def make(**updates):
+        app = create_app(
+            settings.model_copy(update=updates),
+            host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer),
+        )
+        client = TestClient(app, base_url=LOCAL)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)

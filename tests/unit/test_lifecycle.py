@@ -21,25 +21,6 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
-@pytest.fixture
-def make_client(settings, registry, tiny_base):
-    clients = []
-
-    def make(**updates):
-        app = create_app(
-            settings.model_copy(update=updates),
-            host_factory=lambda s, observer: SharedBaseHost(s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer),
-        )
-        client = TestClient(app, base_url=LOCAL)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
-
-
 def chat(client, model):
     return client.post(CHAT, json={"model": model, "messages": MESSAGES})
 

@@ -54,6 +54,12 @@ def _open_stores(settings: Settings):
     base_path = resolve_base_model(settings.base_model, settings.models_dir)
     base_name = settings.served_model_name or Path(base_path).name
     stores: list[Path | str] = [*(Path(p) for p in settings.adapter_dirs), *settings.adapter_sources]
+    if settings.mode.value == "shared":  # what fine-tuning jobs produce (finetuning/), served as any store
+        from adapterserve.finetuning.service import adapters_dir
+
+        fine_tuned = adapters_dir(settings.cache_dir, base_name)
+        fine_tuned.mkdir(parents=True, exist_ok=True)
+        stores.append(fine_tuned)
     if settings.demo_adapters:
         from adapterserve.training.demo import ensure_demo_adapters
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from adapterserve.finetuning.naming import adapter_of
 from adapterserve.errors import InvalidRequest, missing_model  # noqa: F401 (missing_model: for the hosts)
 from adapterserve.registry import kinds
 from adapterserve.registry.records import AdapterRecord
@@ -217,9 +218,13 @@ class Host(Protocol):
 
 def requested_name(model: str, base_name: str | None) -> str:
     """The name a client's `model` means: `<base>:<adapter>` (the form some clients send)
-    is the adapter, anything else is itself (always, where there is no base)."""
+    is the adapter, `ft:<base>:<suffix>:<id>` the adapter its fine-tuning job registered,
+    anything else is itself (always, where there is no base)."""
     if base_name is None:
         return model
+    fine_tuned = adapter_of(model, base_name)  # ft:<base>:<suffix>:<id>, a fine-tuning job's adapter
+    if fine_tuned is not None:
+        return fine_tuned
     prefix = f"{base_name}:"
     return model[len(prefix):] if model.startswith(prefix) and len(model) > len(prefix) else model
 

@@ -1,0 +1,89 @@
+"""Training files checked line by line before anything reaches a trainer, with OpenAI's
+chat format: one JSON object per line, `{"messages": [{"role": ..., "content": ...}, ...]}`,
+roles `system`, `user`, `assistant`, at least one user message, and an assistant answer
+last (the one the adapter learns). Every refusal names the line and the reason.
+
+The format is checked when the file is uploaded (a malformed file is stored with status
+`error` and its reason, as OpenAI does); lengths are checked against the base's context
+when a job names it, with the base's tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+ROLES = {"system", "user", "assistant"}
+MIN_EXAMPLES = 10  # OpenAI's minimum for a training file
+MAX_LINE_BYTES = 1024 * 1024  # one example; a longer line is refused before it is parsed
+
+
+class DatasetInvalid(ValueError):
+    def __init__(self, line: int | None, reason: str):
+        super().__init__(f"line {line}: {reason}" if line else reason)
+        self.line = line
+        self.reason = reason
+
+
+@dataclass
+class Dataset:
+    examples: list[list[dict]]  # each example's messages
+
+    @property
+    def count(self) -> int:
+        return len(self.examples)
+
+
+def read_chat_file(path: Path, min_examples: int = MIN_EXAMPLES) -> Dataset:
+    """The examples of a chat JSONL file, or DatasetInvalid naming the first bad line."""
+    examples = []
+    with Path(path).open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DatasetInvalid(number, f"the line is longer than {MAX_LINE_BYTES} bytes")
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                raise DatasetInvalid(number, "not a JSON object (the file must be JSONL: one JSON object per line)") from None
+            examples.append(_messages(record, number))
+    if len(examples) < min_examples:
+        raise DatasetInvalid(None, f"the file holds {len(examples)} examples; at least {min_examples} are needed")
+    return Dataset(examples)
+
+
+def _messages(record: object, number: int) -> list[dict]:
+    if not isinstance(record, dict) or "messages" not in record:
+        raise DatasetInvalid(number, "no 'messages' (each line is {\"messages\": [{\"role\": ..., \"content\": ...}, ...]})")
+    messages = record["messages"]
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise DatasetInvalid(number, "'messages' must be a list of at least two messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DatasetInvalid(number, f"message {index} is not an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DatasetInvalid(number, f"message {index} has role {str(role)[:40]!r}; roles are system, user, assistant")
+        if not isinstance(content, str) or not content:
+            raise DatasetInvalid(number, f"message {index} has no text 'content'")
+    if not any(m["role"] == "user" for m in messages):
+        raise DatasetInvalid(number, "no user message")
+    if messages[-1]["role"] != "assistant":
+        raise DatasetInvalid(number, "the last message must be the assistant's answer (what is learned)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def check_lengths(dataset: Dataset, tokenizer, max_tokens: int) -> int:
+    """The tokens the examples hold (as the base's chat template renders them); an example
+    over `max_tokens` is refused with its number."""
+    total = 0
+    for number, messages in enumerate(dataset.examples, start=1):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True)
+        if hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        if len(ids) > max_tokens:
+            raise DatasetInvalid(number, f"example {number} is {len(ids)} tokens, over the context of {max_tokens}")
+        total += len(ids)
+    return total

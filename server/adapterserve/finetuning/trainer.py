@@ -1,0 +1,107 @@
+"""The training process of one fine-tuning job: `python -m adapterserve.finetuning.trainer
+<spec.json>`, started by the job runner (finetuning/runner.py) at low priority with a
+bounded number of threads, so the server keeps serving while it trains.
+
+It trains a LoRA adapter with peft on the frozen base (the loss on the assistant's last
+answer only, as `adapters build` does: training/lora.py), saves a checkpoint after every
+epoch, and reports on stdout as JSON lines, which the runner turns into the job's events:
+`{"type": "step", ...}`, `{"type": "checkpoint", ...}`, `{"type": "done", ...}` with what the
+training cost (trainable parameters and their share of the base, wall time, peak memory,
+bytes on disk, the validation loss).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def report(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def mean_loss(model, rows, batch_size, pad_id) -> float:
+    import torch
+
+    from adapterserve.training.lora import pad_batch
+
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            input_ids, labels, attention = pad_batch(rows[start:start + batch_size], pad_id)
+            losses.append(model(input_ids=input_ids, attention_mask=attention, labels=labels).loss.item())
+    model.train()
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def train(spec: dict) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterserve.finetuning.datasets import read_chat_file
+    from adapterserve.training.lora import batches, encode_chat_example, pad_batch
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["base_path"])
+    model = AutoModelForCausalLM.from_pretrained(spec["base_path"], dtype=torch.float32)
+    config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
+                        lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    rows = [encode_chat_example(tokenizer, m) for m in read_chat_file(spec["training_file"], 1).examples]
+    validation = ([encode_chat_example(tokenizer, m) for m in read_chat_file(spec["validation_file"], 1).examples]
+                  if spec.get("validation_file") else [])
+    per_epoch = math.ceil(len(rows) / spec["batch_size"])
+    steps = per_epoch * spec["n_epochs"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["learning_rate"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    model.train()
+    began, tokens = time.perf_counter(), 0
+    for step, batch in enumerate(batches(rows, spec["batch_size"], steps, spec["seed"]), start=1):
+        input_ids, labels, attention = pad_batch(batch, tokenizer.pad_token_id)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        tokens += int(attention.sum())
+        report(type="step", step=step, total_steps=steps, train_loss=round(loss.item(), 4), trained_tokens=tokens)
+        if step % per_epoch == 0:
+            folder = Path(spec["checkpoints_dir"]) / f"step-{step}"
+            model.save_pretrained(folder, safe_serialization=True)
+            metrics = {"step": step, "train_loss": round(loss.item(), 4)}
+            if validation:
+                metrics["valid_loss"] = round(mean_loss(model, validation, spec["batch_size"], tokenizer.pad_token_id), 4)
+            report(type="checkpoint", step=step, path=str(folder), metrics=metrics)
+    out = Path(spec["out_dir"])
+    model.save_pretrained(out, safe_serialization=True)
+    report(
+        type="done", trained_tokens=tokens, trainable_params=trainable, trainable_share=trainable / total,
+        train_seconds=round(time.perf_counter() - began, 2), steps=steps,
+        peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        bytes_on_disk=sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+        valid_loss=round(mean_loss(model, validation, spec["batch_size"], tokenizer.pad_token_id), 4) if validation else None,
+    )
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    os.nice(spec.get("nice", 10))  # serving first: the engines outrank the trainer for the CPUs
+    try:
+        train(spec)
+    except Exception as exc:  # the runner fails the job with this reason
+        report(type="error", message=f"{type(exc).__name__}: {str(exc)[:500]}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
