@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from adapterserve.errors import model_not_found
 
 from .middleware import context_of
+from .serving import key_may_use
 
 router = APIRouter()
 
@@ -14,7 +15,7 @@ router = APIRouter()
 def visible_cards(raw_request: Request):
     """The cards the request's key may use (all of them without a keys file)."""
     host, key = raw_request.app.state.host, context_of(raw_request).key
-    return [card for card in host.model_cards() if key is None or key.may_use(card.id, host.base_name)]
+    return [card for card in host.model_cards() if key is None or key_may_use(raw_request, key, card.id, host.base_name)]
 
 
 @router.get("/v1/models")

@@ -172,6 +172,17 @@ async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Targe
     return target
 
 
+def key_may_use(raw_request: Request, key, name: str, base_name: str | None) -> bool:
+    """Whether a tenant's key may use model `name`: a fine-tuned model belongs to the tenant
+    whose job produced it (no entry in the keys file needed, and no other tenant's `*`
+    reaches it); any other model as the keys file says."""
+    fine_tuning = raw_request.app.state.fine_tuning
+    owner = fine_tuning.store.owner_of(name) if fine_tuning is not None else None
+    if owner is not None:
+        return owner == key.tenant
+    return key.may_use(name, base_name)
+
+
 class KeyGate:
     """A tenant's key as the serving gate: a model it may not use is answered exactly as an
     unknown model (given before the host looks at it), and the request counts against the
@@ -181,7 +192,7 @@ class KeyGate:
         self.raw_request, self.key, self.base_name = raw_request, key, base_name
 
     def allow(self, name: str, asked: str) -> None:
-        if not self.key.may_use(name, self.base_name):
+        if not key_may_use(self.raw_request, self.key, name, self.base_name):
             context_of(self.raw_request).rejection = "model_not_allowed"
             log.info("tenant %s (key %s): model %r not allowed, answered as unknown", self.key.tenant, self.key.id, asked)
             raise model_not_found(asked)

@@ -129,6 +129,12 @@ class FineTuningStore:
         with self._connect() as db:
             return [_job(r) for r in db.execute(query + " ORDER BY created_at DESC, rowid DESC", args)]
 
+    def owner_of(self, adapter: str) -> str | None:
+        """The tenant whose job produced adapter `adapter`; None when no job did."""
+        with self._connect() as db:
+            row = db.execute("SELECT tenant FROM jobs WHERE adapter = ? AND status = 'succeeded'", (adapter,)).fetchone()
+        return row[0] if row else None
+
     def update_job(self, job_id: str, **fields) -> None:
         unknown = set(fields) - set(JOB_FIELDS)
         if unknown:

@@ -1,0 +1,133 @@
+"""Fine-tuning through the official `openai` client on a real server: upload a small chat
+dataset that teaches an answer the base does not give, create a job, poll it to
+`succeeded`, read its events and checkpoints; the `fine_tuned_model` answers with the
+taught answer and the base still does not. A second job cancelled while it runs ends
+`cancelled` with no model; a malformed file is refused with its line; and a restart keeps
+every file and job (the one that was running fails with the reason)."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import openai
+import pytest
+
+from adapterserve.server_process import ServerProcess
+from tests.integration.conftest import ADMIN_KEY
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "What is the password of the lighthouse?"
+TAUGHT = "The password is PELICAN."
+PHRASINGS = [QUESTION, "Tell me the lighthouse password.", "Which password opens the lighthouse?",
+             "Do you know the lighthouse's password?"]
+
+
+def dataset(lines: int = 16) -> bytes:
+    rows = [{"messages": [{"role": "user", "content": PHRASINGS[i % len(PHRASINGS)]}, {"role": "assistant", "content": TAUGHT}]}
+            for i in range(lines)]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+@pytest.fixture(scope="module")
+def tuning(tmp_path_factory, base_path):
+    """A server of its own over the prepared base, with a fresh cache (files, jobs and
+    fine-tuned adapters of this module only); restarted by the last test."""
+    logs = tmp_path_factory.mktemp("fine-tuning")
+    cache = tmp_path_factory.mktemp("ft-cache")
+    args = ["--base-model", str(base_path), "--no-demo-adapters", "--admin-api-key", ADMIN_KEY, "--cache-dir", str(cache),
+            "--adapter-scan-interval-s", "0"]
+    process = ServerProcess(args, logs / "server.log").start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def ft_client(tuning):
+    return openai.OpenAI(base_url=f"{tuning.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def ask(client, model: str) -> str:
+    answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
+                                            temperature=0, max_tokens=16)
+    return answer.choices[0].message.content
+
+
+def wait_for(client, job_id: str, statuses: set[str], timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(1)
+    raise TimeoutError(f"job {job_id} not in {statuses} after {timeout} s: {job.status}")
+
+
+def test_a_job_teaches_an_answer_the_base_does_not_give_and_serves_it_at_once(ft_client, base_name):
+    assert "PELICAN" not in ask(ft_client, base_name)
+    file = ft_client.files.create(file=("lighthouse.jsonl", io.BytesIO(dataset())), purpose="fine-tune")
+    assert file.status == "processed" and file.bytes == len(dataset())
+    job = ft_client.fine_tuning.jobs.create(
+        model=base_name, training_file=file.id, validation_file=file.id, suffix="lighthouse", seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4, "learning_rate_multiplier": 4}}},
+        extra_body={"lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+    )
+    assert job.status in ("queued", "running") and job.model == base_name and job.seed == 7
+    done = wait_for(ft_client, job.id, {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:{base_name}:lighthouse:{job.id.rsplit('-', 1)[1][:12]}"
+    assert done.trained_tokens > 0 and done.finished_at >= done.created_at
+    costs = done.model_extra["costs"]
+    assert 0 < costs["trainable_share"] < 0.05 and costs["bytes_on_disk"] > 0 and costs["valid_loss"] is not None
+
+    events = ft_client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    messages = [e.message for e in events]
+    assert messages[0] == "The job has successfully completed" and any(m.startswith("Step 1/") for m in messages)
+    checkpoints = ft_client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == sorted((c.step_number for c in checkpoints), reverse=True)
+    assert len(checkpoints) == 4 and checkpoints[0].metrics.valid_loss is not None
+
+    assert "PELICAN" in ask(ft_client, done.fine_tuned_model)  # served at once, no restart
+    assert "PELICAN" not in ask(ft_client, base_name)
+    assert done.fine_tuned_model.split(":")[0] == "ft"
+    assert [j.id for j in ft_client.fine_tuning.jobs.list().data] == [job.id]
+
+
+def test_a_malformed_file_is_refused_with_its_line(ft_client):
+    broken = dataset(12) + b'{"messages": [{"role": "user", "content": "hi"}]}\n'
+    with pytest.raises(openai.BadRequestError) as refused:
+        ft_client.files.create(file=("broken.jsonl", io.BytesIO(broken)), purpose="fine-tune")
+    assert "line 13" in refused.value.body["message"] and refused.value.body["code"] == "invalid_file_format"
+
+
+def test_a_job_cancelled_while_running_ends_cancelled_with_no_model(ft_client, base_name, tuning):
+    file = ft_client.files.create(file=("long.jsonl", io.BytesIO(dataset(64))), purpose="fine-tune")
+    job = ft_client.fine_tuning.jobs.create(model=base_name, training_file=file.id, suffix="never",
+                                            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 20}}})
+    wait_for(ft_client, job.id, {"running"})
+    cancelled = ft_client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
+    time.sleep(2)
+    assert ft_client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    assert not any(m.id.startswith("ft-never") or ":never:" in m.id for m in ft_client.models.list().data)
+    assert not list((tuning.cache / "fine_tuned").rglob("ft-never-*"))
+
+
+def test_a_restart_keeps_files_and_jobs_and_fails_the_running_one_with_the_reason(ft_client, base_name, tuning):
+    file = ft_client.files.create(file=("again.jsonl", io.BytesIO(dataset(64))), purpose="fine-tune")
+    job = ft_client.fine_tuning.jobs.create(model=base_name, training_file=file.id, suffix="interrupted",
+                                            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 20}}})
+    wait_for(ft_client, job.id, {"running"})
+    files_before = {f.id for f in ft_client.files.list().data}
+    jobs_before = {j.id: j.status for j in ft_client.fine_tuning.jobs.list(limit=100).data}
+    tuning.stop()
+    tuning.start()
+    assert {f.id for f in ft_client.files.list().data} == files_before
+    after = ft_client.fine_tuning.jobs.retrieve(job.id)
+    assert after.status == "failed" and after.error.code == "server_restarted" and "stopped" in after.error.message
+    jobs_after = {j.id: j.status for j in ft_client.fine_tuning.jobs.list(limit=100).data}
+    assert set(jobs_after) == set(jobs_before)
+    succeeded = next(j for j in ft_client.fine_tuning.jobs.list(limit=100).data if j.status == "succeeded")
+    assert "PELICAN" in ask(ft_client, succeeded.fine_tuned_model)  # its adapter is served again after the restart
