@@ -40,6 +40,7 @@ def tuning(tmp_path_factory, base_path):
     args = ["--base-model", str(base_path), "--no-demo-adapters", "--admin-api-key", ADMIN_KEY, "--cache-dir", str(cache),
             "--adapter-scan-interval-s", "0"]
     process = ServerProcess(args, logs / "server.log").start()
+    process.cache = cache
     yield process
     process.stop()
 
@@ -123,6 +124,7 @@ def test_a_restart_keeps_files_and_jobs_and_fails_the_running_one_with_the_reaso
     files_before = {f.id for f in ft_client.files.list().data}
     jobs_before = {j.id: j.status for j in ft_client.fine_tuning.jobs.list(limit=100).data}
     tuning.stop()
+    tuning.log_path = tuning.log_path.with_name("restarted.log")  # the first run's log kept beside it
     tuning.start()
     assert {f.id for f in ft_client.files.list().data} == files_before
     after = ft_client.fine_tuning.jobs.retrieve(job.id)
