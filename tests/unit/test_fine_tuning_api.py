@@ -54,6 +54,8 @@ def test_uploads_over_the_limits_and_other_purposes_are_refused(make_client):
     client = make_client(fine_tuning_max_file_bytes=100)
     too_big = upload(client, GOOD)
     assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "file_too_large"
+    huge = client.post("/v1/files", content=b"x" * 200_000, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     other = upload(client, GOOD[:50], purpose="batch")
     assert other.status_code == 400 and other.json()["error"]["code"] == "invalid_purpose"
 
@@ -68,6 +70,7 @@ def test_uploads_over_the_limits_and_other_purposes_are_refused(make_client):
     ({"lora": {"rank": 1000}}, "invalid_hyperparameter", "rank"),
     ({"training_file": "file-unknown"}, "invalid_file", "training_file"),
     ({"seed": -1}, "invalid_seed", "seed"),
+    ({"metadata": {"k": ["not", "a", "string"]}}, "invalid_metadata", "metadata"),
 ])
 def test_a_bad_job_is_refused_before_anything_is_queued(client, tiny_base, change, code, param):
     file_id = upload(client, GOOD).json()["id"]

@@ -19,10 +19,12 @@ from adapterserve.errors import InvalidRequest, NotFound
 from adapterserve.finetuning.datasets import DatasetInvalid, read_chat_file
 
 from .middleware import context_of
+from .serving import read_body
 
 router = APIRouter()
 PURPOSES = {"fine-tune"}
 CHUNK = 1024 * 1024
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the purpose field
 
 
 def service(raw_request: Request):
@@ -47,6 +49,9 @@ def file_object(row: dict) -> dict:
 async def create_file(raw_request: Request):
     fine_tuning, tenant = service(raw_request), tenant_of(raw_request)
     most = fine_tuning.settings.fine_tuning_max_file_bytes
+    # the whole multipart body within the file's limit (+ room for the form's own parts),
+    # before the form parser spools any of it: a larger one is a 413
+    await read_body(raw_request, most + MULTIPART_OVERHEAD)
     async with raw_request.form(max_files=1, max_fields=4, max_part_size=1024) as form:
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose not in PURPOSES:

@@ -101,6 +101,7 @@ async def create_job(raw_request: Request):
     suffix = body.get("suffix")
     if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.fullmatch(suffix)):
         raise InvalidRequest("suffix must be 1-40 letters, digits, '.', '_' or '-'.", param="suffix", code="invalid_suffix")
+    _check_metadata(body.get("metadata"))
     shown, resolved = _resolve(body)
     unknown = set(resolved["target_modules"]) - fine_tuning.module_names()
     if unknown:
@@ -117,6 +118,16 @@ async def create_job(raw_request: Request):
     fine_tuning.store.add_event(job["id"], f"Validated training file: {body['training_file']}")
     fine_tuning.runner.wake()
     return job_object(job, host.base_name)
+
+
+def _check_metadata(metadata: Any) -> None:
+    """OpenAI's metadata: at most 16 string pairs, keys up to 64 characters, values up to 512."""
+    if metadata is None:
+        return
+    if (not isinstance(metadata, dict) or len(metadata) > 16
+            or not all(isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in metadata.items())):
+        raise InvalidRequest("metadata must hold at most 16 string pairs (keys up to 64 characters, values up to 512).",
+                             param="metadata", code="invalid_metadata")
 
 
 async def _check_file(fine_tuning, tenant: str, file_id: Any, param: str, required: bool) -> None:
