@@ -105,3 +105,52 @@ def test_files_jobs_and_events_survive_a_new_store_over_the_same_folder(tmp_path
     assert again.events(job["id"])[0]["data"] == {"step": 1}
     assert again.checkpoints(job["id"])[0]["metrics"] == {"train_loss": 0.5}
     assert again.file("team-b", file["id"]) is None and again.job("team-b", job["id"]) is None  # other tenants
+
+
+def test_tenants_see_only_their_files_jobs_and_fine_tuned_models(settings, registry, tiny_base, store, tmp_path):
+    """With a keys file: team-a's file, job and the model it produced are team-a's alone;
+    team-b (even with models ["*"]) gets them answered as unknown, and team-a uses its model
+    with no edit to the keys file."""
+    from fastapi.testclient import TestClient
+
+    from adapterserve.app import create_app
+    from adapterserve.hosting.shared import SharedBaseHost
+    from adapterserve.tenants.keys import KeyLimits, add
+    from tests.adapter_factory import write_lora
+    from tests.fakes import FakeEngine
+    from tests.unit.conftest import LOCAL
+
+    keys_file = tmp_path / "keys.yaml"
+    _, team_a = add(keys_file, "team-a", ["alpha"], True, ["inference"], KeyLimits())
+    _, team_b = add(keys_file, "team-b", ["*"], True, ["inference"], KeyLimits())
+    app = create_app(settings.model_copy(update={"keys_file": keys_file}), host_factory=lambda s, observer: SharedBaseHost(
+        s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
+    with TestClient(app, base_url=LOCAL) as client:
+        a, b = ({"authorization": f"Bearer {secret}"} for secret in (team_a, team_b))
+        file = client.post("/v1/files", headers=a, files={"file": ("t.jsonl", GOOD.encode())}, data={"purpose": "fine-tune"}).json()
+        assert client.get(f"/v1/files/{file['id']}", headers=b).status_code == 404
+        assert client.get("/v1/files", headers=b).json()["data"] == []
+        assert client.get(f"/v1/files/{file['id']}/content", headers=b).status_code == 404
+        assert client.delete(f"/v1/files/{file['id']}", headers=b).status_code == 404
+
+        # a job of team-a that succeeded: its adapter is in a store and registered, owned by team-a
+        fine_tuning = client.app.state.fine_tuning
+        job = fine_tuning.store.add_job("team-a", {"model": tiny_base.name, "training_file": file["id"], "suffix": "mine",
+                                                   "hyperparameters": {}, "resolved": {"seed": 0, "rank": 4, "alpha": 8, "target_modules": ["q_proj"]}}, "succeeded")
+        name = f"ft-mine-{job['id'].rsplit('-', 1)[1][:12]}"
+        write_lora(store / name, tiny_base, rank=4)
+        fine_tuning.store.update_job(job["id"], adapter=name, fine_tuned_model=f"ft:{tiny_base.name}:mine:x")
+        assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=b).status_code == 404
+        assert client.get("/v1/fine_tuning/jobs", headers=b).json()["data"] == []
+        assert [j["id"] for j in client.get("/v1/fine_tuning/jobs", headers=a).json()["data"]] == [job["id"]]
+
+        ft_model = f"ft:{tiny_base.name}:mine:{job['id'].rsplit('-', 1)[1][:12]}"
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        mine = client.post("/v1/chat/completions", headers=a, json={"model": ft_model, **chat})
+        assert mine.status_code == 200, mine.text
+        assert mine.json()["choices"][0]["message"]["content"] == f"answer from {name}"
+        for model in (ft_model, name):
+            theirs = client.post("/v1/chat/completions", headers=b, json={"model": model, **chat})
+            assert theirs.status_code == 404 and theirs.json()["error"]["code"] == "model_not_found"
+        assert name in {m["id"] for m in client.get("/v1/models", headers=a).json()["data"]}
+        assert name not in {m["id"] for m in client.get("/v1/models", headers=b).json()["data"]}
