@@ -60,6 +60,8 @@ async def lifespan(app: FastAPI):
             return
         app.state.host = host
         app.state.fine_tuning = await open_fine_tuning(app.state.settings, host)
+        if app.state.fine_tuning is not None:
+            app.state.metrics.bind_fine_tuning(app.state.fine_tuning)
         if host.remote_engines:  # Ray Serve: the replicas measure their engines themselves
             app.state.metrics.federate(host.metrics_pages)
         else:

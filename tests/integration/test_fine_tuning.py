@@ -11,8 +11,10 @@ import io
 import json
 import time
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapterserve.server_process import ServerProcess
 from tests.integration.conftest import ADMIN_KEY
@@ -66,7 +68,7 @@ def wait_for(client, job_id: str, statuses: set[str], timeout: float = 600):
     raise TimeoutError(f"job {job_id} not in {statuses} after {timeout} s: {job.status}")
 
 
-def test_a_job_teaches_an_answer_the_base_does_not_give_and_serves_it_at_once(ft_client, base_name):
+def test_a_job_teaches_an_answer_the_base_does_not_give_and_serves_it_at_once(ft_client, base_name, tuning):
     assert "PELICAN" not in ask(ft_client, base_name)
     file = ft_client.files.create(file=("lighthouse.jsonl", io.BytesIO(dataset())), purpose="fine-tune")
     assert file.status == "processed" and file.bytes == len(dataset())
@@ -94,6 +96,11 @@ def test_a_job_teaches_an_answer_the_base_does_not_give_and_serves_it_at_once(ft
     assert "PELICAN" not in ask(ft_client, base_name)
     assert done.fine_tuned_model.split(":")[0] == "ft"
     assert [j.id for j in ft_client.fine_tuning.jobs.list().data] == [job.id]
+    series = {(f.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(
+        httpx.get(f"{tuning.url}/metrics", timeout=30).text) for s in f.samples}
+    assert series[("adapterserve_fine_tuning_jobs", (("state", "succeeded"),))] == 1
+    assert series[("adapterserve_fine_tuning_trained_tokens_total", ())] == done.trained_tokens
+    assert series[("adapterserve_fine_tuning_job_seconds_count", (("state", "succeeded"),))] == 1
 
 
 def test_a_malformed_file_is_refused_with_its_line(ft_client):

@@ -20,6 +20,8 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .naming import adapter_name, fine_tuned_model
@@ -28,6 +30,15 @@ from .store import FineTuningStore
 log = logging.getLogger(__name__)
 
 STEP_EVENTS_EVERY = 1  # a metrics event per training step (small jobs: a few dozen steps)
+
+
+@dataclass
+class RunnerObserver:
+    """What the runner reports (the metrics): tokens trained as they are, and each job's
+    end with its wall time."""
+
+    tokens_trained: Callable[[int], None] = lambda tokens: None
+    job_finished: Callable[[str, float], None] = lambda state, seconds: None
 
 
 class JobRunner:
@@ -41,6 +52,7 @@ class JobRunner:
         self._task: asyncio.Task | None = None
         self._running: dict[str, asyncio.subprocess.Process] = {}
         self._cancelled: set[str] = set()
+        self.observer = RunnerObserver()
 
     async def start(self) -> None:
         for job in self.store.jobs(None, ("running", "validating_files")):
@@ -76,6 +88,7 @@ class JobRunner:
                 await self._wake.wait()
                 continue
             job = queued[-1]  # the oldest (jobs are listed newest first)
+            began = time.monotonic()
             try:
                 await self._run(job)
             except asyncio.CancelledError:
@@ -83,6 +96,7 @@ class JobRunner:
             except Exception as exc:  # one job's failure never stops the queue
                 log.exception("fine-tuning job %s failed", job["id"])
                 self._fail(job["id"], "internal_error", f"{type(exc).__name__}: {exc}")
+            self.observer.job_finished(self.store.job(None, job["id"])["status"], time.monotonic() - began)
 
     def _fail(self, job_id: str, code: str, message: str) -> None:
         if self.store.job(None, job_id)["status"] == "cancelled":
@@ -128,7 +142,7 @@ class JobRunner:
 
     async def _follow(self, job_id: str, process) -> dict | None:
         """The trainer's reports, as events and checkpoints; its last report."""
-        last = None
+        last, tokens = None, 0
         async for raw in process.stdout:
             try:
                 message = json.loads(raw)
@@ -137,6 +151,8 @@ class JobRunner:
             last = message
             if message.get("type") == "step":
                 self.store.update_job(job_id, trained_tokens=message["trained_tokens"])
+                self.observer.tokens_trained(message["trained_tokens"] - tokens)
+                tokens = message["trained_tokens"]
                 if message["step"] % STEP_EVENTS_EVERY == 0:
                     self.store.add_event(job_id, f"Step {message['step']}/{message['total_steps']}: training loss={message['train_loss']}",
                                          data={"step": message["step"], "train_loss": message["train_loss"],

@@ -129,6 +129,11 @@ class FineTuningStore:
         with self._connect() as db:
             return [_job(r) for r in db.execute(query + " ORDER BY created_at DESC, rowid DESC", args)]
 
+    def count(self, status: str) -> int:
+        """Jobs in `status`, every tenant's (the metrics)."""
+        with self._connect() as db:
+            return int(db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0])
+
     def owner_of(self, adapter: str) -> str | None:
         """The tenant whose job produced adapter `adapter`; None when no job did."""
         with self._connect() as db:

@@ -84,6 +84,20 @@ class Metrics:
         if key is not None:
             self._observe_tenant(key.tenant, key.id, prompt_tokens, generation_tokens)
 
+    def bind_fine_tuning(self, fine_tuning) -> None:
+        """The fine-tuning jobs' series: the jobs by state read from their store at each
+        scrape; the runner reports tokens trained and jobs finished."""
+        from adapterserve.finetuning.runner import RunnerObserver
+
+        from .counters import JOB_STATES
+
+        for state in JOB_STATES:
+            self.fine_tuning_jobs.labels(state).set_function(lambda state=state: fine_tuning.store.count(state))
+        fine_tuning.runner.observer = RunnerObserver(
+            tokens_trained=self.fine_tuning_tokens.inc,
+            job_finished=lambda state, seconds: self.fine_tuning_job_seconds.labels(state).observe(seconds),
+        )
+
     async def bind_host(self, host) -> None:
         """After the host started: measure now, then every `refresh_seconds`."""
         self.host = host

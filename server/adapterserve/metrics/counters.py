@@ -3,7 +3,7 @@ and the Grafana dashboard in deploy/ read them), in a registry of the app's own.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from adapterserve.registry import kinds
 
@@ -12,6 +12,9 @@ TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Adapter loads take tens of ms on CPU; engine swaps tens of seconds.
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 SWAP_BUCKETS = (1, 5, 10, 20, 30, 45, 60, 90, 120, 300)
+# A fine-tuning job on CPU: tens of seconds (a small LoRA job) to hours.
+JOB_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+JOB_STATES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 
 
 class Counters:
@@ -72,6 +75,20 @@ class Counters:
             "adapterserve_adapter_quarantines", "Adapters quarantined after their requests produced NaN logits.",
             ["kind"], registry=registry,
         )
+        self.fine_tuning_jobs = Gauge(
+            "adapterserve_fine_tuning_jobs", "Fine-tuning jobs by state (every tenant's), read from the jobs' store.",
+            ["state"], registry=registry,
+        )
+        self.fine_tuning_tokens = Counter(
+            "adapterserve_fine_tuning_trained_tokens", "Tokens trained on by fine-tuning jobs (each epoch counts).",
+            registry=registry,
+        )
+        self.fine_tuning_job_seconds = Histogram(
+            "adapterserve_fine_tuning_job_seconds", "Wall time of finished fine-tuning jobs, by the state they ended in.",
+            ["state"], registry=registry, buckets=JOB_BUCKETS,
+        )
+        for state in ("succeeded", "failed", "cancelled"):  # the states a job ends in: zero series from the start
+            self.fine_tuning_job_seconds.labels(state)
         for kind in kinds.ADAPTER_KINDS:  # zero series from the start: rate() needs a first sample
             self.adapter_loads.labels(kind)
             self.adapter_evictions.labels(kind)
