@@ -154,3 +154,19 @@ def test_tenants_see_only_their_files_jobs_and_fine_tuned_models(settings, regis
             assert theirs.status_code == 404 and theirs.json()["error"]["code"] == "model_not_found"
         assert name in {m["id"] for m in client.get("/v1/models", headers=a).json()["data"]}
         assert name not in {m["id"] for m in client.get("/v1/models", headers=b).json()["data"]}
+
+
+def test_an_example_over_the_context_is_refused_with_its_line(tmp_path):
+    from adapterserve.finetuning.datasets import DatasetInvalid, check_lengths, read_chat_file
+
+    class Words:  # a tokenizer of one token per word, with the chat template's shape
+        def apply_chat_template(self, messages, tokenize=True):
+            return [0] * sum(len(m["content"].split()) for m in messages)
+
+    path = tmp_path / "long.jsonl"
+    long = {"messages": [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok"}]}
+    path.write_text(GOOD + "\n" + json.dumps(long) + "\n")  # a blank line before it: line 14
+    dataset = read_chat_file(path)
+    assert check_lengths(dataset, Words(), 100) == 12 * 4 + 51
+    with pytest.raises(DatasetInvalid, match="line 14: the example is 51 tokens, over the context of 40"):
+        check_lengths(dataset, Words(), 40)

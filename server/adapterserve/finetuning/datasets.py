@@ -29,6 +29,7 @@ class DatasetInvalid(ValueError):
 @dataclass
 class Dataset:
     examples: list[list[dict]]  # each example's messages
+    lines: list[int]  # the line of the file each example is on
 
     @property
     def count(self) -> int:
@@ -37,7 +38,7 @@ class Dataset:
 
 def read_chat_file(path: Path, min_examples: int = MIN_EXAMPLES) -> Dataset:
     """The examples of a chat JSONL file, or DatasetInvalid naming the first bad line."""
-    examples = []
+    examples, lines = [], []
     with Path(path).open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if len(raw) > MAX_LINE_BYTES:
@@ -49,9 +50,10 @@ def read_chat_file(path: Path, min_examples: int = MIN_EXAMPLES) -> Dataset:
             except (UnicodeDecodeError, ValueError, RecursionError):
                 raise DatasetInvalid(number, "not a JSON object (the file must be JSONL: one JSON object per line)") from None
             examples.append(_messages(record, number))
+            lines.append(number)
     if len(examples) < min_examples:
         raise DatasetInvalid(None, f"the file holds {len(examples)} examples; at least {min_examples} are needed")
-    return Dataset(examples)
+    return Dataset(examples, lines)
 
 
 def _messages(record: object, number: int) -> list[dict]:
@@ -79,11 +81,11 @@ def check_lengths(dataset: Dataset, tokenizer, max_tokens: int) -> int:
     """The tokens the examples hold (as the base's chat template renders them); an example
     over `max_tokens` is refused with its number."""
     total = 0
-    for number, messages in enumerate(dataset.examples, start=1):
+    for line, messages in zip(dataset.lines, dataset.examples):
         ids = tokenizer.apply_chat_template(messages, tokenize=True)
         if hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         if len(ids) > max_tokens:
-            raise DatasetInvalid(number, f"example {number} is {len(ids)} tokens, over the context of {max_tokens}")
+            raise DatasetInvalid(line, f"the example is {len(ids)} tokens, over the context of {max_tokens}")
         total += len(ids)
     return total
