@@ -46,7 +46,7 @@ def train(spec: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterserve.finetuning.datasets import read_chat_file
-    from adapterserve.training.lora import batches, encode_chat_example, pad_batch
+    from adapterserve.training.lora import batches, encode_chat_example, train_step
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
@@ -67,18 +67,13 @@ def train(spec: dict) -> None:
     model.train()
     began, tokens = time.perf_counter(), 0
     for step, batch in enumerate(batches(rows, spec["batch_size"], steps, spec["seed"]), start=1):
-        input_ids, labels, attention = pad_batch(batch, tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        tokens += int(attention.sum())
-        report(type="step", step=step, total_steps=steps, train_loss=round(loss.item(), 4), trained_tokens=tokens)
+        loss, held = train_step(model, batch, tokenizer.pad_token_id, optimizer, schedule)
+        tokens += held
+        report(type="step", step=step, total_steps=steps, train_loss=round(loss, 4), trained_tokens=tokens)
         if step % per_epoch == 0:
             folder = Path(spec["checkpoints_dir"]) / f"step-{step}"
             model.save_pretrained(folder, safe_serialization=True)
-            metrics = {"step": step, "train_loss": round(loss.item(), 4)}
+            metrics = {"step": step, "train_loss": round(loss, 4)}
             if validation:
                 metrics["valid_loss"] = round(mean_loss(model, validation, spec["batch_size"], tokenizer.pad_token_id), 4)
             report(type="checkpoint", step=step, path=str(folder), metrics=metrics)

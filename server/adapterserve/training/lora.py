@@ -62,6 +62,17 @@ def batches(rows: list, batch_size: int, steps: int, seed: int):
         yield [rows[i] for i in picked]
 
 
+def train_step(model, batch: list, pad_id: int, optimizer, schedule) -> tuple[float, int]:
+    """One optimizer step over `batch`: (its loss, the tokens it held)."""
+    input_ids, labels, attention = pad_batch(batch, pad_id)
+    loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad()
+    return loss.item(), int(attention.sum())
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -102,13 +113,7 @@ def train_lora(base_path: Path, recipe: Recipe, out_dir: Path, progress: Progres
     with progress if own else nullcontext():
         task = progress.add_task(f"train {recipe.name}", total=recipe.steps, info="")
         for batch in batches(rows, recipe.batch_size, recipe.steps, recipe.seed):
-            input_ids, labels, attention = pad_batch(batch, tokenizer.pad_token_id)
-            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            loss_value = loss.item()
+            loss_value, _ = train_step(model, batch, tokenizer.pad_token_id, optimizer, schedule)
             progress.update(task, advance=1, info=f"loss {loss_value:.3f}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
