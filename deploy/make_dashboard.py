@@ -70,6 +70,17 @@ ROWS = [
             ("{{model_name}}", "sum by (model_name) (vllm:num_requests_running)"),
         ]),
     ]),
+    ("Fine-tuning", [
+        ("Fine-tuning jobs by state", "short", True, [
+            ("{{state}}", "sum by (state) (adapterserve_fine_tuning_jobs)"),
+        ]),
+        ("Tokens trained per second", "short", False, [
+            ("trained", "sum(rate(adapterserve_fine_tuning_trained_tokens_total[5m]))"),
+        ]),
+        ("Jobs finished", "short", False, [
+            ("{{state}}", "sum by (state) (adapterserve_fine_tuning_job_seconds_count)"),
+        ]),
+    ]),
     ("Dedicated mode: swaps", [
         ("Model swaps", "short", False, [
             ("{{model}}", "sum by (model) (adapterserve_model_swap_seconds_count)"),
