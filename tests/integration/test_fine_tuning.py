@@ -1,7 +1,8 @@
 """Fine-tuning through the official `openai` client on a real server: upload a small chat
 dataset that teaches an answer the base does not give, create a job, poll it to
 `succeeded`, read its events and checkpoints; the `fine_tuned_model` answers with the
-taught answer and the base still does not. A second job cancelled while it runs ends
+taught answer and the base still does not. A classification job trains a head served on
+/v1/classify with its label names. A second job cancelled while it runs ends
 `cancelled` with no model; a malformed file is refused with its line; and a restart keeps
 every file and job (the one that was running fails with the reason)."""
 
@@ -34,13 +35,14 @@ def dataset(lines: int = 16) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def tuning(tmp_path_factory, base_path):
+def tuning(tmp_path_factory, base_path, demo_dir):
     """A server of its own over the prepared base, with a fresh cache (files, jobs and
-    fine-tuned adapters of this module only); restarted by the last test."""
+    fine-tuned adapters of this module only) and the demo adapters (its heads start the
+    classification engine); restarted by the last test."""
     logs = tmp_path_factory.mktemp("fine-tuning")
     cache = tmp_path_factory.mktemp("ft-cache")
-    args = ["--base-model", str(base_path), "--no-demo-adapters", "--admin-api-key", ADMIN_KEY, "--cache-dir", str(cache),
-            "--adapter-scan-interval-s", "0"]
+    args = ["--base-model", str(base_path), "--no-demo-adapters", "--adapter-dirs", str(demo_dir),
+            "--admin-api-key", ADMIN_KEY, "--cache-dir", str(cache), "--adapter-scan-interval-s", "0"]
     process = ServerProcess(args, logs / "server.log").start()
     process.cache = cache
     yield process
@@ -103,6 +105,29 @@ def test_a_job_teaches_an_answer_the_base_does_not_give_and_serves_it_at_once(ft
     assert series[("adapterserve_fine_tuning_job_seconds_count", (("state", "succeeded"),))] == 1
 
 
+PLACES = [("The sea is calm tonight.", "sea"), ("Roses bloom in the garden.", "garden"),
+          ("Waves crash on the rocks.", "sea"), ("Tulips grow by the fence.", "garden"),
+          ("Gulls fly over the harbour.", "sea"), ("We planted carrots and beans.", "garden")]
+
+
+def test_a_classification_job_trains_a_head_served_on_classify_with_its_labels(ft_client, base_name, tuning):
+    lines = "".join(json.dumps({"input": text, "label": label}) + "\n" for text, label in PLACES * 2).encode()
+    file = ft_client.files.create(file=("places.jsonl", io.BytesIO(lines)), purpose="fine-tune")
+    job = ft_client.fine_tuning.jobs.create(
+        model=base_name, training_file=file.id, suffix="places",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4, "learning_rate_multiplier": 2}}},
+    )
+    assert job.model_extra["kind"] == "head" and job.model_extra["labels"] == ["garden", "sea"]
+    done = wait_for(ft_client, job.id, {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done.error
+    answer = httpx.post(f"{tuning.url}/v1/classify", timeout=120, json={
+        "model": done.fine_tuned_model, "input": ["Waves crash on the rocks.", "Tulips grow by the fence."]}).json()
+    assert [row["label"] for row in answer["data"]] == ["sea", "garden"], answer
+    assert answer["data"][0]["labels"] == ["garden", "sea"]
+    with pytest.raises(openai.BadRequestError):  # a head answers classification only
+        ask(ft_client, done.fine_tuned_model)
+
+
 def test_a_malformed_file_is_refused_with_its_line(ft_client):
     broken = dataset(12) + b'{"messages": [{"role": "user", "content": "hi"}]}\n'
     with pytest.raises(openai.BadRequestError) as refused:
@@ -138,5 +163,5 @@ def test_a_restart_keeps_files_and_jobs_and_fails_the_running_one_with_the_reaso
     assert after.status == "failed" and after.error.code == "server_restarted" and "stopped" in after.error.message
     jobs_after = {j.id: j.status for j in ft_client.fine_tuning.jobs.list(limit=100).data}
     assert set(jobs_after) == set(jobs_before)
-    succeeded = next(j for j in ft_client.fine_tuning.jobs.list(limit=100).data if j.status == "succeeded")
+    succeeded = next(j for j in ft_client.fine_tuning.jobs.list(limit=100).data if ":lighthouse:" in (j.fine_tuned_model or ""))
     assert "PELICAN" in ask(ft_client, succeeded.fine_tuned_model)  # its adapter is served again after the restart

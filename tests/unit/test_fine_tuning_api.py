@@ -170,3 +170,23 @@ def test_an_example_over_the_context_is_refused_with_its_line(tmp_path):
     assert check_lengths(dataset, Words(), 100) == 12 * 4 + 51
     with pytest.raises(DatasetInvalid, match="line 14: the example is 51 tokens, over the context of 40"):
         check_lengths(dataset, Words(), 40)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"input": "a", "label": "x"}\n' * 12, "at least two labels"),
+    ('{"input": "a", "label": "x"}\n' + GOOD, "line 2: a chat example in a file of classification examples"),
+    ('{"input": "", "label": "x"}\n', "line 1: 'input' must be non-empty text"),
+    ('{"input": "a", "label": 3}\n', "line 1: 'label' must be a name"),
+])
+def test_classification_files_are_checked_too(client, text, expected):
+    refused = upload(client, text)
+    assert refused.status_code == 400 and expected in refused.json()["error"]["message"], refused.text
+
+
+def test_a_classification_file_is_accepted_with_its_labels(tmp_path):
+    from adapterserve.finetuning.datasets import read_chat_file
+
+    path = tmp_path / "places.jsonl"
+    path.write_text("".join(json.dumps({"input": f"text {i}", "label": ["sea", "garden"][i % 2]}) + "\n" for i in range(10)))
+    dataset = read_chat_file(path)
+    assert dataset.kind == "classification" and dataset.labels == ["garden", "sea"] and dataset.count == 10

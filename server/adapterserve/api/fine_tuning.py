@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 
 from adapterserve.api.serving import read_json_object
 from adapterserve.errors import InvalidRequest, LimitExceeded, NotFound, model_not_found
-from adapterserve.finetuning.datasets import DatasetInvalid, check_lengths, read_chat_file
+from adapterserve.finetuning.datasets import Dataset, DatasetInvalid, check_lengths, read_chat_file
 from adapterserve.finetuning.naming import SUFFIX, fine_tuned_model
 
 from .files import service, tenant_of
@@ -44,6 +44,7 @@ def job_object(job: dict, base_name: str) -> dict:
         "integrations": [], "metadata": body.get("metadata"), "suffix": body.get("suffix"),
         "method": {"type": "supervised", "supervised": {"hyperparameters": body["hyperparameters"]}},
         "lora": {k: resolved[k] for k in ("rank", "alpha", "target_modules")},  # adapterserve's extension
+        "kind": resolved.get("kind", "lora"), "labels": resolved.get("labels") or None,  # a head adapter's labels
         "costs": job["costs"],  # adapterserve's extension: what training cost (trainable params, time, memory, bytes)
     }
 
@@ -107,8 +108,15 @@ async def create_job(raw_request: Request):
     if unknown:
         raise InvalidRequest(f"lora.target_modules names modules the base does not have: {sorted(unknown)}.",
                              param="lora.target_modules", code="invalid_lora")
-    for param in ("training_file", "validation_file"):
-        await _check_file(fine_tuning, tenant, body.get(param), param, required=param == "training_file")
+    training = await _check_file(fine_tuning, tenant, body.get("training_file"), "training_file", required=True)
+    validation = await _check_file(fine_tuning, tenant, body.get("validation_file"), "validation_file", required=False)
+    if validation is not None and (validation.kind != training.kind or not set(validation.labels) <= set(training.labels)):
+        raise InvalidRequest("validation_file must hold examples of the training file's kind (and labels).",
+                             param="validation_file", code="invalid_file")
+    if len(training.labels) > fine_tuning.settings.max_cls_labels:
+        raise InvalidRequest(f"The file names {len(training.labels)} labels; at most {fine_tuning.settings.max_cls_labels} "
+                             "(max_cls_labels).", param="training_file", code="too_many_labels")
+    resolved.update(kind="head" if training.kind == "classification" else "lora", labels=training.labels)
     if len(fine_tuning.store.jobs(tenant, ACTIVE)) >= fine_tuning.settings.fine_tuning_max_active_jobs:
         raise LimitExceeded("active_jobs", f"At most {fine_tuning.settings.fine_tuning_max_active_jobs} jobs may be queued "
                             "or running at once; wait for one to finish or cancel one.", retry_after_s=60)
@@ -130,9 +138,10 @@ def _check_metadata(metadata: Any) -> None:
                              param="metadata", code="invalid_metadata")
 
 
-async def _check_file(fine_tuning, tenant: str, file_id: Any, param: str, required: bool) -> None:
+async def _check_file(fine_tuning, tenant: str, file_id: Any, param: str, required: bool) -> Dataset | None:
+    """The file's examples, checked (format, then lengths against the base's context)."""
     if file_id is None and not required:
-        return
+        return None
     row = fine_tuning.store.file(tenant, file_id) if isinstance(file_id, str) else None
     if row is None:
         raise InvalidRequest(f"{param} {file_id!r} is not a file of yours.", param=param, code="invalid_file")
@@ -143,6 +152,7 @@ async def _check_file(fine_tuning, tenant: str, file_id: Any, param: str, requir
         await asyncio.to_thread(check_lengths, dataset, fine_tuning.tokenizer(), fine_tuning.settings.max_model_len)
     except DatasetInvalid as exc:
         raise InvalidRequest(f"{param} {file_id}: {exc}", param=param, code="invalid_file_format") from None
+    return dataset
 
 
 def _job(raw_request: Request, job_id: str) -> dict:

@@ -1,11 +1,12 @@
-"""Training files checked line by line before anything reaches a trainer, with OpenAI's
-chat format: one JSON object per line, `{"messages": [{"role": ..., "content": ...}, ...]}`,
-roles `system`, `user`, `assistant`, at least one user message, and an assistant answer
-last (the one the adapter learns). Every refusal names the line and the reason.
+"""Training files checked line by line before anything reaches a trainer. Every line in
+OpenAI's chat format, `{"messages": [{"role": ..., "content": ...}, ...]}` (roles `system`,
+`user`, `assistant`, at least one user message, the assistant's answer last: what a LoRA
+adapter learns), or every line a classification example, adapterserve's extension
+`{"input": "...", "label": "..."}` (at least two labels: a head adapter learns them).
+Every refusal names the line of the file and the reason.
 
-The format is checked when the file is uploaded (a malformed file is stored with status
-`error` and its reason, as OpenAI does); lengths are checked against the base's context
-when a job names it, with the base's tokenizer and chat template.
+The format is checked when the file is uploaded (a malformed file is refused, 400); the
+lengths when a job names it, against the base's context with its tokenizer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from adapterserve.registry.limits import MAX_LABEL_CHARS
 
 ROLES = {"system", "user", "assistant"}
 MIN_EXAMPLES = 10  # OpenAI's minimum for a training file
@@ -28,17 +31,25 @@ class DatasetInvalid(ValueError):
 
 @dataclass
 class Dataset:
-    examples: list[list[dict]]  # each example's messages
+    kind: str  # "chat" (a LoRA adapter learns the answers) or "classification" (a head adapter)
+    examples: list  # chat: each example's messages; classification: (input, label)
     lines: list[int]  # the line of the file each example is on
 
     @property
     def count(self) -> int:
         return len(self.examples)
 
+    @property
+    def labels(self) -> list[str]:
+        """A classification file's label names, sorted (the head's label order)."""
+        return sorted({label for _, label in self.examples}) if self.kind == "classification" else []
+
 
 def read_chat_file(path: Path, min_examples: int = MIN_EXAMPLES) -> Dataset:
-    """The examples of a chat JSONL file, or DatasetInvalid naming the first bad line."""
-    examples, lines = [], []
+    """The examples of a training file, or DatasetInvalid naming the first bad line: every
+    line in the chat format, or every line a classification example (adapterserve's
+    extension: `{"input": "...", "label": "..."}`, at least two labels)."""
+    examples, lines, kind = [], [], None
     with Path(path).open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if len(raw) > MAX_LINE_BYTES:
@@ -49,11 +60,27 @@ def read_chat_file(path: Path, min_examples: int = MIN_EXAMPLES) -> Dataset:
                 record = json.loads(raw)
             except (UnicodeDecodeError, ValueError, RecursionError):
                 raise DatasetInvalid(number, "not a JSON object (the file must be JSONL: one JSON object per line)") from None
-            examples.append(_messages(record, number))
+            this = "classification" if isinstance(record, dict) and "input" in record and "messages" not in record else "chat"
+            if kind is not None and this != kind:
+                raise DatasetInvalid(number, f"a {this} example in a file of {kind} examples")
+            kind = this
+            examples.append(_messages(record, number) if kind == "chat" else _labelled(record, number))
             lines.append(number)
     if len(examples) < min_examples:
         raise DatasetInvalid(None, f"the file holds {len(examples)} examples; at least {min_examples} are needed")
-    return Dataset(examples, lines)
+    dataset = Dataset(kind or "chat", examples, lines)
+    if dataset.kind == "classification" and len(dataset.labels) < 2:
+        raise DatasetInvalid(None, "a classification file needs at least two labels")
+    return dataset
+
+
+def _labelled(record: dict, number: int) -> tuple[str, str]:
+    text, label = record.get("input"), record.get("label")
+    if not isinstance(text, str) or not text:
+        raise DatasetInvalid(number, "'input' must be non-empty text")
+    if not isinstance(label, str) or not label or len(label) > MAX_LABEL_CHARS:
+        raise DatasetInvalid(number, f"'label' must be a name of 1 to {MAX_LABEL_CHARS} characters")
+    return text, label
 
 
 def _messages(record: object, number: int) -> list[dict]:
@@ -81,8 +108,11 @@ def check_lengths(dataset: Dataset, tokenizer, max_tokens: int) -> int:
     """The tokens the examples hold (as the base's chat template renders them); an example
     over `max_tokens` is refused with its number."""
     total = 0
-    for line, messages in zip(dataset.lines, dataset.examples):
-        ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    for line, example in zip(dataset.lines, dataset.examples):
+        if dataset.kind == "chat":
+            ids = tokenizer.apply_chat_template(example, tokenize=True)
+        else:
+            ids = tokenizer(example[0])["input_ids"]
         if hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         if len(ids) > max_tokens:

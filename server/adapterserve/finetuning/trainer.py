@@ -40,25 +40,50 @@ def mean_loss(model, rows, batch_size, pad_id) -> float:
     return sum(losses) / len(losses) if losses else float("nan")
 
 
-def train(spec: dict) -> None:
+def chat_model(spec: dict):
+    """The base as a causal LM with a LoRA adapter; each example as (ids, labels) with the
+    loss on the assistant's last answer only."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapterserve.finetuning.datasets import read_chat_file
-    from adapterserve.training.lora import batches, encode_chat_example, train_step
+    from adapterserve.training.lora import encode_chat_example
 
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["base_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["base_path"], dtype=torch.float32)
     config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
                         lora_dropout=0.0, task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
+    return get_peft_model(model, config), tokenizer, lambda messages: encode_chat_example(tokenizer, messages)
+
+
+def head_model(spec: dict):
+    """The base as a sequence classifier: a new `score` layer (saved whole) and a LoRA
+    beside it, as `adapters build` trains heads (training/heads.py); each example as
+    (ids, label index)."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapterserve.training.heads import load_classifier
+
+    model, tokenizer = load_classifier(spec["base_path"], spec["labels"])
+    config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
+                        lora_dropout=0.0, task_type="SEQ_CLS", modules_to_save=["score"])
+    index = {label: i for i, label in enumerate(spec["labels"])}
+    return get_peft_model(model, config), tokenizer, lambda example: (tokenizer(example[0])["input_ids"], index[example[1]])
+
+
+def train(spec: dict) -> None:
+    import torch
+
+    from adapterserve.finetuning.datasets import read_chat_file
+    from adapterserve.training.lora import batches, train_step
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    model, tokenizer, encode = (head_model if spec.get("kind") == "head" else chat_model)(spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    rows = [encode_chat_example(tokenizer, m) for m in read_chat_file(spec["training_file"], 1).examples]
-    validation = ([encode_chat_example(tokenizer, m) for m in read_chat_file(spec["validation_file"], 1).examples]
+    rows = [encode(example) for example in read_chat_file(spec["training_file"], 1).examples]
+    validation = ([encode(example) for example in read_chat_file(spec["validation_file"], 1).examples]
                   if spec.get("validation_file") else [])
     per_epoch = math.ceil(len(rows) / spec["batch_size"])
     steps = per_epoch * spec["n_epochs"]
@@ -79,6 +104,10 @@ def train(spec: dict) -> None:
             report(type="checkpoint", step=step, path=str(folder), metrics=metrics)
     out = Path(spec["out_dir"])
     model.save_pretrained(out, safe_serialization=True)
+    if spec.get("kind") == "head":  # the label names the head answers with
+        from adapterserve.registry.limits import LABELS_FILE
+
+        (out / LABELS_FILE).write_text(json.dumps({"labels": spec["labels"]}))
     report(
         type="done", trained_tokens=tokens, trainable_params=trainable, trainable_share=trainable / total,
         train_seconds=round(time.perf_counter() - began, 2), steps=steps,

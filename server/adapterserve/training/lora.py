@@ -35,7 +35,9 @@ def encode_chat_example(tokenizer, messages: list[dict]) -> tuple[list[int], lis
     return ids, [IGNORE] * len(prompt_ids) + answer
 
 
-def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int):
+def pad_batch(rows: list[tuple[list[int], list[int] | int]], pad_id: int):
+    """Right-padded ids, labels and attention mask. A row's labels are token labels (a
+    causal LM), or one label index (a sequence classifier: labels of shape (rows,))."""
     import torch
 
     width = max(len(ids) for ids, _ in rows)
@@ -44,8 +46,11 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int):
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (ids, lab) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
+        if not isinstance(lab, int):
+            labels[i, : len(lab)] = torch.tensor(lab)
         attention[i, : len(ids)] = 1
+    if rows and isinstance(rows[0][1], int):
+        labels = torch.tensor([lab for _, lab in rows], dtype=torch.long)
     return input_ids, labels, attention
 
 
