@@ -98,7 +98,7 @@ def test_a_job_teaches_an_answer_the_base_does_not_give_and_serves_it_at_once(ft
     assert "PELICAN" not in ask(ft_client, base_name)
     assert done.fine_tuned_model.split(":")[0] == "ft"
     assert [j.id for j in ft_client.fine_tuning.jobs.list().data] == [job.id]
-    series = {(f.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(
+    series = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(
         httpx.get(f"{tuning.url}/metrics", timeout=30).text) for s in f.samples}
     assert series[("adapterserve_fine_tuning_jobs", (("state", "succeeded"),))] == 1
     assert series[("adapterserve_fine_tuning_trained_tokens_total", ())] == done.trained_tokens
@@ -142,7 +142,14 @@ def test_a_job_cancelled_while_running_ends_cancelled_with_no_model(ft_client, b
     wait_for(ft_client, job.id, {"running"})
     cancelled = ft_client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
-    time.sleep(2)
+
+    def trainers() -> list:
+        return [p for p in tuning.descendants() if "adapterserve.finetuning.trainer" in " ".join(p.cmdline())]
+
+    deadline = time.monotonic() + 10
+    while trainers() and time.monotonic() < deadline:  # its process is stopped, not left to finish
+        time.sleep(0.2)
+    assert not trainers()
     assert ft_client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     assert not any(m.id.startswith("ft-never") or ":never:" in m.id for m in ft_client.models.list().data)
     assert not list((tuning.cache / "fine_tuned").rglob("ft-never-*"))

@@ -117,8 +117,6 @@ class JobRunner:
             "threads": self.settings.fine_tuning_threads, **body["resolved"],
         }
         (folder / "spec.json").write_text(json.dumps(spec))
-        self.store.update_job(job_id, status="running")
-        self.store.add_event(job_id, "Fine-tuning job started")
         env = {**os.environ, "OMP_NUM_THREADS": str(self.settings.fine_tuning_threads), "TOKENIZERS_PARALLELISM": "false"}
         with (folder / "trainer.log").open("wb") as errors:
             process = await asyncio.create_subprocess_exec(
@@ -126,6 +124,11 @@ class JobRunner:
                 stdout=asyncio.subprocess.PIPE, stderr=errors, env=env, start_new_session=True,
             )
             self._running[job_id] = process
+            if job_id in self._cancelled:  # cancelled while its process was being started
+                _kill(process)
+            else:  # "running" only once its process can be stopped by a cancel
+                self.store.update_job(job_id, status="running")
+                self.store.add_event(job_id, "Fine-tuning job started")
             try:
                 done = await self._follow(job_id, process)
                 await process.wait()
