@@ -14,6 +14,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -144,7 +145,14 @@ def test_a_job_cancelled_while_running_ends_cancelled_with_no_model(ft_client, b
     assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
 
     def trainers() -> list:
-        return [p for p in tuning.descendants() if "adapterserve.finetuning.trainer" in " ".join(p.cmdline())]
+        found = []
+        for process in tuning.descendants():
+            try:
+                if "adapterserve.finetuning.trainer" in " ".join(process.cmdline()):
+                    found.append(process)
+            except psutil.Error:  # ended meanwhile
+                continue
+        return found
 
     deadline = time.monotonic() + 10
     while trainers() and time.monotonic() < deadline:  # its process is stopped, not left to finish
