@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from adapterserve.errors import model_not_found
 
 from .middleware import context_of
-from .serving import key_may_use
+from .serving import fine_tuned_owners, key_may_use
 
 router = APIRouter()
 
@@ -15,7 +15,10 @@ router = APIRouter()
 def visible_cards(raw_request: Request):
     """The cards the request's key may use (all of them without a keys file)."""
     host, key = raw_request.app.state.host, context_of(raw_request).key
-    return [card for card in host.model_cards() if key is None or key_may_use(raw_request, key, card.id, host.base_name)]
+    if key is None:
+        return host.model_cards()
+    owners = fine_tuned_owners(raw_request)  # one read for every card (a store may list thousands)
+    return [card for card in host.model_cards() if key_may_use(raw_request, key, card.id, host.base_name, owners)]
 
 
 @router.get("/v1/models")

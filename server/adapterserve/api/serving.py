@@ -172,15 +172,24 @@ async def route(raw_request: Request, request: Any, endpoint: Endpoint) -> Targe
     return target
 
 
-def key_may_use(raw_request: Request, key, name: str, base_name: str | None) -> bool:
+def key_may_use(raw_request: Request, key, name: str, base_name: str | None, owners: dict[str, str] | None = None) -> bool:
     """Whether a tenant's key may use model `name`: a fine-tuned model belongs to the tenant
     whose job produced it (no entry in the keys file needed, and no other tenant's `*`
-    reaches it); any other model as the keys file says."""
-    fine_tuning = raw_request.app.state.fine_tuning
-    owner = fine_tuning.store.owner_of(name) if fine_tuning is not None else None
+    reaches it); any other model as the keys file says. `owners`: the fine-tuned models'
+    owners read once for many names (`fine_tuned_owners`)."""
+    if owners is None:
+        fine_tuning = raw_request.app.state.fine_tuning
+        owner = fine_tuning.store.owner_of(name) if fine_tuning is not None else None
+    else:
+        owner = owners.get(name)
     if owner is not None:
         return owner == key.tenant
     return key.may_use(name, base_name)
+
+
+def fine_tuned_owners(raw_request: Request) -> dict[str, str]:
+    fine_tuning = raw_request.app.state.fine_tuning
+    return fine_tuning.store.owners() if fine_tuning is not None else {}
 
 
 class KeyGate:

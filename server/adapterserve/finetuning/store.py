@@ -134,6 +134,11 @@ class FineTuningStore:
         with self._connect() as db:
             return int(db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0])
 
+    def owners(self) -> dict[str, str]:
+        """Every fine-tuned adapter -> the tenant whose job produced it."""
+        with self._connect() as db:
+            return dict(db.execute("SELECT adapter, tenant FROM jobs WHERE status = 'succeeded' AND adapter IS NOT NULL"))
+
     def owner_of(self, adapter: str) -> str | None:
         """The tenant whose job produced adapter `adapter`; None when no job did."""
         with self._connect() as db:

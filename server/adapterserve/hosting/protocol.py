@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from adapterserve.finetuning.naming import adapter_of
 from adapterserve.errors import InvalidRequest, missing_model  # noqa: F401 (missing_model: for the hosts)
+from adapterserve.finetuning.naming import adapter_of
 from adapterserve.registry import kinds
 from adapterserve.registry.records import AdapterRecord
 
