@@ -135,10 +135,15 @@ class Settings(BaseSettings):
         120.0, gt=0, description="Most seconds one fetch of an adapter from a remote source may take "
         "(retries and back-off included); a slower one is refused.",
     )
-    adapters_validated_at_start: int = Field(
-        64, ge=0, description="Adapters fetched, validated and registered before the server is ready (each costs "
-        "a copy and a read of its weights); the "
-        "sources' other adapters are listed (in /v1/models) and validated on their first request.",
+    adapters_validated_at_start: int | None = Field(
+        None, ge=0, description="At most this many adapters are fetched, validated and registered before the server is "
+        "ready (unset: no count limit; adapter_validation_budget_s still applies); the sources' other adapters are "
+        "listed (in /v1/models) and validated on their first request.",
+    )
+    adapter_validation_budget_s: float = Field(
+        20.0, gt=0, description="Seconds the start (and each scan) may spend fetching and validating adapters; the "
+        "adapters not reached by then are listed and validated on their first request. A store of tens of adapters "
+        "is validated whole; one of thousands is ready within a minute.",
     )
     require_signed_adapters: bool = Field(
         False, description="Serve only adapters whose files verify against an OpenSSF Model Signing signature "

@@ -79,3 +79,16 @@ def test_a_scan_keeps_the_listed_unvalidated_and_drops_a_removed_folder(many, bi
     assert scan.status_code == 200 and scan.json()["changed"] == ["task-00003"]
     assert len(registry.adapters) == AT_START  # the changed one reloaded; none of the listed validated
     assert "task-07777" not in cards(client) and len(registry.listed) == COUNT - AT_START - 1
+
+
+def test_the_start_validates_within_its_time_budget_and_lists_the_rest(tiny_base, big_store, tmp_path):
+    from adapterserve.registry.store import Budget
+
+    two = Budget(2, None)
+    assert [two.take() for _ in range(3)] == [True, True, False]
+    assert Budget(None, 0.0).take() is False and Budget(None, 60.0).take() is True
+    registry = Registry(base=tiny_base, sources=local_stores([big_store]), limits=Limits(max_lora_rank=16),
+                        snapshots=SnapshotStore(tmp_path / "snapshots"), validation_budget_s=1.0)
+    registry.scan()
+    # a second's validation reaches some of them (each a copy and a read), never all 10,000
+    assert 0 < len(registry.adapters) < COUNT and len(registry.adapters) + len(registry.listed) == COUNT

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from adapterserve.config import Settings
 from adapterserve.errors import DomainError
+from adapterserve.registry.store import Budget
 
 from . import discovery, lora_table
 from .catalog import AdapterCatalog
@@ -68,14 +69,14 @@ class Scanner:
             await catalog.unregister(name)
         for name in [n for n in self.registry.listed if n not in now]:
             self.registry.listed.pop(name)
-        budget = self.settings.adapters_validated_at_start  # many new adapters at once: listed, validated on use
+        # many new adapters at once: those past the budget are listed, validated on use
+        budget = Budget(self.settings.adapters_validated_at_start, self.settings.adapter_validation_budget_s)
         for name in changes.added + changes.changed:
-            if name in self.registry.listed or (name in changes.added and budget <= 0):
+            if name in self.registry.listed or (name in changes.added and not budget.take()):
                 catalog.signatures[name] = now[name]  # validated on its first request
                 if name in self.registry.holders:
                     self.registry.list_only(name, self.registry.holders[name])
                 continue
-            budget -= name in changes.added
             catalog.unloaded.discard(name)  # a changed folder is served again
             try:
                 await catalog.reload(name)

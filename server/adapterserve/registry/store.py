@@ -6,6 +6,7 @@ the ones that did not, with why. Bad adapters are reported and skipped; the othe
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,23 @@ class Problem:
     reason: str
 
 
+class Budget:
+    """What one scan may spend validating adapters: at most `count` of them (None: any
+    number) and `seconds` from its start (None: no time limit)."""
+
+    def __init__(self, count: int | None, seconds: float | None):
+        self.left = count
+        self.ends = None if seconds is None else time.monotonic() + seconds
+
+    def take(self) -> bool:
+        """Whether one more adapter may be validated now (counted when it may)."""
+        if (self.left is not None and self.left <= 0) or (self.ends is not None and time.monotonic() >= self.ends):
+            return False
+        if self.left is not None:
+            self.left -= 1
+        return True
+
+
 @dataclass
 class Registry:
     """The adapters that passed validation, by name, and the ones that did not, over the
@@ -37,9 +55,11 @@ class Registry:
     # Where validated copies are kept and served from; None validates the folders in
     # place (the read-only reports of the CLI), never for serving.
     snapshots: SnapshotStore | None = None
-    # How many adapters a scan fetches and validates; the others are only listed, and
-    # validated on their first request (None: all of them, as the CLI's reports do).
+    # How many adapters, and for how long, a scan fetches and validates; the others are
+    # only listed, and validated on their first request (None: no limit, as the CLI's
+    # reports do).
     validated_at_start: int | None = None
+    validation_budget_s: float | None = None
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     listed: dict[str, AdapterSource] = field(default_factory=dict)  # in a source, not validated yet
@@ -55,7 +75,7 @@ class Registry:
         self.adapters.clear()
         self.problems.clear()
         self.listed.clear()
-        budget = self.validated_at_start
+        budget = Budget(self.validated_at_start, self.validation_budget_s)
         for source in self.sources:
             try:
                 names = source.names()
@@ -63,8 +83,7 @@ class Registry:
                 self.problems.append(Problem(source.describe(), source.describe(), f"adapter store cannot be listed ({exc})"))
                 continue
             for name in names:
-                if budget is None or budget > 0:
-                    budget = None if budget is None else budget - 1
+                if budget.take():
                     self._admit(name, source)
                 else:
                     self.list_only(name, source)
@@ -160,6 +179,7 @@ def open_registry(settings, stores: list[Path | str], base: BaseModelInfo | None
         limits=limits_from(settings),
         snapshots=SnapshotStore(settings.snapshots_dir) if serving else None,
         validated_at_start=settings.adapters_validated_at_start if serving else None,
+        validation_budget_s=settings.adapter_validation_budget_s if serving else None,
     )
     registry.scan()
     return registry
