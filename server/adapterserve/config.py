@@ -141,7 +141,7 @@ class Settings(BaseSettings):
         "listed (in /v1/models) and validated on their first request.",
     )
     adapter_validation_budget_s: float = Field(
-        20.0, gt=0, description="Seconds the start (and each scan) may spend fetching and validating adapters; the "
+        10.0, gt=0, description="Seconds the start (and each scan) may spend fetching and validating adapters; the "
         "adapters not reached by then are listed and validated on their first request. A store of tens of adapters "
         "is validated whole; one of thousands is ready within a minute.",
     )
