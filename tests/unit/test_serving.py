@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from adapterserve.errors import ClientGone, ServingFailed, Unavailable, model_not_found
+from adapterserve.errors import ClientGone, InvalidRequest, ServingFailed, Unavailable, model_not_found
 from adapterserve.hosting import serving
 from adapterserve.hosting.protocol import Target
 
@@ -95,3 +95,15 @@ def test_a_client_that_goes_away_cancels_the_work():
 
     with pytest.raises(ClientGone):
         run("forever", disconnected=gone)
+
+
+@pytest.mark.parametrize("running, error", [(True, InvalidRequest), (False, Unavailable)])
+def test_an_endpoint_the_engine_has_no_handler_for_is_a_clear_error(running, error):
+    # the unit fuzzer found it: /v1/responses on an engine without vLLM's Responses handler was a 500
+    engine = Engine("never", running)
+    engine.serving = lambda kind: None
+    target = Target(engine=engine, vllm_model="pirate", model="pirate", record=SimpleNamespace(labels=[]))
+    with pytest.raises(error) as raised:
+        asyncio.run(serving.run(Host(), target, "responses", SimpleNamespace(model="pirate"), serving.RequestMeta({})))
+    if running:
+        assert raised.value.code == "unsupported_endpoint" and "/v1/responses" in raised.value.message

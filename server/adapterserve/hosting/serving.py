@@ -27,9 +27,13 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from adapterserve.errors import ClientGone, DomainError, EngineRejected, ServingFailed, engine_unavailable
+from adapterserve.errors import ClientGone, DomainError, EngineRejected, InvalidRequest, ServingFailed, engine_unavailable
 
 from .protocol import Endpoint, Host, Target, requested_name
+
+
+ENDPOINT_NAMES = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "responses": "/v1/responses",
+                  "classify": "/v1/classify"}
 
 
 @dataclass
@@ -64,6 +68,13 @@ async def resolve(host: Host, request: Any, endpoint: Endpoint, gate: Gate | Non
 
 def _handler_call(target: Target, endpoint: Endpoint, request: Any, meta: Any):
     handler = target.engine.serving(endpoint)
+    if handler is None:  # vLLM builds no handler for a task the model does not have
+        if not target.engine.running:
+            raise engine_unavailable(target.engine.name)
+        raise InvalidRequest(
+            f"The model `{target.model}` does not support the {ENDPOINT_NAMES.get(endpoint, endpoint)} endpoint.",
+            param="model", code="unsupported_endpoint",
+        )
     if endpoint == "chat":
         return handler.create_chat_completion(request, meta)
     if endpoint == "completion":
@@ -83,7 +94,8 @@ async def run(
     from vllm.entrypoints.serve import create_error_response
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-    work = asyncio.ensure_future(_handler_call(target, endpoint, request, meta))
+    call = _handler_call(target, endpoint, request, meta)  # raises at once when there is no handler
+    work = asyncio.ensure_future(call)
     watch = asyncio.ensure_future(disconnected()) if disconnected is not None else None
     try:
         await asyncio.wait({t for t in (work, watch) if t is not None}, return_when=asyncio.FIRST_COMPLETED)
