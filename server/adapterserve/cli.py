@@ -171,9 +171,12 @@ def compare(
     classify_requests: int = typer.Option(64, min=1, help="Classification requests in the workload (head tasks)."),
     out: Path = typer.Option(Path("compare-results"), help="Folder for compare.json, compare.md and compare-memory.png."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML serving settings for both modes (dtype, KV cache, ...)."),
+    train_examples: int = typer.Option(64, min=0, help="Chat examples trained both ways (LoRA, every weight) for the training rows; 0: none."),
+    train_data: Optional[Path] = typer.Option(None, help="Chat JSONL for the training rows (default: the pirate demo recipe's data)."),
 ) -> None:
     """Measure the same tasks in shared mode and in dedicated mode, one after the other:
-    storage, memory per process, start-up, adding a task, throughput and TTFT."""
+    storage, memory per process, start-up, adding a task, throughput and TTFT; then the
+    same data trained both ways (trainable parameters, time, peak memory, bytes, loss)."""
     import psutil
 
     from .compare.measure import Workload
@@ -192,6 +195,7 @@ def compare(
     options = CompareOptions(
         tasks=tasks, kind=kind, budget_bytes=budget_bytes, adapter_dirs=list(adapter_dir), config=config,
         workload=Workload(requests, concurrency, max_tokens, classify_requests),
+        train_examples=train_examples, train_data=train_data,
     )
     steps = ProgressSteps(console)
     try:

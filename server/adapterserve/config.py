@@ -178,6 +178,10 @@ class Settings(BaseSettings):
     )
 
     # --- fine-tuning API -----------------------------------------------------------
+    fine_tuning_dir: Path | None = Field(
+        None, description="Where uploaded files, jobs and the models they produce are kept (an SQLite database and "
+        "folders; put it on a persistent volume). Default: <cache-dir>/fine_tuning.",
+    )
     fine_tuning_threads: int = Field(
         1, gt=0, description="Threads of a fine-tuning job's trainer (a process at low priority, so serving goes first).",
     )

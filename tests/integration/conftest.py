@@ -94,10 +94,13 @@ def server(tmp_path_factory, extra_store, broken_expected):
 @pytest.fixture(scope="session")
 def dedicated(tmp_path_factory, demo_dir):
     """Dedicated mode over the demo tasks merged into full models (5 models), at most 2
-    engines up at once. Session-wide: test_dedicated and the Prometheus test share it."""
+    engines up at once. Session-wide: test_dedicated, the dedicated fine-tuning test
+    (which adds a sixth model) and the Prometheus test share it; its fine-tuning folder
+    (files, jobs, fully fine-tuned models) is this session's own."""
     logs = tmp_path_factory.mktemp("dedicated")
     process = ServerProcess(
-        ["--mode", "dedicated", "--max-resident-models", "2", "--admin-api-key", ADMIN_KEY, "--metrics-refresh-s", "5"],
+        ["--mode", "dedicated", "--max-resident-models", "2", "--admin-api-key", ADMIN_KEY, "--metrics-refresh-s", "5",
+         "--fine-tuning-dir", str(tmp_path_factory.mktemp("dedicated-fine-tuning"))],
         logs / "server.log",
     ).start(timeout=900)
     yield process

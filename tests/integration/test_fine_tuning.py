@@ -160,7 +160,7 @@ def test_a_job_cancelled_while_running_ends_cancelled_with_no_model(ft_client, b
     assert not trainers()
     assert ft_client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     assert not any(m.id.startswith("ft-never") or ":never:" in m.id for m in ft_client.models.list().data)
-    assert not list((tuning.cache / "fine_tuned").rglob("ft-never-*"))
+    assert not list((tuning.cache / "fine_tuning").rglob("ft-never-*"))
 
 
 def test_a_restart_keeps_files_and_jobs_and_fails_the_running_one_with_the_reason(ft_client, base_name, tuning):

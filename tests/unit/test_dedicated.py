@@ -150,3 +150,44 @@ def test_a_restart_that_fails_is_tried_again_after_the_back_off(models):
         await h.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_model_added_while_serving_is_swapped_in_answers_its_ft_name_and_can_be_removed(models, tmp_path):
+    from adapterserve.hosting.full_models import FullModel
+
+    async def scenario():
+        h = DedicatedHost(Settings(demo_adapters=False, max_resident_models=2), models, engine_factory=FakeEngine,
+                          trainable_base=(tmp_path, "tiny"))
+        await h.start()
+        new = FullModel.read(full_model(tmp_path / "tuned", "ft-mine-abc123"))
+        await h.add_model(new)
+        assert list(h.resident) == ["b", "ft-mine-abc123"] and h.swap_count == 1  # a, least recently used, swapped out
+        assert (await h.resolve("ft:tiny:mine:abc123", "chat")).model == "ft-mine-abc123"
+        assert "ft-mine-abc123" in {c.id for c in h.model_cards()} and "ft-mine-abc123" in {t.name for t in h.tasks()}
+        with pytest.raises(DomainError) as info:
+            await h.resolve("ft:other-base:mine:abc123", "chat")  # another base's job: unknown here
+        assert info.value.code == "model_not_found"
+        with pytest.raises(DomainError) as info:
+            await h.add_model(new)
+        assert info.value.code == "model_exists"
+        await h.remove_model("ft-mine-abc123")
+        assert "ft-mine-abc123" not in h.resident and "ft-mine-abc123" not in {c.id for c in h.model_cards()}
+        with pytest.raises(DomainError):
+            await h.resolve("ft:tiny:mine:abc123", "chat")
+        await h.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_model_that_does_not_fit_the_budget_is_not_added(models, tmp_path):
+    from adapterserve.hosting.full_models import FullModel
+
+    async def scenario():
+        h = host(models, memory_budget_bytes=6 * 1024**3)  # 4 engines of ~1.35 GiB fit, 5 do not
+        await h.start()
+        with pytest.raises(BudgetExceeded):
+            await h.add_model(FullModel.read(full_model(tmp_path / "tuned", "ft-big-1")))
+        assert "ft-big-1" not in h.full_models and "ft-big-1" not in h.resident and len(h.resident) == 4
+        await h.stop()
+
+    asyncio.run(scenario())

@@ -190,3 +190,39 @@ def test_a_classification_file_is_accepted_with_its_labels(tmp_path):
     path.write_text("".join(json.dumps({"input": f"text {i}", "label": ["sea", "garden"][i % 2]}) + "\n" for i in range(10)))
     dataset = read_chat_file(path)
     assert dataset.kind == "classification" and dataset.labels == ["garden", "sea"] and dataset.count == 10
+
+
+def dedicated_client(settings, tiny_base, tmp_path, trainable: bool):
+    from fastapi.testclient import TestClient
+
+    from adapterserve.app import create_app
+    from adapterserve.hosting.dedicated import DedicatedHost
+    from adapterserve.hosting.full_models import FullModel
+    from tests.fakes import FakeEngine
+    from tests.unit.conftest import LOCAL
+    import shutil
+
+    folder = shutil.copytree(tiny_base.path, tmp_path / "models" / "task-a")  # real safetensors: the metrics read them
+    models = [FullModel.read(folder)]
+    base = (tiny_base.path, tiny_base.name) if trainable else None
+
+    def factory(s, observer):
+        return DedicatedHost(s, models, engine_factory=FakeEngine, observer=observer, trainable_base=base)
+
+    return TestClient(create_app(settings.model_copy(update={"mode": "dedicated"}), host_factory=factory), base_url=LOCAL)
+
+
+def test_in_dedicated_mode_jobs_fine_tune_every_weight_of_the_base_and_lora_is_refused(settings, tiny_base, tmp_path):
+    with dedicated_client(settings, tiny_base, tmp_path, trainable=True) as client:
+        file_id = upload(client, GOOD).json()["id"]
+        refused = client.post("/v1/fine_tuning/jobs", json={"model": tiny_base.name, "training_file": file_id, "lora": {"rank": 4}})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "lora"
+        unknown = client.post("/v1/fine_tuning/jobs", json={"model": "task-a", "training_file": file_id})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"  # only the base is trained
+        assert client.app.state.fine_tuning.full and client.app.state.fine_tuning.base_name == tiny_base.name
+
+
+def test_a_dedicated_server_with_no_base_to_train_from_says_fine_tuning_is_unavailable(settings, tiny_base, tmp_path):
+    with dedicated_client(settings, tiny_base, tmp_path, trainable=False) as client:
+        refused = upload(client, GOOD)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "fine_tuning_unavailable"

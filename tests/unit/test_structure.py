@@ -116,7 +116,7 @@ def test_the_host_protocol_is_complete_for_every_host():
 
     declared = protocol_members(protocol.Host)
     for host in (SharedBaseHost, DedicatedHost, ReplicaSetHost):
-        instance_only = {"settings", "created", "registry", "base_name", "base_path", "weights_path", "lora_rank", "observer", "pinned", "restarts"}
+        instance_only = {"settings", "created", "registry", "base_name", "fine_tuning_base", "base_path", "weights_path", "lora_rank", "observer", "pinned", "restarts"}
         missing = sorted(m for m in declared - instance_only if not hasattr(host, m))
         assert missing == [], host.__name__
 

@@ -5,8 +5,9 @@ GET .../{id}/checkpoints, with the shapes the official `openai` client reads.
 A job is checked before it is queued: the base it names, its files (the key's tenant's,
 purpose `fine-tune`, each example within the base's context), the method
 (`supervised`, with `n_epochs`, `batch_size`, `learning_rate_multiplier`: `auto` means the
-defaults below) and the LoRA extension (`lora`: `rank`, `alpha`, `target_modules`); a bad
-one is refused with OpenAI's error body and nothing reaches the trainer.
+defaults in finetuning/defaults.py) and the LoRA extension (`lora`: `rank`, `alpha`, `target_modules`; shared
+mode only: a dedicated server fine-tunes every weight); a bad one is refused with
+OpenAI's error body and nothing reaches the trainer.
 """
 
 from __future__ import annotations
@@ -19,18 +20,15 @@ from fastapi import APIRouter, Request
 from adapterserve.api.serving import read_json_object
 from adapterserve.errors import InvalidRequest, LimitExceeded, NotFound, model_not_found
 from adapterserve.finetuning.datasets import Dataset, DatasetInvalid, check_lengths, read_chat_file
+from adapterserve.finetuning.defaults import DEFAULTS, LIMITS, LORA_DEFAULTS, learning_rate
 from adapterserve.finetuning.naming import SUFFIX, fine_tuned_model
 
 from .files import service, tenant_of
 
 router = APIRouter()
 
-# `auto`: what these become (documented in docs/fine-tuning.md); the demo adapters train so
-DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
-BASE_LEARNING_RATE = 2e-3  # x learning_rate_multiplier
-LORA_DEFAULTS = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 64), "learning_rate_multiplier": (1e-3, 10.0), "rank": (1, 64), "alpha": (1, 512)}
 ACTIVE = ("validating_files", "queued", "running")
+ADAPTER_KINDS = ("lora", "head")  # shared mode; dedicated mode trains "full" and "full_head" (finetuning/trainer.py)
 
 
 def job_object(job: dict, base_name: str) -> dict:
@@ -43,7 +41,8 @@ def job_object(job: dict, base_name: str) -> dict:
         "result_files": [], "organization_id": job["tenant"] or "adapterserve", "estimated_finish": None,
         "integrations": [], "metadata": body.get("metadata"), "suffix": body.get("suffix"),
         "method": {"type": "supervised", "supervised": {"hyperparameters": body["hyperparameters"]}},
-        "lora": {k: resolved[k] for k in ("rank", "alpha", "target_modules")},  # adapterserve's extension
+        # adapterserve's extensions: the adapter's LoRA shape (none for a full fine-tune), what was trained
+        "lora": {k: resolved[k] for k in ("rank", "alpha", "target_modules")} if resolved.get("kind") in ADAPTER_KINDS else None,
         "kind": resolved.get("kind", "lora"), "labels": resolved.get("labels") or None,  # a head adapter's labels
         "costs": job["costs"],  # adapterserve's extension: what training cost (trainable params, time, memory, bytes)
     }
@@ -60,7 +59,7 @@ def _number(value: Any, name: str, kind: type) -> Any:
     return kind(value)
 
 
-def _resolve(body: dict) -> tuple[dict, dict]:
+def _resolve(body: dict, full: bool) -> tuple[dict, dict]:
     """(hyperparameters as asked, with `auto` kept; what the trainer gets)."""
     method = body.get("method") or {"type": "supervised"}
     if not isinstance(method, dict) or method.get("type") != "supervised":
@@ -72,6 +71,9 @@ def _resolve(body: dict) -> tuple[dict, dict]:
     batch = _number(asked.get("batch_size"), "batch_size", int)
     multiplier = _number(asked.get("learning_rate_multiplier"), "learning_rate_multiplier", float)
     lora = body.get("lora") or {}
+    if full and lora:
+        raise InvalidRequest("This server runs in dedicated mode: a job fine-tunes every weight, and lora does not apply.",
+                             param="lora", code="invalid_lora")
     if not isinstance(lora, dict):
         raise InvalidRequest("lora must be an object (rank, alpha, target_modules).", param="lora", code="invalid_lora")
     targets = lora.get("target_modules", LORA_DEFAULTS["target_modules"])
@@ -81,7 +83,7 @@ def _resolve(body: dict) -> tuple[dict, dict]:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise InvalidRequest("seed must be an integer from 0 to 2^31 - 1.", param="seed", code="invalid_seed")
     resolved = {
-        "n_epochs": epochs, "batch_size": batch, "learning_rate": BASE_LEARNING_RATE * multiplier, "seed": seed,
+        "n_epochs": epochs, "batch_size": batch, "learning_rate": learning_rate(full, multiplier), "seed": seed,
         "rank": int(_number(lora.get("rank", LORA_DEFAULTS["rank"]), "rank", int)),
         "alpha": int(_number(lora.get("alpha", LORA_DEFAULTS["alpha"]), "alpha", int)), "target_modules": targets,
     }
@@ -94,16 +96,15 @@ def _resolve(body: dict) -> tuple[dict, dict]:
 async def create_job(raw_request: Request):
     fine_tuning, tenant = service(raw_request), tenant_of(raw_request)
     body = await read_json_object(raw_request)
-    host = raw_request.app.state.host
     model = body.get("model")
-    if model != host.base_name:
+    if model != fine_tuning.base_name:
         raise model_not_found(str(model)) if isinstance(model, str) else InvalidRequest(
             "model is required: the base model to fine-tune.", param="model", code="missing_model")
     suffix = body.get("suffix")
     if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.fullmatch(suffix)):
         raise InvalidRequest("suffix must be 1-40 letters, digits, '.', '_' or '-'.", param="suffix", code="invalid_suffix")
     _check_metadata(body.get("metadata"))
-    shown, resolved = _resolve(body)
+    shown, resolved = _resolve(body, fine_tuning.full)
     unknown = set(resolved["target_modules"]) - fine_tuning.module_names()
     if unknown:
         raise InvalidRequest(f"lora.target_modules names modules the base does not have: {sorted(unknown)}.",
@@ -116,7 +117,9 @@ async def create_job(raw_request: Request):
     if len(training.labels) > fine_tuning.settings.max_cls_labels:
         raise InvalidRequest(f"The file names {len(training.labels)} labels; at most {fine_tuning.settings.max_cls_labels} "
                              "(max_cls_labels).", param="training_file", code="too_many_labels")
-    resolved.update(kind="head" if training.kind == "classification" else "lora", labels=training.labels)
+    classifier = training.kind == "classification"
+    kind = ("full_head" if classifier else "full") if fine_tuning.full else ("head" if classifier else "lora")
+    resolved.update(kind=kind, labels=training.labels)
     if len(fine_tuning.store.jobs(tenant, ACTIVE)) >= fine_tuning.settings.fine_tuning_max_active_jobs:
         raise LimitExceeded("active_jobs", f"At most {fine_tuning.settings.fine_tuning_max_active_jobs} jobs may be queued "
                             "or running at once; wait for one to finish or cancel one.", retry_after_s=60)
@@ -125,7 +128,7 @@ async def create_job(raw_request: Request):
     fine_tuning.store.add_event(job["id"], f"Created fine-tuning job: {job['id']}")
     fine_tuning.store.add_event(job["id"], f"Validated training file: {body['training_file']}")
     fine_tuning.runner.wake()
-    return job_object(job, host.base_name)
+    return job_object(job, fine_tuning.base_name)
 
 
 def _check_metadata(metadata: Any) -> None:
@@ -172,14 +175,15 @@ def _page(items: list[dict], after: str | None, limit: int) -> dict:
 
 @router.get("/v1/fine_tuning/jobs")
 async def list_jobs(raw_request: Request, after: str | None = None, limit: int = 20):
-    fine_tuning, base_name = service(raw_request), raw_request.app.state.host.base_name
+    fine_tuning = service(raw_request)
+    base_name = fine_tuning.base_name
     jobs = [job_object(j, base_name) for j in fine_tuning.store.jobs(tenant_of(raw_request))]
     return _page(jobs, after, limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 async def retrieve_job(job_id: str, raw_request: Request):
-    return job_object(_job(raw_request, job_id), raw_request.app.state.host.base_name)
+    return job_object(_job(raw_request, job_id), service(raw_request).base_name)
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
@@ -189,7 +193,7 @@ async def cancel_job(job_id: str, raw_request: Request):
         raise InvalidRequest(f"The job is {job['status']}; only a queued or running job can be cancelled.",
                              param="fine_tuning_job_id", code="job_not_cancellable")
     await service(raw_request).runner.cancel(job)
-    return job_object(_job(raw_request, job_id), raw_request.app.state.host.base_name)
+    return job_object(_job(raw_request, job_id), service(raw_request).base_name)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
@@ -204,7 +208,7 @@ async def list_events(job_id: str, raw_request: Request, after: str | None = Non
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
 async def list_checkpoints(job_id: str, raw_request: Request, after: str | None = None, limit: int = 10):
     job = _job(raw_request, job_id)
-    base_name = raw_request.app.state.host.base_name
+    base_name = service(raw_request).base_name
     checkpoints = [{"id": c["id"], "object": "fine_tuning.job.checkpoint", "created_at": c["created_at"],
                     "fine_tuning_job_id": job["id"], "step_number": c["step_number"], "metrics": c["metrics"],
                     "fine_tuned_model_checkpoint": f"{fine_tuned_model(job, base_name)}:ckpt-step-{c['step_number']}"}

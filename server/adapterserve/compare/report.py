@@ -82,7 +82,7 @@ def fits(budget: int, fixed: float, per_task: float) -> int:
     return max(0, math.floor((budget - fixed) / per_task)) if per_task > 0 else 0
 
 
-def build(taskset: TaskSet, base_path: Path, runs: dict, options) -> dict:
+def build(taskset: TaskSet, base_path: Path, runs: dict, options, training: dict | None = None) -> dict:
     names = [t.name for t in taskset.tasks]
     n = len(names)
     adapters = [t.adapter_bytes for t in taskset.tasks]
@@ -115,6 +115,7 @@ def build(taskset: TaskSet, base_path: Path, runs: dict, options) -> dict:
         },
     }
     report["design_table"] = design_rows(report, base_bytes, sum(adapters), sum(full_models))
+    report["training"] = training  # compare/training.py: the same data trained both ways (None: not asked for)
     report["notes"] = [
         "Memory: the unique set size (USS) of every process of the server, summed: the API process and each "
         "engine's core and worker processes, after the workload.",
@@ -183,6 +184,33 @@ def measure_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+def training_rows(report: dict) -> list[list[str]]:
+    """measure | LoRA adapter | full fine-tune | full / LoRA, for the same data."""
+    training = report.get("training")
+    if not training:
+        return []
+    lora, full = training["ways"]["lora"], training["ways"]["full"]
+
+    def row(label: str, key: str, fmt) -> list[str]:
+        a, b = lora[key], full[key]
+        return [label, fmt(a), fmt(b), f"{b / a:.2f}x" if a else ""]
+
+    return [
+        row("trainable parameters", "trainable_params", lambda v: f"{v / 1e6:.2f} M"),
+        row("share of the base trained", "trainable_share", lambda v: f"{100 * v:.2f} %"),
+        row("training time", "train_seconds", _duration),
+        row("training peak memory (RSS)", "peak_memory_bytes", _gb),
+        row("bytes on disk", "bytes_on_disk", _mb),
+        row("loss on held-out examples", "valid_loss", lambda v: f"{v:.3f}"),
+    ]
+
+
+def training_title(report: dict) -> str:
+    t = report["training"]
+    return (f"training the same data both ways: {t['examples']} examples x {t['n_epochs']} epochs, batch {t['batch_size']}, "
+            f"{t['held_out']} held out, {t['threads']} threads")
+
+
 def terminal_tables(report: dict):
     from rich.table import Table
 
@@ -197,7 +225,14 @@ def terminal_tables(report: dict):
         design.add_column(column)
     for row in report["design_table"]:
         design.add_row(*row)
-    return measures, design
+    if not report.get("training"):
+        return measures, design
+    training = Table(title=training_title(report))
+    for column in ("", "LoRA adapter", "full fine-tune", "full / LoRA"):
+        training.add_column(column, justify="left" if not column else "right")
+    for row in training_rows(report):
+        training.add_row(*row)
+    return measures, design, training
 
 
 def markdown(report: dict) -> str:
@@ -217,6 +252,8 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{t['name']} ({t['kind']})" for t in report["tasks"]) + ".",
         table(["", "shared", "dedicated", "dedicated / shared"], measure_rows(report)),
         table(["", "transfer learning / PEFT (shared mode)", "full fine-tuning (dedicated mode)"], report["design_table"]),
+        *([f"## {training_title(report)}", table(["", "LoRA adapter", "full fine-tune", "full / LoRA"], training_rows(report))]
+          if report.get("training") else []),
         "\n".join(f"- {note}" for note in report["notes"]),
     ]) + "\n"
 

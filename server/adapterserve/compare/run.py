@@ -4,6 +4,7 @@ after the other, with the same workload; the measurements go to report.build."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import tempfile
 import time
@@ -30,6 +31,8 @@ class CompareOptions:
     workload: Workload = field(default_factory=Workload)
     adapter_dirs: list[Path] = field(default_factory=list)  # empty: the demo adapters
     config: Path | None = None  # serving settings for both modes
+    train_examples: int = 64  # the training rows (compare/training.py); 0: none
+    train_data: Path | None = None  # a chat JSONL; None: the pirate demo recipe's
 
 
 def prepare_tasks(settings: Settings, options: CompareOptions, workdir: Path) -> tuple[TaskSet, Path]:
@@ -96,7 +99,7 @@ class ProgressSteps:
     """A progress bar over the steps of both modes, started at the first step (the
     preparation before it shows progress bars of its own)."""
 
-    def __init__(self, console, total: int = len(MODES) * len(STEPS)):
+    def __init__(self, console, total: int = len(MODES) * len(STEPS) + 1):  # + the training rows
         self.console, self.total = console, total
         self.progress = None
 
@@ -128,7 +131,14 @@ def compare(settings: Settings, options: CompareOptions, step: Callable[[str], N
         workdir = Path(tmp)
         taskset, base_path = prepare_tasks(settings, options, workdir)
         runs = {mode: asyncio.run(run_mode(mode, taskset, options, workdir, step)) for mode in MODES}
-        return build(taskset, base_path, runs, options)
+        training = None
+        if options.train_examples:
+            from .training import default_data, train_both_ways
+
+            step(f"train {options.train_examples} examples both ways (LoRA, full)")
+            training = train_both_ways(base_path, options.train_data or default_data(settings), options.train_examples,
+                                       workdir / "training", threads=os.cpu_count() or 1)
+        return build(taskset, base_path, runs, options, training)
 
 
 def parse_bytes(text: str) -> int:

@@ -3,9 +3,9 @@ trained in a process of its own (finetuning/trainer.py) at low priority with bou
 threads, so the server keeps answering while a job runs.
 
 What the trainer reports becomes the job's events, checkpoints and trained tokens. A job
-that succeeds is registered as an adapter of the shared host (its folder moved into the
-fine-tuned store, one of the registry's sources, then loaded), and its
-`fine_tuned_model` answers at once, with no restart. A job cancelled or failed leaves no
+that succeeds is published (finetuning/publishing.py: an adapter loaded by the shared
+host, or a full model hosted by the dedicated host), and its `fine_tuned_model` answers
+at once, with no restart. A job cancelled or failed leaves no
 model registered and no folder behind. On a restart, queued jobs run; a job that was
 running is failed with that reason (its checkpoints are kept and listed).
 """
@@ -42,11 +42,11 @@ class RunnerObserver:
 
 
 class JobRunner:
-    def __init__(self, settings, store: FineTuningStore, host, adapters_dir: Path):
+    def __init__(self, settings, store: FineTuningStore, publisher, base_path: Path, base_name: str):
         self.settings = settings
         self.store = store
-        self.host = host
-        self.adapters_dir = Path(adapters_dir)
+        self.publisher = publisher
+        self.base_path, self.base_name = Path(base_path), base_name
         self.work_dir = store.root / "jobs"
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -111,7 +111,7 @@ class JobRunner:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         spec = {
-            "base_path": str(self.host.weights_path), "training_file": str(self.store.file_path(body["training_file"])),
+            "base_path": str(self.base_path), "training_file": str(self.store.file_path(body["training_file"])),
             "validation_file": str(self.store.file_path(body["validation_file"])) if body.get("validation_file") else None,
             "out_dir": str(folder / "adapter"), "checkpoints_dir": str(folder / "checkpoints"),
             "threads": self.settings.fine_tuning_threads, **body["resolved"],
@@ -166,28 +166,23 @@ class JobRunner:
         return last
 
     async def _register(self, job: dict, trained: Path, done: dict) -> None:
-        """Serve the trained adapter under its name; undo everything if that fails."""
+        """Serve what was trained under its name; undo everything if that fails."""
         name = adapter_name(job)
-        target = self.adapters_dir / name
-        self.adapters_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.move(str(trained), str(target))
         try:
-            await self.host.load_adapter(name)
-        except Exception as exc:  # refused (validation, the engine): no half-registered model
-            shutil.rmtree(target, ignore_errors=True)
+            await self.publisher.publish(name, trained)
+        except Exception as exc:  # refused (validation, the engine, the memory budget): no half-registered model
+            log.warning("fine-tuning job %s: publishing %s failed: %s", job["id"], name, exc)
             self._fail(job["id"], "registration_failed", getattr(exc, "message", str(exc)))
             return
-        if job["id"] in self._cancelled:  # cancelled while it was being registered
-            await self.host.unload_adapter(name)
-            shutil.rmtree(target, ignore_errors=True)
+        if job["id"] in self._cancelled:  # cancelled while it was being published
+            await self.publisher.withdraw(name)
             return
         costs = {k: done.get(k) for k in ("trainable_params", "trainable_share", "train_seconds", "peak_memory_bytes",
                                           "bytes_on_disk", "valid_loss", "steps")}
         self.store.update_job(job["id"], status="succeeded", finished_at=int(time.time()), adapter=name,
-                              fine_tuned_model=fine_tuned_model(job, self.host.base_name), trained_tokens=done["trained_tokens"],
+                              fine_tuned_model=fine_tuned_model(job, self.base_name), trained_tokens=done["trained_tokens"],
                               costs=costs)
-        self.store.add_event(job["id"], f"New fine-tuned model created: {fine_tuned_model(job, self.host.base_name)}", data=costs)
+        self.store.add_event(job["id"], f"New fine-tuned model created: {fine_tuned_model(job, self.base_name)}", data=costs)
         self.store.add_event(job["id"], "The job has successfully completed")
 
 

@@ -2,9 +2,11 @@
 <spec.json>`, started by the job runner (finetuning/runner.py) at low priority with a
 bounded number of threads, so the server keeps serving while it trains.
 
-It trains a LoRA adapter with peft on the frozen base (the loss on the assistant's last
-answer only, as `adapters build` does: training/lora.py), saves a checkpoint after every
-epoch, and reports on stdout as JSON lines, which the runner turns into the job's events:
+What it trains follows the job's `kind`: a LoRA adapter with peft on the frozen base
+("lora", the loss on the assistant's last answer only, as `adapters build` does:
+training/lora.py), a head adapter ("head": a new score layer and a LoRA), or, in dedicated
+mode, every weight of the base ("full": a causal LM; "full_head": a sequence classifier),
+saved as a full model folder vLLM serves. It saves a checkpoint after every epoch, and reports on stdout as JSON lines, which the runner turns into the job's events:
 `{"type": "step", ...}`, `{"type": "checkpoint", ...}`, `{"type": "done", ...}` with what the
 training cost (trainable parameters and their share of the base, wall time, peak memory,
 bytes on disk, the validation loss).
@@ -19,6 +21,11 @@ import resource
 import sys
 import time
 from pathlib import Path
+
+
+FULL_KINDS = ("full", "full_head")  # every weight trained: dedicated mode's jobs
+CLASSIFIER_KINDS = ("head", "full_head")
+KEPT_CHECKPOINTS = 3  # as OpenAI keeps the last three of a job
 
 
 def report(**fields) -> None:
@@ -41,34 +48,51 @@ def mean_loss(model, rows, batch_size, pad_id) -> float:
 
 
 def chat_model(spec: dict):
-    """The base as a causal LM with a LoRA adapter; each example as (ids, labels) with the
-    loss on the assistant's last answer only."""
+    """The base as a causal LM, with a LoRA adapter (or every weight trained for "full");
+    each example as (ids, labels) with the loss on the assistant's last answer only."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapterserve.training.lora import encode_chat_example
 
     tokenizer = AutoTokenizer.from_pretrained(spec["base_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["base_path"], dtype=torch.float32)
-    config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
-                        lora_dropout=0.0, task_type="CAUSAL_LM")
-    return get_peft_model(model, config), tokenizer, lambda messages: encode_chat_example(tokenizer, messages)
+    if spec["kind"] != "full":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
+                            lora_dropout=0.0, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    return model, tokenizer, lambda messages: encode_chat_example(tokenizer, messages)
 
 
 def head_model(spec: dict):
-    """The base as a sequence classifier: a new `score` layer (saved whole) and a LoRA
-    beside it, as `adapters build` trains heads (training/heads.py); each example as
-    (ids, label index)."""
-    from peft import LoraConfig, get_peft_model
-
+    """The base as a sequence classifier with a new `score` layer: with a LoRA beside it
+    (the score saved whole), as `adapters build` trains heads (training/heads.py), or with
+    every weight trained for "full_head"; each example as (ids, label index)."""
     from adapterserve.training.heads import load_classifier
 
     model, tokenizer = load_classifier(spec["base_path"], spec["labels"])
-    config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
-                        lora_dropout=0.0, task_type="SEQ_CLS", modules_to_save=["score"])
+    if spec["kind"] != "full_head":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
+                            lora_dropout=0.0, task_type="SEQ_CLS", modules_to_save=["score"])
+        model = get_peft_model(model, config)
     index = {label: i for i, label in enumerate(spec["labels"])}
-    return get_peft_model(model, config), tokenizer, lambda example: (tokenizer(example[0])["input_ids"], index[example[1]])
+    return model, tokenizer, lambda example: (tokenizer(example[0])["input_ids"], index[example[1]])
+
+
+def save(model, spec: dict, folder: Path) -> None:
+    """An adapter folder (LoRA, head), or a full model folder vLLM serves (full kinds)."""
+    if spec["kind"] in FULL_KINDS:
+        import copy
+
+        from adapterserve.training.merge import save_full_model
+
+        save_full_model(copy.deepcopy(model), spec["base_path"], folder)  # a bf16 copy: training goes on in float32
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
 
 
 def train(spec: dict) -> None:
@@ -79,7 +103,7 @@ def train(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
-    model, tokenizer, encode = (head_model if spec.get("kind") == "head" else chat_model)(spec)
+    model, tokenizer, encode = (head_model if spec["kind"] in CLASSIFIER_KINDS else chat_model)(spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     rows = [encode(example) for example in read_chat_file(spec["training_file"], 1).examples]
@@ -97,14 +121,15 @@ def train(spec: dict) -> None:
         report(type="step", step=step, total_steps=steps, train_loss=round(loss, 4), trained_tokens=tokens)
         if step % per_epoch == 0:
             folder = Path(spec["checkpoints_dir"]) / f"step-{step}"
-            model.save_pretrained(folder, safe_serialization=True)
+            save(model, spec, folder)
             metrics = {"step": step, "train_loss": round(loss, 4)}
             if validation:
                 metrics["valid_loss"] = round(mean_loss(model, validation, spec["batch_size"], tokenizer.pad_token_id), 4)
             report(type="checkpoint", step=step, path=str(folder), metrics=metrics)
+            _keep_last_checkpoints(Path(spec["checkpoints_dir"]))
     out = Path(spec["out_dir"])
-    model.save_pretrained(out, safe_serialization=True)
-    if spec.get("kind") == "head":  # the label names the head answers with
+    save(model, spec, out)
+    if spec["kind"] == "head":  # the label names the head answers with
         from adapterserve.registry.limits import LABELS_FILE
 
         (out / LABELS_FILE).write_text(json.dumps({"labels": spec["labels"]}))
@@ -115,6 +140,16 @@ def train(spec: dict) -> None:
         bytes_on_disk=sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
         valid_loss=round(mean_loss(model, validation, spec["batch_size"], tokenizer.pad_token_id), 4) if validation else None,
     )
+
+
+def _keep_last_checkpoints(folder: Path) -> None:
+    """Only the last KEPT_CHECKPOINTS folders stay on disk (a full model's is the size of
+    the base); every checkpoint's metrics stay listed."""
+    import shutil
+
+    steps = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in steps[:-KEPT_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def main() -> None:

@@ -21,7 +21,9 @@ def build_host(settings: Settings, observer: HostObserver | None = None) -> Host
     if settings.mode.value == "dedicated" and settings.dedicated_models:
         from .dedicated import DedicatedHost, discover_models
 
-        return DedicatedHost(settings, discover_models(settings.dedicated_models), observer=observer)
+        base = _named_base(settings) if settings.base_model is not None else None  # what fine-tuning jobs train from
+        models = discover_models([*settings.dedicated_models, *_fine_tuned_models(settings, base)])
+        return DedicatedHost(settings, models, observer=observer, trainable_base=base)
 
     base_path, base_name, registry = _open_stores(settings)
     if settings.mode.value == "dedicated":
@@ -47,17 +49,15 @@ def prepare_on_disk(settings: Settings) -> None:
 def _open_stores(settings: Settings):
     """The base (prepared on first use), its name, and the registry of the adapter stores
     (plus the demo adapters, trained on first use), served from snapshots."""
-    from adapterserve.base_model import resolve_base_model
     from adapterserve.registry.records import BaseModelInfo
     from adapterserve.registry.store import open_registry
 
-    base_path = resolve_base_model(settings.base_model, settings.models_dir)
-    base_name = settings.served_model_name or Path(base_path).name
+    base_path, base_name = _named_base(settings)
     stores: list[Path | str] = [*(Path(p) for p in settings.adapter_dirs), *settings.adapter_sources]
     if settings.mode.value == "shared":  # what fine-tuning jobs produce (finetuning/), served as any store
         from adapterserve.finetuning.service import adapters_dir
 
-        fine_tuned = adapters_dir(settings.cache_dir, base_name)
+        fine_tuned = adapters_dir(settings, base_name)
         fine_tuned.mkdir(parents=True, exist_ok=True)
         stores.append(fine_tuned)
     if settings.demo_adapters:
@@ -68,11 +68,31 @@ def _open_stores(settings: Settings):
     return base_path, base_name, registry
 
 
+def _named_base(settings: Settings) -> tuple[Path, str]:
+    """The base (the embedded model prepared on first use, or a local folder) and its name."""
+    from adapterserve.base_model import resolve_base_model
+
+    base_path = resolve_base_model(settings.base_model, settings.models_dir)
+    return base_path, settings.served_model_name or Path(base_path).name
+
+
+def _fine_tuned_models(settings: Settings, base: tuple[Path, str] | None) -> list[Path]:
+    """The full models earlier fine-tuning jobs produced from this base (dedicated mode)."""
+    if base is None:
+        return []
+    from adapterserve.finetuning.service import models_dir
+
+    folder = models_dir(settings, base[1])
+    return [folder] if folder.is_dir() and any((p / "config.json").is_file() for p in folder.iterdir()) else []
+
+
 def _merged_demo_host(settings: Settings, base_path: Path, registry, observer: HostObserver | None) -> Host:
     """Dedicated mode without model folders: every adapter merged into a full model."""
     from adapterserve.training.merge import merge_adapters, merged_store
 
     from .dedicated import DedicatedHost, discover_models
 
+    base = (base_path, registry.base.name)
     merged = merge_adapters(base_path, list(registry.adapters.values()), merged_store(settings.cache_dir, base_path))
-    return DedicatedHost(settings, discover_models(list(merged.values())), observer=observer)
+    models = discover_models([*merged.values(), *_fine_tuned_models(settings, base)])
+    return DedicatedHost(settings, models, observer=observer, trainable_base=base)

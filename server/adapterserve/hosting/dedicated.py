@@ -16,14 +16,16 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 from adapterserve.config import Settings
-from adapterserve.errors import RETRY_AFTER_SECONDS, Unavailable, engine_unavailable, model_not_found, not_in_dedicated_mode
+from adapterserve.errors import RETRY_AFTER_SECONDS, Conflict, Unavailable, engine_unavailable, model_not_found, not_in_dedicated_mode
 from adapterserve.registry import kinds
 
 from .engine import EngineSpec, VllmEngine, start_together
 from .protocol import (
     ENGINE_RUNTIME_BYTES, GiB, Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model,
+    requested_name,
 )
 from .full_models import FullModel, discover_models, folder_bytes, merged_adapter_elements  # noqa: F401 (discover_models: re-exported)
 from .supervisor import EngineSupervisor
@@ -44,6 +46,7 @@ class DedicatedHost:
 
     def __init__(
         self, settings: Settings, models: list[FullModel], engine_factory=VllmEngine, observer: HostObserver | None = None,
+        trainable_base: tuple[Path, str] | None = None,
     ):
         if not models:
             raise ValueError("dedicated mode needs at least one model folder")
@@ -58,6 +61,10 @@ class DedicatedHost:
         self.weights_path = models[0].path
         self._tasks = [HostedTask(m.name, m.kind, "full_model", folder_bytes(m.path), merged_adapter_elements(m.path)) for m in models]
         self.base_name = None  # no base model: a key's `base: true` grants none of these models
+        # (path, name) of the base fine-tuning jobs train full models from (finetuning/), if any;
+        # their models answer to `ft:<name>:<suffix>:<id>` too
+        self.trainable_base = trainable_base
+        self.fine_tuning_base = trainable_base[1] if trainable_base is not None else None
         self.resident: OrderedDict[str, Engine] = OrderedDict()  # least recently used first
         self.starting: dict[str, asyncio.Task] = {}  # model -> the swap or restart its requests wait for
         self.swap_count = 0
@@ -154,7 +161,9 @@ class DedicatedHost:
         while processor is not None and processor.get_num_unfinished_requests() and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
 
-    async def _engine_for(self, model: FullModel) -> Engine:
+    async def _engine_for(self, model: FullModel, wait_s: float | None = -1) -> Engine:
+        """The model's running engine, started (swapped in) if need be; a request waits
+        for a start up to `model_start_wait_s` (-1), a None waits as long as it takes."""
         engine = self.resident.get(model.name)
         if engine is not None:
             # per request, so no process-table reads (`Engine.running`): the watcher takes a
@@ -171,7 +180,8 @@ class DedicatedHost:
             task.add_done_callback(lambda _: self.starting.pop(model.name, None))
         try:
             # shield: a request that gives up does not cancel the start others wait for
-            return await asyncio.wait_for(asyncio.shield(task), timeout=self.settings.model_start_wait_s)
+            timeout = self.settings.model_start_wait_s if wait_s == -1 else wait_s
+            return await asyncio.wait_for(asyncio.shield(task), timeout=timeout)
         except asyncio.TimeoutError:
             raise Unavailable(
                 f"The model `{model.name}` is being loaded; retry shortly.", code="model_loading", retry_after_s=RETRY_AFTER_SECONDS,
@@ -223,10 +233,40 @@ class DedicatedHost:
     async def metrics_pages(self) -> None:
         return None
 
+    # --- models added while serving (fine-tuning jobs) -------------------------------
+    async def add_model(self, model: FullModel) -> None:
+        """Host a new full model (a fine-tuning job's) and start its engine, swapping the
+        least recently used one out when the resident engines are at their limit; a model
+        that does not fit the memory budget, or whose engine fails to start, is not added."""
+        if model.name in self.full_models:
+            raise Conflict(f"A model named `{model.name}` is already hosted.", param="model", code="model_exists")
+        self.full_models[model.name] = model
+        try:
+            self.check_budget()
+            await self._engine_for(model, wait_s=None)
+        except BaseException:
+            self.full_models.pop(model.name, None)
+            engine = self.resident.pop(model.name, None)
+            if engine is not None:
+                await engine.stop_async()
+            raise
+        self._tasks.append(HostedTask(model.name, model.kind, "full_model", folder_bytes(model.path), 0))
+        log.info("hosting the new model %s", model.name)
+
+    async def remove_model(self, name: str) -> None:
+        """Stop hosting a model added while serving (its job was cancelled meanwhile)."""
+        self.full_models.pop(name, None)
+        self._tasks = [t for t in self._tasks if t.name != name]
+        async with self._lock:
+            engine = self.resident.pop(name, None)
+            if engine is not None:
+                await engine.stop_async()
+
     # --- routing -----------------------------------------------------------------
     async def resolve(self, model: str | None, endpoint: Endpoint) -> Target:
         if not model:
             raise missing_model()
+        model = requested_name(model, None, self.fine_tuning_base)  # ft:<base>:<suffix>:<id> is a job's model
         entry = self.full_models.get(model)
         if entry is None:
             raise model_not_found(model)

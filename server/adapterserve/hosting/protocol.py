@@ -156,6 +156,7 @@ class Host(Protocol):
 
     mode: str  # "shared" or "dedicated"
     base_name: str | None  # None in the dedicated mode: every hosted model is a task, none is "the base"
+    fine_tuning_base: str | None  # the base `ft:<base>:<suffix>:<id>` names (fine-tuning jobs' models), if any
     settings: Settings
     created: int  # when the host was made (the `created` of /v1/models)
     registry: Registry | None  # the adapter registry (shared mode), None in dedicated mode
@@ -216,15 +217,17 @@ class Host(Protocol):
         ...
 
 
-def requested_name(model: str, base_name: str | None) -> str:
+def requested_name(model: str, base_name: str | None, fine_tuning_base: str | None = None) -> str:
     """The name a client's `model` means: `<base>:<adapter>` (the form some clients send)
-    is the adapter, `ft:<base>:<suffix>:<id>` the adapter its fine-tuning job registered,
-    anything else is itself (always, where there is no base)."""
-    if base_name is None:
-        return model
-    fine_tuned = adapter_of(model, base_name)  # ft:<base>:<suffix>:<id>, a fine-tuning job's adapter
+    is the adapter, `ft:<base>:<suffix>:<id>` the adapter (or full model) its fine-tuning
+    job registered, anything else is itself. `fine_tuning_base`: the base fine-tuning jobs
+    train from where it is not `base_name` (a dedicated host has no base, and may have one
+    to train from)."""
+    fine_tuned = adapter_of(model, fine_tuning_base or base_name) if (fine_tuning_base or base_name) else None
     if fine_tuned is not None:
         return fine_tuned
+    if base_name is None:
+        return model
     prefix = f"{base_name}:"
     return model[len(prefix):] if model.startswith(prefix) and len(model) > len(prefix) else model
 

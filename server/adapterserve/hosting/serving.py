@@ -57,7 +57,7 @@ class Gate(Protocol):
 async def resolve(host: Host, request: Any, endpoint: Endpoint, gate: Gate | None = None) -> Target:
     """Resolve the request's model and point the request at vLLM's name for it."""
     if gate is not None and isinstance(request.model, str):
-        gate.allow(requested_name(request.model, host.base_name), request.model)
+        gate.allow(requested_name(request.model, host.base_name, host.fine_tuning_base), request.model)
         gate.admit()  # before the host does any work for it (discovery, a swap)
     target = await host.resolve(request.model, endpoint)
     if gate is not None:

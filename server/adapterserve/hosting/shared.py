@@ -50,6 +50,7 @@ class SharedBaseHost:
         self.base_path = Path(base_path)
         self.weights_path = self.base_path
         self.base_name = base_name
+        self.fine_tuning_base = base_name  # jobs train adapters of this base
         self.registry = registry
         self.created = int(time.time())
         self.observer = observer or HostObserver()

@@ -58,6 +58,10 @@ class ReplicaSetHost:
         return self.catalog.base_name if self.catalog else ""
 
     @property
+    def fine_tuning_base(self) -> str:
+        return self.base_name
+
+    @property
     def registry(self) -> RegistryView:
         return RegistryView(self.catalog)
 

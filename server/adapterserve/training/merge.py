@@ -53,21 +53,29 @@ def merge_adapter(base_path: Path, record: AdapterRecord, out_dir: Path) -> Path
 
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, record.path).merge_and_unload()
-    merged = merged.to(torch.bfloat16)
-    if getattr(merged, "generation_config", None) is not None:
-        from transformers import GenerationConfig
-
-        # transformers refuses to save greedy defaults (temperature 0); the base's own
-        # generation_config.json is copied over it below.
-        merged.generation_config = GenerationConfig()
-    merged.save_pretrained(staging, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (Path(base_path) / name).is_file():
-            shutil.copy(Path(base_path) / name, staging / name)
+    save_full_model(merged, base_path, staging)
     (staging / MERGE_INFO).write_text(json.dumps({"source": _source_stamp(record), "kind": record.kind, "labels": record.labels}))
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return out_dir
+
+
+def save_full_model(model, base_path: Path, folder: Path) -> None:
+    """A full model folder vLLM serves: bf16 safetensors, with the base's tokenizer, chat
+    template and generation config (what merging and a full fine-tuning job both write)."""
+    import torch
+
+    model = model.to(torch.bfloat16)
+    if getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        # transformers refuses to save greedy defaults (temperature 0); the base's own
+        # generation_config.json is copied over it below.
+        model.generation_config = GenerationConfig()
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (Path(base_path) / name).is_file():
+            shutil.copy(Path(base_path) / name, Path(folder) / name)
 
 
 def merge_adapters(base_path: Path, records: list[AdapterRecord], store: Path, force: bool = False) -> dict[str, Path]:
