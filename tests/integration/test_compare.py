@@ -18,6 +18,7 @@ pytestmark = pytest.mark.integration
 
 TASKS = ["french", "json"]  # --tasks 2 --kind lora: the LoRA demos by name
 REQUESTS, MAX_TOKENS = 4, 8
+TRAIN_EXAMPLES = 8  # the training rows: 8 pirate examples x 3 epochs, both ways (~1 min)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,7 @@ def report(tmp_path_factory, demo_dir):
     command = [
         sys.executable, "-m", "adapterserve", "compare", "--tasks", "2", "--kind", "lora", "--requests", str(REQUESTS),
         "--concurrency", "2", "--max-tokens", str(MAX_TOKENS), "--budget", "16GiB", "--out", str(out),
+        "--train-examples", str(TRAIN_EXAMPLES),
     ]
     process = subprocess.Popen(command, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -89,3 +91,17 @@ def test_adding_a_task_is_a_load_in_shared_mode_and_an_engine_in_dedicated(repor
     shared, dedicated = data["modes"]["shared"]["add_task"], data["modes"]["dedicated"]["add_task"]
     assert shared["ready_s"] < dedicated["ready_s"]
     assert dedicated["ready_s"] > 1  # an engine start is seconds, not milliseconds
+
+
+def test_the_same_data_trained_both_ways_gives_the_training_rows(report, base_path):
+    data, out, output = report
+    training = data["training"]
+    assert training["examples"] == TRAIN_EXAMPLES and training["held_out"] == 8
+    lora, full = training["ways"]["lora"], training["ways"]["full"]
+    assert 0 < lora["trainable_share"] < 0.01 and full["trainable_share"] == 1.0
+    assert full["trainable_params"] > 100 * lora["trainable_params"]
+    assert lora["steps"] == full["steps"] == 3 * TRAIN_EXAMPLES // 4
+    assert full["bytes_on_disk"] >= folder_bytes(base_path) // 2 > 50 * lora["bytes_on_disk"]  # bf16 weights against an adapter
+    assert full["peak_memory_bytes"] > lora["peak_memory_bytes"]  # the optimizer's state for every weight
+    assert all(0 < way["valid_loss"] < 20 and way["train_seconds"] > 0 for way in (lora, full))
+    assert "| trainable parameters |" in (out / "compare.md").read_text() and "training the same data both ways" in output

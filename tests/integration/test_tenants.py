@@ -2,11 +2,13 @@
 tenants x every served model x every endpoint (chat, completions, responses, chat with
 tools, classification, model cards) (allowed calls succeed, the others are
 indistinguishable from an unknown model, listings leak nothing); limits per key (429 with
-Retry-After while another tenant is served); keys added and revoked while it runs."""
+Retry-After while another tenant is served); keys added and revoked while it runs; files,
+fine-tuning jobs and the models they produce belong to the tenant whose key made them."""
 
 from __future__ import annotations
 
 import fnmatch
+import io
 import threading
 
 import httpx
@@ -43,7 +45,8 @@ def tenants(tmp_path_factory, demo_dir):
     secrets["limited"] = add(keys_file, "limited", ["pirate"], True, ["inference"], KeyLimits(requests_per_minute=3))[1]
     secrets["thrifty"] = add(keys_file, "thrifty", ["pirate"], True, ["inference"], KeyLimits(tokens_per_minute=20))[1]
     process = ServerProcess(
-        ["--keys-file", str(keys_file), "--admin-api-key", ADMIN_KEY, "--max-loras", "4", "--max-lora-rank", "16"],
+        ["--keys-file", str(keys_file), "--admin-api-key", ADMIN_KEY, "--max-loras", "4", "--max-lora-rank", "16",
+         "--fine-tuning-dir", str(folder / "fine-tuning")],  # files and jobs of this module only
         folder / "server.log",
     ).start()
     process.keys_file = keys_file
@@ -228,3 +231,32 @@ def test_every_tenant_every_model_every_endpoint_in_dedicated_mode(dedicated_ten
     assert leaks == []
     health = httpx.get(f"{dedicated_tenants.url}/health", headers={"authorization": f"Bearer {dedicated_tenants.secrets['d-c']}"}, timeout=30)
     assert "engines" not in health.json()  # the hosted models are not named to a tenant
+
+
+def test_files_jobs_and_fine_tuned_models_belong_to_the_tenant_that_made_them(tenants, base_name):
+    from tests.integration.test_fine_tuning import dataset, wait_for
+
+    a, b, c = (openai_client(tenants, tenants.secrets[t]) for t in ("team-a", "team-b", "team-c"))
+    file = a.files.create(file=("mine.jsonl", io.BytesIO(dataset(12))), purpose="fine-tune")
+    with pytest.raises(openai.NotFoundError):  # team-b's key may not use the base: it may not train it either
+        b.fine_tuning.jobs.create(model=base_name, training_file=file.id)
+    job = a.fine_tuning.jobs.create(model=base_name, training_file=file.id, suffix="mine",
+                                    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}})
+    done = wait_for(a, job.id, {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done.error
+    name = "ft-mine-" + job.id.rsplit("-", 1)[1][:12]
+
+    for other in (b, c):  # team-c may use the base and `fr*`: still not another tenant's model
+        assert other.files.list().data == [] and other.fine_tuning.jobs.list().data == []
+        for read in (lambda: other.files.retrieve(file.id), lambda: other.files.content(file.id),
+                     lambda: other.fine_tuning.jobs.retrieve(job.id), lambda: other.fine_tuning.jobs.list_events(job.id)):
+            with pytest.raises(openai.NotFoundError):
+                read()
+        for model in (done.fine_tuned_model, name):
+            status, body = call(tenants, other.api_key, "chat", model)
+            assert status == 404 and body["error"]["code"] == "model_not_found", body
+        assert name not in {m.id for m in other.models.list().data}
+    for model in (done.fine_tuned_model, name):  # the owner, with no edit to the keys file
+        assert call(tenants, a.api_key, "chat", model) == (200, None)
+    assert name in {m.id for m in a.models.list().data}
+    assert [f.id for f in a.files.list().data] == [file.id]

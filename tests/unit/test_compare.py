@@ -136,3 +136,42 @@ def test_report_arithmetic(tmp_path):
     assert "| memory for 2 tasks | 2.60 GB = 2.58 GB once + 2 x 10.0 MB |" in text
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert markdown(report) == text
+
+
+def test_the_training_rows_set_both_ways_side_by_side(tmp_path):
+    from adapterserve.compare.report import training_rows
+
+    records = [record(tmp_path, "pirate", "lora", 10 * MB), record(tmp_path, "json", "lora", 10 * MB)]
+    taskset = lay_out(choose(records, 2, "lora"), merged_models(tmp_path, records, 270 * MB), tmp_path / "work")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"\0" * (270 * MB))
+    way = {"trainable_share": 0, "steps": 48, "trained_tokens": 9000}
+    training = {"examples": 64, "held_out": 16, "n_epochs": 3, "batch_size": 4, "threads": 2, "ways": {
+        "lora": {**way, "trainable_params": 460_800, "trainable_share": 0.0034, "train_seconds": 20.0,
+                 "peak_memory_bytes": 1.5 * GB, "bytes_on_disk": 1.8 * MB, "valid_loss": 0.40},
+        "full": {**way, "trainable_params": 134_515_008, "trainable_share": 1.0, "train_seconds": 90.0,
+                 "peak_memory_bytes": 3.0 * GB, "bytes_on_disk": 270 * MB, "valid_loss": 0.30}}}
+    report = build(taskset, base, runs_for(["json", "pirate"]), CompareOptions(budget_bytes=10 * GB, workload=Workload()), training)
+    rows = {row[0]: row[1:] for row in training_rows(report)}
+    assert rows["trainable parameters"] == ["0.46 M", "134.52 M", "291.92x"]
+    assert rows["share of the base trained"] == ["0.34 %", "100.00 %", "294.12x"]
+    assert rows["training time"] == ["20.0 s", "90.0 s", "4.50x"]
+    assert rows["loss on held-out examples"] == ["0.400", "0.300", "0.75x"]
+    text = markdown(report)
+    assert "## training the same data both ways: 64 examples x 3 epochs, batch 4, 16 held out, 2 threads" in text
+    assert "| bytes on disk | 1.8 MB | 270.0 MB | 150.00x |" in text
+    assert training_rows(build(taskset, base, runs_for(["json", "pirate"]), CompareOptions(workload=Workload()))) == []
+
+
+def test_the_training_data_is_split_with_a_fixed_seed_and_refused_when_too_small(tmp_path):
+    from adapterserve.compare.training import split
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"n": {i}}}\n' for i in range(40)))
+    training, validation, held_out = split(data, 24, tmp_path)
+    train_lines, held_lines = training.read_text().splitlines(), validation.read_text().splitlines()
+    assert len(train_lines) == 24 and held_out == len(held_lines) == 8 and not set(train_lines) & set(held_lines)
+    assert split(data, 24, tmp_path / ".." / tmp_path.name)[0].read_text().splitlines() == train_lines  # the same split again
+    with pytest.raises(ValueError, match="40 examples; 36 to train on and 9 held out"):
+        split(data, 36, tmp_path)

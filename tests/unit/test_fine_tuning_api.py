@@ -226,3 +226,24 @@ def test_a_dedicated_server_with_no_base_to_train_from_says_fine_tuning_is_unava
     with dedicated_client(settings, tiny_base, tmp_path, trainable=False) as client:
         refused = upload(client, GOOD)
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "fine_tuning_unavailable"
+
+
+def test_a_key_that_may_not_use_the_base_may_not_fine_tune_it(settings, registry, tiny_base, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from adapterserve.app import create_app
+    from adapterserve.hosting.shared import SharedBaseHost
+    from adapterserve.tenants.keys import KeyLimits, add
+    from tests.fakes import FakeEngine
+    from tests.unit.conftest import LOCAL
+
+    keys_file = tmp_path / "keys.yaml"
+    _, no_base = add(keys_file, "team-b", ["alpha"], False, ["inference"], KeyLimits())
+    app = create_app(settings.model_copy(update={"keys_file": keys_file}), host_factory=lambda s, observer: SharedBaseHost(
+        s, tiny_base.path, tiny_base.name, registry, engine_factory=FakeEngine, observer=observer))
+    with TestClient(app, base_url=LOCAL) as client:
+        headers = {"authorization": f"Bearer {no_base}"}
+        file = client.post("/v1/files", headers=headers, files={"file": ("t.jsonl", GOOD.encode())}, data={"purpose": "fine-tune"}).json()
+        refused = client.post("/v1/fine_tuning/jobs", headers=headers, json={"model": tiny_base.name, "training_file": file["id"]})
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+        assert client.get("/v1/fine_tuning/jobs", headers=headers).json()["data"] == []

@@ -24,6 +24,7 @@ from adapterserve.finetuning.defaults import DEFAULTS, LIMITS, LORA_DEFAULTS, le
 from adapterserve.finetuning.naming import SUFFIX, fine_tuned_model
 
 from .files import service, tenant_of
+from .middleware import context_of
 
 router = APIRouter()
 
@@ -97,7 +98,7 @@ async def create_job(raw_request: Request):
     fine_tuning, tenant = service(raw_request), tenant_of(raw_request)
     body = await read_json_object(raw_request)
     model = body.get("model")
-    if model != fine_tuning.base_name:
+    if model != fine_tuning.base_name or not _may_train(raw_request, model):
         raise model_not_found(str(model)) if isinstance(model, str) else InvalidRequest(
             "model is required: the base model to fine-tune.", param="model", code="missing_model")
     suffix = body.get("suffix")
@@ -129,6 +130,14 @@ async def create_job(raw_request: Request):
     fine_tuning.store.add_event(job["id"], f"Validated training file: {body['training_file']}")
     fine_tuning.runner.wake()
     return job_object(job, fine_tuning.base_name)
+
+
+def _may_train(raw_request: Request, base: str) -> bool:
+    """A tenant's key may fine-tune the base it may use (shared mode: `base: true`); in
+    dedicated mode the base is served by no one, and every inference key may train on it."""
+    key = context_of(raw_request).key
+    host = raw_request.app.state.host
+    return key is None or host.base_name is None or key.may_use(base, host.base_name)
 
 
 def _check_metadata(metadata: Any) -> None:
