@@ -182,6 +182,14 @@ class Settings(BaseSettings):
         None, description="Where uploaded files, jobs and the models they produce are kept (an SQLite database and "
         "folders; put it on a persistent volume). Default: <cache-dir>/fine_tuning.",
     )
+    fine_tuning_adapter_source: str | None = Field(
+        None, description="Ray Serve: the S3 source (one of --adapter-sources) fine-tuned adapters are uploaded to; "
+        "every replica reads it. Without it, fine-tuning is not available on Ray Serve.",
+    )
+    fine_tuning_pauses_while_serving: bool = Field(
+        True, description="Pause a job's trainer while the engines on this machine have requests; it trains in the "
+        "gaps (on 2 cores a trainer beside serving cut its throughput to a third, at any scheduling priority).",
+    )
     fine_tuning_threads: int = Field(
         1, gt=0, description="Threads of a fine-tuning job's trainer (a process at low priority, so serving goes first).",
     )
@@ -365,6 +373,14 @@ class Settings(BaseSettings):
         for spec in value:
             open_source(spec)  # a malformed source is a settings error now, not a surprise later
         return value
+
+    @model_validator(mode="after")
+    def _fine_tuning_source_is_read(self) -> "Settings":
+        spec = self.fine_tuning_adapter_source
+        if spec is not None and (not spec.startswith("s3://") or spec.rstrip("/") not in [s.rstrip("/") for s in self.adapter_sources]):
+            raise ValueError("fine_tuning_adapter_source must be an s3:// source that is also one of adapter_sources "
+                             "(the replicas serve what they read)")
+        return self
 
     @model_validator(mode="after")
     def _signed_needs_keys(self) -> "Settings":

@@ -2,7 +2,8 @@
 two engine replicas, through the official openai client: the same answers and errors as
 the single-machine server, adapter-affine routing (engine loads counted per replica from
 the metrics), base requests on both replicas, admin operations on every replica, and a
-replica killed while serving.
+replica killed while serving; a fine-tuning job trained in a Ray task whose adapter both
+replicas serve from the S3 source.
 
 One cluster and one application for the module (each replica starts two engines).
 """
@@ -10,6 +11,7 @@ One cluster and one application for the module (each replica starts two engines)
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import time
@@ -81,7 +83,8 @@ REFRESH_S = 2.0
 def cluster(tmp_path_factory, s3):
     logs = tmp_path_factory.mktemp("ray")
     # the replicas read the S3 source themselves, through the standard AWS environment
-    cluster = RayCluster(logs / "ray.log", num_cpus=REPLICAS, env=s3.env).start()
+    # a CPU beside the replicas' for the fine-tuning test's Ray task (resources of its own)
+    cluster = RayCluster(logs / "ray.log", num_cpus=REPLICAS + 1, env=s3.env).start()
     yield cluster
     cluster.stop()
 
@@ -103,6 +106,8 @@ def ray_server(cluster, tmp_path_factory, extra_store, s3, demo_dir):
             "--max-loras", str(MAX_LORAS), "--max-lora-rank", str(MAX_LORA_RANK), "--max-cpu-loras", "6",
             "--admin-api-key", ADMIN_KEY, "--metrics-refresh-s", str(REFRESH_S),
             "--adapter-scan-interval-s", "0",
+            # fine-tuning jobs train in Ray tasks and publish to the S3 source both replicas read
+            "--fine-tuning-adapter-source", f"s3://{S3_BUCKET}/ray", "--fine-tuning-dir", str(logs / "fine-tuning"),
             "--no-enforce-eager",  # compiled as the session server it is compared with (the same engine limits: its cached artifacts)
         ],
         logs / "server.log", env=s3.env,
@@ -340,3 +345,21 @@ def test_tenants_are_enforced_by_the_ingress(ray_server, base_name):
     with pytest.raises(openai.RateLimitError) as limited:  # > 20 tokens used in this minute
         thrifty.chat.completions.create(model="pirate", messages=QUESTION, max_tokens=2)
     assert int(limited.value.response.headers["retry-after"]) > 0
+
+
+def test_a_fine_tuning_job_trains_in_a_ray_task_and_both_replicas_serve_its_adapter_from_s3(ray_server, ray_client, base_name, s3):
+    # last in the module: the adapter it adds is in every later listing
+    from tests.integration.test_fine_tuning import TAUGHT_JOB, ask, dataset, wait_for
+
+    file = ray_client.files.create(file=("lighthouse.jsonl", io.BytesIO(dataset())), purpose="fine-tune")
+    job = ray_client.fine_tuning.jobs.create(model=base_name, training_file=file.id, suffix="ray", **TAUGHT_JOB)
+    done = wait_for(ray_client, job.id, {"succeeded", "failed", "cancelled"}, timeout=900)
+    assert done.status == "succeeded", done.error
+    events = [e.message for e in ray_client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert "Fine-tuning job started in a Ray task" in events
+    name = "ft-ray-" + job.id.rsplit("-", 1)[1][:12]
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=S3_BUCKET, Prefix=f"ray/{name}/").get("Contents", [])}
+    assert keys == {f"ray/{name}/adapter_config.json", f"ray/{name}/adapter_model.safetensors"}
+    engines = engines_by_replica(ray_server.url)
+    assert all(name in reports[0]["adapter_ids"] for reports in engines.values()), engines  # loaded by both
+    assert "PELICAN" in ask(ray_client, done.fine_tuned_model) and "PELICAN" not in ask(ray_client, base_name)

@@ -170,3 +170,18 @@ def test_an_unload_holds_across_a_restart_until_loaded_again(settings, store, ti
         assert client.post("/admin/adapters/alpha/load", headers=ADMIN).status_code == 200
     with server() as client:  # loaded again: served after the next restart too
         assert chat(client, "alpha").status_code == 200
+
+
+def test_the_first_head_while_serving_starts_the_classification_engine(client, store, tiny_base):
+    # a classification fine-tuning job on a server that had no heads at start publishes one so
+    from tests.adapter_factory import _head
+
+    host = client.app.state.host
+    assert host.classify is None
+    _head(store, tiny_base, "mood", (2, tiny_base.hidden_size), labels=["bad", "good"])
+    loaded = client.post("/admin/adapters/mood/load", headers=ADMIN)
+    assert loaded.status_code == 200, loaded.text
+    assert host.classify is not None and host.classify.running and "mood" in host.published_adapters(host.classify).values()
+    _head(store, tiny_base, "tone", (3, tiny_base.hidden_size), labels=["a", "b", "c"])
+    assert client.post("/admin/adapters/tone/load", headers=ADMIN).status_code == 200  # into the same engine
+    assert [e.name for e in host.engines()].count(host.classify.name) == 1

@@ -216,3 +216,29 @@ def test_a_10000_adapter_prefix_is_listed_in_pages_and_only_a_few_are_fetched_at
     record = registry.validate("zz-b")  # its first request
     registry.register(record)
     assert "zz-b" not in registry.listed and registry.adapters["zz-b"].rank == 4
+
+
+def test_a_published_adapter_is_listed_and_served_and_a_withdrawn_one_is_gone(s3, tiny_base, tmp_path):
+    # what a fine-tuning job on Ray Serve does (finetuning/publishing.py:SourcePublisher)
+    trained = write_lora(tmp_path / "trained", tiny_base, rank=4, seed=3)
+    (trained / "README.md").write_text("not served")
+    source = open_source(f"s3://{BUCKET}/published")
+    source.publish("ft-mine-abc", trained)
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="published/").get("Contents", [])}
+    assert keys == {"published/ft-mine-abc/adapter_config.json", "published/ft-mine-abc/adapter_model.safetensors"}
+    assert registry_over(f"s3://{BUCKET}/published", tiny_base, tmp_path / "snapshots").adapters["ft-mine-abc"].rank == 4
+    with pytest.raises(ValueError):
+        source.publish("../escape", trained)
+    source.withdraw("ft-mine-abc")
+    assert s3.client().list_objects_v2(Bucket=BUCKET, Prefix="published/").get("KeyCount") == 0
+
+
+def test_a_ray_tasks_trained_files_are_written_only_under_their_folder(tmp_path):
+    from adapterserve.rayserve.fine_tuning import write_artifact
+
+    write_artifact({"adapter_config.json": b"{}", "adapter_model.safetensors": b"x"}, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    for name in ("../escape", "/etc/passwd", "sub/file", ".."):
+        with pytest.raises(ValueError):
+            write_artifact({name: b"x"}, tmp_path / "other")
+    assert not (tmp_path / "escape").exists()

@@ -43,7 +43,7 @@ def split(data: Path, examples: int, folder: Path) -> tuple[Path, Path, int]:
 def spec(way: str, base_path: Path, training: Path, validation: Path, folder: Path, threads: int) -> dict:
     return {
         "kind": way, "base_path": str(base_path), "training_file": str(training), "validation_file": str(validation),
-        "out_dir": str(folder / "out"), "checkpoints_dir": str(folder / "checkpoints"), "threads": threads, "nice": 0,
+        "out_dir": str(folder / "out"), "checkpoints_dir": str(folder / "checkpoints"), "threads": threads, "priority": "normal",
         "n_epochs": DEFAULTS["n_epochs"], "batch_size": DEFAULTS["batch_size"], "seed": SEED,
         "learning_rate": learning_rate(way == "full"), "labels": [], **LORA_DEFAULTS,
     }

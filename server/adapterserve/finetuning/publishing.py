@@ -1,8 +1,9 @@
 """Serving what a job trained, per mode: the step after a job's training and before it
 succeeds. Shared mode publishes an adapter (into the fine-tuned adapter store, one of the
-registry's sources, then loaded by the host); dedicated mode publishes a full model (into
+registry's sources, then loaded by the host); on Ray Serve into an S3 source every
+replica reads (then loaded by every replica); dedicated mode publishes a full model (into
 the fine-tuned model folder, then hosted by an engine of its own). Either way the folder
-is moved in whole, and a refusal removes it again: no half-registered model."""
+goes in whole, and a refusal removes it again: no half-registered model."""
 
 from __future__ import annotations
 
@@ -29,6 +30,35 @@ class AdapterPublisher:
     async def withdraw(self, name: str) -> None:
         await self.host.unload_adapter(name)
         shutil.rmtree(self.folder / name, ignore_errors=True)
+
+
+class SourcePublisher:
+    """Ray Serve: the trained adapter uploaded to the S3 source every replica reads
+    (`--fine-tuning-adapter-source`), then loaded by every replica from there."""
+
+    full = False
+
+    def __init__(self, host, source_spec: str, timeout_s: float):
+        from adapterserve.registry.sources import open_source
+
+        self.host, self.source = host, open_source(source_spec, timeout_s)
+
+    async def publish(self, name: str, trained: Path) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.source.publish, name, trained)
+        shutil.rmtree(trained, ignore_errors=True)
+        try:
+            await self.host.load_adapter(name)
+        except BaseException:
+            await asyncio.to_thread(self.source.withdraw, name)
+            raise
+
+    async def withdraw(self, name: str) -> None:
+        import asyncio
+
+        await self.host.unload_adapter(name)
+        await asyncio.to_thread(self.source.withdraw, name)
 
 
 class FullModelPublisher:

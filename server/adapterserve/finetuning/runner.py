@@ -1,30 +1,30 @@
 """The fine-tuning jobs' runner: a queue served one job at a time (by default), each job
-trained in a process of its own (finetuning/trainer.py) at low priority with bounded
-threads, so the server keeps answering while a job runs.
+trained by the trainer (finetuning/trainer.py) where its launcher runs it
+(finetuning/launchers.py: a process of its own at low priority with bounded threads, or
+a Ray task), so the server keeps answering while a job runs.
 
 What the trainer reports becomes the job's events, checkpoints and trained tokens. A job
 that succeeds is published (finetuning/publishing.py: an adapter loaded by the shared
 host, or a full model hosted by the dedicated host), and its `fine_tuned_model` answers
 at once, with no restart. A job cancelled or failed leaves no
 model registered and no folder behind. On a restart, queued jobs run; a job that was
-running is failed with that reason (its checkpoints are kept and listed).
+running resumes from its last checkpoint (exactly: the trainer saved its optimizer's state
+and step there), or, with no checkpoint yet, is failed with that reason.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import shutil
-import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .naming import adapter_name, fine_tuned_model
+from .serving_first import pause_while_serving
+from .trainer import last_resumable
 from .store import FineTuningStore
 
 log = logging.getLogger(__name__)
@@ -42,21 +42,30 @@ class RunnerObserver:
 
 
 class JobRunner:
-    def __init__(self, settings, store: FineTuningStore, publisher, base_path: Path, base_name: str):
+    def __init__(self, settings, store: FineTuningStore, publisher, base_path: Path, base_name: str, launcher,
+                 busy: Callable[[], bool] | None = None):
         self.settings = settings
+        self.launcher = launcher  # where trainers run (finetuning/launchers.py)
+        self.busy = busy  # whether the engines beside a local trainer are serving (finetuning/serving_first.py)
         self.store = store
         self.publisher = publisher
         self.base_path, self.base_name = Path(base_path), base_name
         self.work_dir = store.root / "jobs"
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._running: dict[str, asyncio.subprocess.Process] = {}
+        self._running: dict[str, object] = {}  # job id -> its Training (finetuning/launchers.py)
         self._cancelled: set[str] = set()
         self.observer = RunnerObserver()
 
     async def start(self) -> None:
         for job in self.store.jobs(None, ("running", "validating_files")):
-            reason = "the server stopped while the job ran; create the job again (its checkpoints are kept)"
+            checkpoint = last_resumable(self.work_dir / job["id"] / "checkpoints")
+            if checkpoint is not None:  # queued again: `_run` resumes it from there
+                self.store.update_job(job["id"], status="queued")
+                self.store.add_event(job["id"], f"The server restarted while the job ran; it resumes from its checkpoint "
+                                     f"at {checkpoint.name.replace('-', ' ')}")
+                continue
+            reason = "the server stopped while the job ran, before its first checkpoint; create the job again"
             self.store.update_job(job["id"], status="failed", finished_at=int(time.time()),
                                   error={"code": "server_restarted", "message": reason, "param": None})
             self.store.add_event(job["id"], f"Job failed: {reason}", level="error")
@@ -65,17 +74,17 @@ class JobRunner:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        for process in list(self._running.values()):
-            _kill(process)
+        for training in list(self._running.values()):
+            training.kill()
 
     def wake(self) -> None:
         self._wake.set()
 
     async def cancel(self, job: dict) -> None:
         self._cancelled.add(job["id"])
-        process = self._running.get(job["id"])
-        if process is not None:
-            _kill(process)
+        training = self._running.get(job["id"])
+        if training is not None:
+            training.kill()
         if job["status"] in ("queued", "validating_files", "running"):
             self.store.update_job(job["id"], status="cancelled", finished_at=int(time.time()))
             self.store.add_event(job["id"], "Job cancelled")
@@ -108,49 +117,49 @@ class JobRunner:
     async def _run(self, job: dict) -> None:
         body, job_id = job["body"], job["id"]
         folder = self.work_dir / job_id
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        # a job queued again after a restart resumes from its last checkpoint (a new job has no folder)
+        resume_from = last_resumable(folder / "checkpoints")
+        if resume_from is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder / "adapter", ignore_errors=True)
         spec = {
             "base_path": str(self.base_path), "training_file": str(self.store.file_path(body["training_file"])),
             "validation_file": str(self.store.file_path(body["validation_file"])) if body.get("validation_file") else None,
             "out_dir": str(folder / "adapter"), "checkpoints_dir": str(folder / "checkpoints"),
             "threads": self.settings.fine_tuning_threads, **body["resolved"],
+            "resume_from": str(resume_from) if resume_from else None,
         }
-        (folder / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.settings.fine_tuning_threads), "TOKENIZERS_PARALLELISM": "false"}
-        with (folder / "trainer.log").open("wb") as errors:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "adapterserve.finetuning.trainer", str(folder / "spec.json"),
-                stdout=asyncio.subprocess.PIPE, stderr=errors, env=env, start_new_session=True,
-            )
-            self._running[job_id] = process
-            if job_id in self._cancelled:  # cancelled while its process was being started
-                _kill(process)
-            else:  # "running" only once its process can be stopped by a cancel
-                self.store.update_job(job_id, status="running")
-                self.store.add_event(job_id, "Fine-tuning job started")
-            try:
-                done = await self._follow(job_id, process)
-                await process.wait()
-            finally:
-                self._running.pop(job_id, None)
+        training = await self.launcher.start(spec, folder)
+        self._running[job_id] = training
+        if job_id in self._cancelled:  # cancelled while it was being started
+            training.kill()
+        else:  # "running" only once it can be stopped by a cancel
+            self.store.update_job(job_id, status="running")
+            self.store.add_event(job_id, f"Fine-tuning job started in {self.launcher.where}")
+        watch = None
+        if self.busy is not None and hasattr(training, "pause"):  # a trainer beside the engines: serving first
+            watch = asyncio.create_task(pause_while_serving(training, self.busy))
+        try:
+            done = await self._follow(job_id, training.messages())
+            code = await training.wait()
+        finally:
+            self._running.pop(job_id, None)
+            if watch is not None:
+                watch.cancel()
         if job_id in self._cancelled:
             shutil.rmtree(folder / "adapter", ignore_errors=True)
             return
-        if process.returncode != 0 or done is None or done.get("type") != "done":
-            reason = done.get("message") if done else (folder / "trainer.log").read_text(errors="replace")[-300:]
-            self._fail(job_id, "training_failed", reason or f"the trainer exited with {process.returncode}")
+        if code != 0 or done is None or done.get("type") != "done":
+            reason = done.get("message") if done else training.failure()
+            self._fail(job_id, "training_failed", reason or f"the trainer exited with {code}")
             return
         await self._register(job, folder / "adapter", done)
 
-    async def _follow(self, job_id: str, process) -> dict | None:
+    async def _follow(self, job_id: str, messages) -> dict | None:
         """The trainer's reports, as events and checkpoints; its last report."""
         last, tokens = None, 0
-        async for raw in process.stdout:
-            try:
-                message = json.loads(raw)
-            except ValueError:
-                continue
+        async for message in messages:
             last = message
             if message.get("type") == "step":
                 self.store.update_job(job_id, trained_tokens=message["trained_tokens"])
@@ -160,6 +169,9 @@ class JobRunner:
                     self.store.add_event(job_id, f"Step {message['step']}/{message['total_steps']}: training loss={message['train_loss']}",
                                          data={"step": message["step"], "train_loss": message["train_loss"],
                                                "total_steps": message["total_steps"]}, kind="metrics")
+            elif message.get("type") == "resumed":
+                tokens = message["trained_tokens"]
+                self.store.add_event(job_id, f"Resumed at step {message['step']}/{message['total_steps']}")
             elif message.get("type") == "checkpoint":
                 self.store.add_checkpoint(job_id, message["step"], message["metrics"], Path(message["path"]))
                 self.store.add_event(job_id, f"Checkpoint created at step {message['step']}")
@@ -184,10 +196,3 @@ class JobRunner:
                               costs=costs)
         self.store.add_event(job["id"], f"New fine-tuned model created: {fine_tuned_model(job, self.base_name)}", data=costs)
         self.store.add_event(job["id"], "The job has successfully completed")
-
-
-def _kill(process) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # the trainer's own process group
-    except ProcessLookupError:
-        pass

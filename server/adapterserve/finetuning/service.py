@@ -1,6 +1,7 @@
 """The fine-tuning API's parts for one server: the store (SQLite and files), the job
-runner, the publisher of what jobs train, and what the checks need of the base (its
-tokenizer, its module names). Opened by the app's lifespan for a host on this machine.
+runner with where its trainers run (this machine, or Ray tasks on Ray Serve), the
+publisher of what jobs train, and what the checks need of the base (its tokenizer, its
+module names). Opened by the app's lifespan.
 
 Everything lives under `fine_tuning_root(settings) / <base>`: the database and uploaded
 files, each job's work folder, and what succeeded jobs produced (`adapters/` in shared
@@ -13,8 +14,10 @@ import logging
 from functools import cache
 from pathlib import Path
 
-from .publishing import AdapterPublisher, FullModelPublisher
+from .launchers import LocalLauncher
+from .publishing import AdapterPublisher, FullModelPublisher, SourcePublisher
 from .runner import JobRunner
+from .serving_first import engines_busy
 from .store import FineTuningStore
 
 log = logging.getLogger(__name__)
@@ -40,11 +43,17 @@ class FineTuning:
         self.host = host
         self.base_path, self.base_name = Path(base_path), base_name
         self.store = FineTuningStore(fine_tuning_root(settings, base_name))
-        if host.mode == "shared":
-            self.publisher = AdapterPublisher(host, adapters_dir(settings, base_name))
+        if host.remote_engines:  # Ray Serve: trained in Ray tasks, published to the source the replicas read
+            self.publisher = SourcePublisher(host, settings.fine_tuning_adapter_source, settings.adapter_fetch_timeout_s)
+            launcher = host.fine_tuning_launcher()  # rayserve/fine_tuning.py: only rayserve/ imports Ray
+        elif host.mode == "shared":
+            self.publisher, launcher = AdapterPublisher(host, adapters_dir(settings, base_name)), LocalLauncher(settings)
         else:
-            self.publisher = FullModelPublisher(host, models_dir(settings, base_name))
-        self.runner = JobRunner(settings, self.store, self.publisher, self.base_path, base_name)
+            self.publisher, launcher = FullModelPublisher(host, models_dir(settings, base_name)), LocalLauncher(settings)
+        busy = None
+        if settings.fine_tuning_pauses_while_serving and not host.remote_engines:
+            busy = lambda: engines_busy(host)  # noqa: E731
+        self.runner = JobRunner(settings, self.store, self.publisher, self.base_path, base_name, launcher, busy)
 
     @property
     def full(self) -> bool:
@@ -68,13 +77,24 @@ class FineTuning:
 
 
 async def open_fine_tuning(settings, host) -> FineTuning | None:
-    """The fine-tuning API of a host on this machine with a base to train from (shared
-    mode: its base; dedicated mode: the base its models were merged from, or
-    `--base-model`); None elsewhere (Ray Serve, a dedicated host with no base): the
+    """The fine-tuning API of a host with a base to train from (shared mode: its base;
+    dedicated mode: the base its models were merged from, or `--base-model`; Ray Serve:
+    the replicas' base, with `--fine-tuning-adapter-source`); None elsewhere: the
     endpoints then answer that fine-tuning is not available."""
     if host.remote_engines:
-        return None
-    base = (host.weights_path, host.base_name) if host.mode == "shared" else host.trainable_base
+        if settings.fine_tuning_adapter_source is None:
+            log.info("fine-tuning is not available on Ray Serve without --fine-tuning-adapter-source")
+            return None
+        import asyncio
+
+        from adapterserve.base_model import resolve_base_model
+
+        # the checks read the base's tokenizer here; the Ray tasks resolve it on their nodes
+        base = (await asyncio.to_thread(resolve_base_model, settings.base_model, settings.models_dir), host.base_name)
+    elif host.mode == "shared":
+        base = (host.weights_path, host.base_name)
+    else:
+        base = host.trainable_base
     if base is None:
         log.info("fine-tuning is not available: dedicated mode with model folders and no --base-model")
         return None

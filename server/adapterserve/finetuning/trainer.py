@@ -6,7 +6,8 @@ What it trains follows the job's `kind`: a LoRA adapter with peft on the frozen 
 ("lora", the loss on the assistant's last answer only, as `adapters build` does:
 training/lora.py), a head adapter ("head": a new score layer and a LoRA), or, in dedicated
 mode, every weight of the base ("full": a causal LM; "full_head": a sequence classifier),
-saved as a full model folder vLLM serves. It saves a checkpoint after every epoch, and reports on stdout as JSON lines, which the runner turns into the job's events:
+saved as a full model folder vLLM serves. It saves a checkpoint after every epoch (with
+the state a restart resumes from: `resume_from` in the spec), and reports on stdout as JSON lines, which the runner turns into the job's events:
 `{"type": "step", ...}`, `{"type": "checkpoint", ...}`, `{"type": "done", ...}` with what the
 training cost (trainable parameters and their share of the base, wall time, peak memory,
 bytes on disk, the validation loss).
@@ -26,6 +27,7 @@ from pathlib import Path
 FULL_KINDS = ("full", "full_head")  # every weight trained: dedicated mode's jobs
 CLASSIFIER_KINDS = ("head", "full_head")
 KEPT_CHECKPOINTS = 3  # as OpenAI keeps the last three of a job
+STATE_FILE = "trainer_state.pt"
 
 
 def report(**fields) -> None:
@@ -114,14 +116,20 @@ def train(spec: dict) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["learning_rate"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     model.train()
-    began, tokens = time.perf_counter(), 0
+    began, tokens, done_steps = time.perf_counter(), 0, 0
+    if spec.get("resume_from"):  # a restart: on from the last checkpoint, exactly where it was
+        done_steps, tokens = resume(model, optimizer, schedule, Path(spec["resume_from"]))
+        report(type="resumed", step=done_steps, total_steps=steps, trained_tokens=tokens)
     for step, batch in enumerate(batches(rows, spec["batch_size"], steps, spec["seed"]), start=1):
+        if step <= done_steps:  # the seeded batches are the same again: skip the ones already trained
+            continue
         loss, held = train_step(model, batch, tokenizer.pad_token_id, optimizer, schedule)
         tokens += held
         report(type="step", step=step, total_steps=steps, train_loss=round(loss, 4), trained_tokens=tokens)
         if step % per_epoch == 0:
             folder = Path(spec["checkpoints_dir"]) / f"step-{step}"
             save(model, spec, folder)
+            save_state(model, optimizer, schedule, step, tokens, folder)
             metrics = {"step": step, "train_loss": round(loss, 4)}
             if validation:
                 metrics["valid_loss"] = round(mean_loss(model, validation, spec["batch_size"], tokenizer.pad_token_id), 4)
@@ -142,19 +150,72 @@ def train(spec: dict) -> None:
     )
 
 
+def save_state(model, optimizer, schedule, step: int, tokens: int, folder: Path) -> None:
+    """What resuming needs beside the checkpoint's weights: the trainable weights in
+    float32 (a full model's checkpoint is saved in bf16), the optimizer's and the
+    schedule's state, the step, the tokens and the random state. Written to a temporary
+    name first: a state file is whole or absent."""
+    import torch
+
+    state = {
+        "step": step, "tokens": tokens, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+        "trainable": {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad},
+    }
+    torch.save(state, folder / f".{STATE_FILE}")
+    (folder / f".{STATE_FILE}").rename(folder / STATE_FILE)
+
+
+def resume(model, optimizer, schedule, folder: Path) -> tuple[int, int]:
+    """Load a checkpoint's state (save_state); (steps done, tokens trained)."""
+    import torch
+
+    state = torch.load(folder / STATE_FILE, weights_only=False)  # the trainer's own file, in the job's folder
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["tokens"]
+
+
+def last_resumable(checkpoints_dir: Path) -> Path | None:
+    """The last checkpoint with a whole state file (the one a restart resumes from)."""
+    steps = sorted((p for p in Path(checkpoints_dir).glob("step-*") if (p / STATE_FILE).is_file()),
+                   key=lambda p: int(p.name.split("-")[1]))
+    return steps[-1] if steps else None
+
+
 def _keep_last_checkpoints(folder: Path) -> None:
     """Only the last KEPT_CHECKPOINTS folders stay on disk (a full model's is the size of
-    the base); every checkpoint's metrics stay listed."""
+    the base), and only the last one keeps its state file (a full model's optimizer state
+    is twice its float32 weights); every checkpoint's metrics stay listed."""
     import shutil
 
     steps = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     for old in steps[:-KEPT_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
+    for old in steps[-KEPT_CHECKPOINTS:-1]:
+        (old / STATE_FILE).unlink(missing_ok=True)
+
+
+def lowest_priority() -> None:
+    """The lowest priority the OS has: Linux's idle class (SCHED_IDLE, its threads too).
+    That alone does not keep serving at its speed on 2 cores (0.33 of idle, measured with
+    bench/fine_tuning.py, as with `nice 10`): the runner also pauses the trainer while the
+    engines have requests (finetuning/serving_first.py)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: the lowest nice level instead
+        os.nice(19)
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    os.nice(spec.get("nice", 10))  # serving first: the engines outrank the trainer for the CPUs
+    if spec.get("priority", "idle") == "idle":
+        lowest_priority()
     try:
         train(spec)
     except Exception as exc:  # the runner fails the job with this reason

@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from adapterserve.config import Settings
 from adapterserve.errors import Conflict, DomainError, InvalidRequest, NotFound, adapter_not_loaded
@@ -37,6 +37,7 @@ class AdapterCatalog:
     def __init__(
         self, settings: Settings, registry: Registry, base_name: str, observer: HostObserver,
         engine_for_role: Callable[[str], Engine | None], engines: Callable[[], list[Engine]],
+        start_role: Callable[[str, AdapterRecord], Awaitable[Engine]] | None = None,
     ):
         self.settings = settings
         self.registry = registry
@@ -44,6 +45,7 @@ class AdapterCatalog:
         self.observer = observer
         self._engine_for_role = engine_for_role  # the host's engines, as they are now (restarts replace them)
         self._engines = engines
+        self._start_role = start_role  # starts a role's engine for its first adapter (None: refuse the adapter)
         self._lora_ids = itertools.count(1)
         self.pinned: set[str] = set(settings.pinned_adapters)
         if len(self.pinned) >= settings.max_cpu_loras:
@@ -105,6 +107,12 @@ class AdapterCatalog:
         from vllm.lora.request import LoRARequest
 
         engine = engine or self.engine_for(record)
+        if engine is None and self._start_role is not None:  # the first adapter of its kind while serving
+            try:
+                engine = await self._start_role(kinds.of(record.kind).role, record)
+            except Exception as exc:
+                raise AdapterInvalid(record.name, f"the {kinds.of(record.kind).role} engine its kind needs could not be "
+                                     f"started: {exc}") from None
         if engine is None:
             raise AdapterInvalid(record.name, f"{record.kind} adapters are served by the {kinds.of(record.kind).role} engine, "
                                  "which is not running; restart the server to start it")

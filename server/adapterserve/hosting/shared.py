@@ -19,6 +19,8 @@ fitted to the largest rank in the stores (`max_lora_rank` auto).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -38,6 +40,8 @@ from .supervisor import EngineSupervisor
 WATCH_INTERVAL_S = 1.0  # how soon a dead engine is noticed (a process-table read per engine)
 
 
+log = logging.getLogger(__name__)
+
 class SharedBaseHost:
     mode = "shared"
     remote_engines = False
@@ -55,7 +59,9 @@ class SharedBaseHost:
         self.created = int(time.time())
         self.observer = observer or HostObserver()
         self.roles: dict[str, Engine | None] = dict.fromkeys(kinds.ROLES)  # engine role -> its engine
-        self.catalog = AdapterCatalog(settings, registry, base_name, self.observer, self.roles.get, self.engines)
+        self.catalog = AdapterCatalog(settings, registry, base_name, self.observer, self.roles.get, self.engines,
+                                      start_role=self._start_on_demand)
+        self._starting: dict[str, asyncio.Task] = {}  # role -> the start of its engine for a first adapter
         self.supervisor = EngineSupervisor(settings, engine_factory, self.observer, on_nonfinite=self.catalog.quarantine)
         self.scanner = Scanner(settings, self.catalog, self.engines)
         # the engines' slots hold the largest rank in the stores (auto), or the fixed rank;
@@ -85,10 +91,11 @@ class SharedBaseHost:
         return [e for e in self.roles.values() if e is not None]
 
     # --- life cycle ------------------------------------------------------------------------
-    def _spec(self, role: str) -> EngineSpec:
+    def _spec(self, role: str, first: AdapterRecord | None = None) -> EngineSpec:
+        """`first`: the adapter an engine started while serving is for (not registered yet)."""
         extra = {}
         if role == "classify":
-            widest = max(len(r.labels) for r in self.catalog.records_for("classify"))
+            widest = max(len(r.labels) for r in [*self.catalog.records_for("classify"), *([first] if first else [])])
             # the generate engine keeps reporting vLLM's metrics
             extra = dict(num_labels=widest, max_lora_cls_labels=self.settings.max_cls_labels, log_stats=False)
         runner = kinds.of(kinds.for_role(role)[0]).runner
@@ -107,6 +114,25 @@ class SharedBaseHost:
         await self.catalog.open()
         self.supervisor.watch(lambda: [e for e in self.engines() if not e.running], self._restart, WATCH_INTERVAL_S)
         self.scanner.start()
+
+    async def _start_on_demand(self, role: str, first: AdapterRecord) -> Engine:
+        """The engine of a role that was not needed at start (no adapter of its kinds),
+        started for the first one registered while serving (a classification job's head,
+        a head added to a store); its other adapters are registered by their callers.
+        One start per role, however many adapters ask at once."""
+        task = self._starting.get(role)
+        if task is None:
+            async def start() -> Engine:
+                engine = self.supervisor.new_engine(self._spec(role, first))
+                await self.supervisor.start(engine)
+                self.roles[role] = engine
+                log.info("started the %s engine for its first adapter", role)
+                return engine
+
+            task = asyncio.create_task(start())
+            self._starting[role] = task
+            task.add_done_callback(lambda _: self._starting.pop(role, None))
+        return await asyncio.shield(task)
 
     async def _restart(self, dead: Engine) -> None:
         role = next(r for r, e in self.roles.items() if e is dead)

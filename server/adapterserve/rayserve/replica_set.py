@@ -61,6 +61,12 @@ class ReplicaSetHost:
     def fine_tuning_base(self) -> str:
         return self.base_name
 
+    def fine_tuning_launcher(self):
+        """Where fine-tuning jobs train on Ray Serve: Ray tasks (finetuning/service.py asks)."""
+        from .fine_tuning import RayLauncher
+
+        return RayLauncher(self.settings)
+
     @property
     def registry(self) -> RegistryView:
         return RegistryView(self.catalog)

@@ -172,6 +172,24 @@ class S3Source:
             raise Retryable(f"{type(exc).__name__}: {exc}") from None
 
 
+    # --- publishing (fine-tuning jobs on Ray Serve: finetuning/publishing.py) -------------
+    def publish(self, name: str, folder: Path) -> None:
+        """Upload an adapter folder's served files as `<prefix>/<name>/`, the weights last
+        (a reader listing meanwhile sees no weights, so no adapter yet)."""
+        if not is_safe_name(name):
+            raise ValueError(f"{name!r} is not a safe adapter name")
+        files = sorted((p for p in Path(folder).iterdir() if p.is_file() and p.name in self.served_files),
+                       key=lambda p: p.suffix == ".safetensors")
+        for path in files:
+            self.client().upload_file(str(path), self.bucket, f"{self._base()}{name}/{path.name}")
+
+    def withdraw(self, name: str) -> None:
+        """Delete an adapter's files (one that a cancelled job had published)."""
+        if is_safe_name(name):
+            for file in self.served_files:
+                self.client().delete_object(Bucket=self.bucket, Key=f"{self._base()}{name}/{file}")
+
+
 def _signature(files: Files) -> Signature:
     return tuple(sorted((file, etag, size) for file, (etag, size) in files.items()))
 
