@@ -185,7 +185,7 @@ def test_a_restart_keeps_every_file_and_job_and_resumes_the_running_one_from_its
     job = ft_client.fine_tuning.jobs.create(model=base_name, training_file=file.id, suffix="interrupted", **TAUGHT_JOB)
     deadline = time.monotonic() + 600
     while not ft_client.fine_tuning.jobs.checkpoints.list(job.id).data:  # the first epoch's checkpoint, step 16 of 64
-        assert time.monotonic() < deadline and ft_client.fine_tuning.jobs.retrieve(job.id).status == "running"
+        assert time.monotonic() < deadline and ft_client.fine_tuning.jobs.retrieve(job.id).status in ("queued", "running")
         time.sleep(0.5)
     files_before = {f.id for f in ft_client.files.list().data}
     jobs_before = {j.id for j in ft_client.fine_tuning.jobs.list(limit=100).data}
