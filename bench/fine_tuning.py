@@ -7,7 +7,7 @@
   shared-mode server at its defaults, idle and while a fine-tuning job trains (created
   through the API, cancelled after the workload), in A B B A order over the rounds.
 
-    python -m bench.fine_tuning [--examples 64] [--threads 2] [--rounds 2]
+    python -m bench.fine_tuning [--examples 64] [--threads 2] [--rounds 2] [--skip-training-rows] [--skip-serving]
 
 Writes bench/results/fine_tuning-<cpu>.json, with the CPU it ran on.
 """
@@ -111,16 +111,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--skip-training-rows", action="store_true")
+    parser.add_argument("--skip-serving", action="store_true")
+    parser.add_argument("--out", default=None, help="result file name (default: fine_tuning-<cpu>.json)")
     args = parser.parse_args()
     base_path, _ = demo_adapters()
     report = {"machine": machine(), "args": vars(args)}
     if not args.skip_training_rows:
         report["training"] = training_rows(base_path, args.examples, args.threads)
         print(report["training"], flush=True)
-    report["serving"] = serving_while_training(base_path.name, args)
+    if not args.skip_serving:
+        report["serving"] = serving_while_training(base_path.name, args)
+        print(report["serving"]["scenarios"])
     kind = cpu_kind(report["machine"]).split(" ")[0].lower()
-    print(write_result(f"fine_tuning-{kind}.json", report))
-    print(report["serving"]["scenarios"])
+    print(write_result(args.out or f"fine_tuning-{kind}.json", report))
 
 
 if __name__ == "__main__":

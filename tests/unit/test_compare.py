@@ -108,13 +108,18 @@ def runs_for(names: list[str]) -> dict[str, ModeRun]:
     return {"shared": shared, "dedicated": dedicated}
 
 
-def test_report_arithmetic(tmp_path):
+def two_task_report(tmp_path, training: dict | None = None, budget: int = 10 * GB) -> dict:
+    """The report of two 10 MB LoRA tasks over a 270 MB base (runs_for's measurements)."""
     records = [record(tmp_path, "pirate", "lora", 10 * MB), record(tmp_path, "json", "lora", 10 * MB)]
     taskset = lay_out(choose(records, 2, "lora"), merged_models(tmp_path, records, 270 * MB), tmp_path / "work")
     base = tmp_path / "base"
-    base.mkdir()
+    base.mkdir(exist_ok=True)
     (base / "model.safetensors").write_bytes(b"\0" * (270 * MB))
-    report = build(taskset, base, runs_for(["json", "pirate"]), CompareOptions(budget_bytes=10 * GB, workload=Workload()))
+    return build(taskset, base, runs_for(["json", "pirate"]), CompareOptions(budget_bytes=budget, workload=Workload()), training)
+
+
+def test_report_arithmetic(tmp_path):
+    report = two_task_report(tmp_path)
 
     shared, dedicated = report["modes"]["shared"]["memory"], report["modes"]["dedicated"]["memory"]
     assert shared["total_bytes"] == 2600 * MB and shared["per_task_bytes"] == 10 * MB and shared["fixed_bytes"] == 2580 * MB
@@ -141,18 +146,13 @@ def test_report_arithmetic(tmp_path):
 def test_the_training_rows_set_both_ways_side_by_side(tmp_path):
     from adapterserve.compare.report import training_rows
 
-    records = [record(tmp_path, "pirate", "lora", 10 * MB), record(tmp_path, "json", "lora", 10 * MB)]
-    taskset = lay_out(choose(records, 2, "lora"), merged_models(tmp_path, records, 270 * MB), tmp_path / "work")
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "model.safetensors").write_bytes(b"\0" * (270 * MB))
     way = {"trainable_share": 0, "steps": 48, "trained_tokens": 9000}
     training = {"examples": 64, "held_out": 16, "n_epochs": 3, "batch_size": 4, "threads": 2, "ways": {
         "lora": {**way, "trainable_params": 460_800, "trainable_share": 0.0034, "train_seconds": 20.0,
                  "peak_memory_bytes": 1.5 * GB, "bytes_on_disk": 1.8 * MB, "valid_loss": 0.40},
         "full": {**way, "trainable_params": 134_515_008, "trainable_share": 1.0, "train_seconds": 90.0,
                  "peak_memory_bytes": 3.0 * GB, "bytes_on_disk": 270 * MB, "valid_loss": 0.30}}}
-    report = build(taskset, base, runs_for(["json", "pirate"]), CompareOptions(budget_bytes=10 * GB, workload=Workload()), training)
+    report = two_task_report(tmp_path, training)
     rows = {row[0]: row[1:] for row in training_rows(report)}
     assert rows["trainable parameters"] == ["0.46 M", "134.52 M", "291.92x"]
     assert rows["share of the base trained"] == ["0.34 %", "100.00 %", "294.12x"]
@@ -161,7 +161,8 @@ def test_the_training_rows_set_both_ways_side_by_side(tmp_path):
     text = markdown(report)
     assert "## training the same data both ways: 64 examples x 3 epochs, batch 4, 16 held out, 2 threads" in text
     assert "| bytes on disk | 1.8 MB | 270.0 MB | 150.00x |" in text
-    assert training_rows(build(taskset, base, runs_for(["json", "pirate"]), CompareOptions(workload=Workload()))) == []
+    (tmp_path / "none").mkdir()
+    assert training_rows(two_task_report(tmp_path / "none")) == []
 
 
 def test_the_training_data_is_split_with_a_fixed_seed_and_refused_when_too_small(tmp_path):

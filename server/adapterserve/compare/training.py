@@ -10,14 +10,12 @@ then `examples` lines to train on and a quarter as many (at least 8) held out.
 
 from __future__ import annotations
 
-import json
 import random
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from adapterserve.finetuning.defaults import DEFAULTS, LORA_DEFAULTS, learning_rate
+from adapterserve.finetuning.trainer import reports, start_process
 
 WAYS = {"lora": "LoRA adapter (shared mode)", "full": "full fine-tune (dedicated mode)"}
 SEED = 0
@@ -52,19 +50,12 @@ def spec(way: str, base_path: Path, training: Path, validation: Path, folder: Pa
 def run_trainer(trainer_spec: dict, folder: Path, on_step: Callable[[int, int], None] = lambda step, total: None) -> dict:
     """Run the jobs' trainer on a spec; its final report (what the training cost)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spec.json").write_text(json.dumps(trainer_spec))
-    with (folder / "trainer.log").open("wb") as errors:
-        process = subprocess.Popen([sys.executable, "-m", "adapterserve.finetuning.trainer", str(folder / "spec.json")],
-                                   stdout=subprocess.PIPE, stderr=errors, text=True)
-        last: dict = {}
-        for line in process.stdout:
-            try:
-                last = json.loads(line)
-            except ValueError:
-                continue
-            if last.get("type") == "step":
-                on_step(last["step"], last["total_steps"])
-        process.wait()
+    process = start_process(trainer_spec, folder)
+    last: dict = {}
+    for last in reports(process.stdout):
+        if last.get("type") == "step":
+            on_step(last["step"], last["total_steps"])
+    process.wait()
     if process.returncode != 0 or last.get("type") != "done":
         reason = last.get("message") or (folder / "trainer.log").read_text(errors="replace")[-500:]
         raise RuntimeError(f"training failed: {reason}")

@@ -23,6 +23,8 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from .trainer import environment
+
 log = logging.getLogger(__name__)
 
 
@@ -67,11 +69,10 @@ class LocalLauncher:
 
     async def start(self, spec: dict, folder: Path) -> LocalTraining:
         (folder / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.settings.fine_tuning_threads), "TOKENIZERS_PARALLELISM": "false"}
         log_path = folder / "trainer.log"
         with log_path.open("wb") as errors:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "adapterserve.finetuning.trainer", str(folder / "spec.json"),
-                stdout=asyncio.subprocess.PIPE, stderr=errors, env=env, start_new_session=True,
+                stdout=asyncio.subprocess.PIPE, stderr=errors, env=environment(spec["threads"]), start_new_session=True,
             )
         return LocalTraining(process, log_path)

@@ -34,6 +34,33 @@ def report(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
+def environment(threads: int) -> dict[str, str]:
+    """The trainer process's environment: its threads bounded from the start."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def start_process(spec: dict, folder: Path, new_session: bool = False):
+    """The trainer on `spec` in a process of its own (blocking callers: compare, a Ray
+    task; the job runner starts it with asyncio), its reports on a text stdout, its log
+    in `folder/trainer.log`."""
+    import subprocess
+
+    (folder / "spec.json").write_text(json.dumps(spec))
+    with (folder / "trainer.log").open("wb") as errors:
+        return subprocess.Popen([sys.executable, "-m", "adapterserve.finetuning.trainer", str(folder / "spec.json")],
+                                stdout=subprocess.PIPE, stderr=errors, env=environment(spec["threads"]), text=True,
+                                start_new_session=new_session)
+
+
+def reports(lines):
+    """The trainer's reports among its stdout's lines (anything else is skipped)."""
+    for line in lines:
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
 def mean_loss(model, rows, batch_size, pad_id) -> float:
     import torch
 

@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,6 +36,7 @@ def remote_trainer(threads: int):
 
 def train_in_task(spec: dict, files: dict[str, bytes]):
     from adapterserve.base_model import resolve_base_model
+    from adapterserve.finetuning.trainer import reports, start_process
 
     with tempfile.TemporaryDirectory(prefix="adapterserve-ft-") as work:
         folder = Path(work)
@@ -48,18 +47,10 @@ def train_in_task(spec: dict, files: dict[str, bytes]):
             (folder / f"{role}.jsonl").write_bytes(data)
             spec[role] = str(folder / f"{role}.jsonl")
         spec["out_dir"], spec["checkpoints_dir"] = str(folder / "out"), str(folder / "checkpoints")
-        (folder / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-        with (folder / "trainer.log").open("wb") as errors:
-            process = subprocess.Popen([sys.executable, "-m", "adapterserve.finetuning.trainer", str(folder / "spec.json")],
-                                       stdout=subprocess.PIPE, stderr=errors, env=env, start_new_session=True, text=True)
+        process = start_process(spec, folder, new_session=True)
         try:
             done = None
-            for line in process.stdout:
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    continue
+            for message in reports(process.stdout):
                 if message.get("type") == "done":
                     done = message  # after the artifact
                     continue
