@@ -130,6 +130,7 @@ class RayLauncher:
         (folder / "spec.json").write_text(json.dumps(spec))
         files = {role: Path(spec[role]).read_bytes() for role in ("training_file", "validation_file") if spec.get(role)}
         remote = {**spec, "base_path": None, "base_model": str(self.settings.base_model) if self.settings.base_model else None,
-                  "models_dir": str(self.settings.models_dir)}
+                  "models_dir": str(self.settings.models_dir),
+                  "priority": "normal"}  # its CPUs are its own (Ray's resources), not what serving leaves
         generator = remote_trainer(self.settings.fine_tuning_threads).remote(remote, files)
         return RayTraining(generator, Path(spec["out_dir"]))
