@@ -64,6 +64,7 @@ def test_server_args_start_the_added_task_without_an_engine(tmp_path):
     models = [dedicated[i + 1] for i, a in enumerate(dedicated) if a == "--dedicated-models"]
     assert [Path(m).name for m in models] == ["json", "pirate", ADDED_TASK]
     assert dedicated[dedicated.index("--max-resident-models") + 1] == "2"
+    assert float(dedicated[dedicated.index("--engine-start-timeout-s") + 1]) >= 600  # engines that compile together
     shared = server_args("shared", taskset, CompareOptions())
     assert shared[shared.index("--max-lora-rank") + 1] == "8"
     assert shared[shared.index("--adapter-dirs") + 1] == str(taskset.adapter_store)

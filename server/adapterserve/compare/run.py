@@ -19,6 +19,7 @@ from .measure import ADMIN_KEY, ModeRun, Workload, add_task, run_workloads, snap
 from .tasks import TaskSet, choose, fitting_lora_rank, lay_out
 
 MODES = ("shared", "dedicated")
+ENGINE_START_S_PER_TASK = 300  # the dedicated engines' start timeout, per task (they start together)
 # The steps each mode goes through, for the progress display.
 STEPS = ("start the server", "warm up", "run the workload", "measure memory", "add a task", "stop the server")
 
@@ -60,7 +61,11 @@ def server_args(mode: str, taskset: TaskSet, options: CompareOptions) -> list[st
             # every task's adapter stays in memory, as "base + N x adapter" assumes
             "--max-cpu-loras", str(max(16, len(taskset.tasks) + 1)),
         ]
-    args += ["--mode", "dedicated", "--model-start-wait-s", "1800", "--max-resident-models", str(len(taskset.tasks))]
+    # every engine starts at once and each compiles its model on the first start: with 8
+    # tasks on 2 cores that took over the default engine start timeout (600 s)
+    start_s = ENGINE_START_S_PER_TASK * max(2, len(taskset.tasks))
+    args += ["--mode", "dedicated", "--model-start-wait-s", "1800", "--max-resident-models", str(len(taskset.tasks)),
+             "--engine-start-timeout-s", str(start_s)]
     for task in [*taskset.tasks, taskset.added]:  # in this order: the added task starts no engine at first
         args += ["--dedicated-models", str(task.full_model)]
     return args
@@ -77,7 +82,7 @@ async def run_mode(mode: str, taskset: TaskSet, options: CompareOptions, workdir
     server = ServerProcess(server_args(mode, taskset, options), workdir / f"{mode}-server.log")
     step(f"{mode}: {STEPS[0]}")
     began = time.perf_counter()
-    server.start(timeout=600 + 300 * len(taskset.tasks))
+    server.start(timeout=600 + ENGINE_START_S_PER_TASK * len(taskset.tasks))
     run.start_to_ready_s = round(time.perf_counter() - began, 2)
     try:
         step(f"{mode}: {STEPS[1]}")
