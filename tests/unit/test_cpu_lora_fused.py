@@ -1,6 +1,8 @@
 """The fused CPU punica wrapper on the fused slot layout equals vLLM's CPU punica wrapper
 with its reference ops, over random cases (tokens 1 to 4096, ranks 8 to 64, 1 to 16
-adapters, one to three slices, tokens without adapter, bf16 and fp32, prefill and decode).
+adapters, one to three slices, tokens without adapter, bf16 and fp32, prefill and decode),
+in every form the autotuner can choose (`punica.FORMS`; the kernel also as built for
+AVX2 CPUs) and by the hand rules it falls back to.
 
 The reference applies the last slot's adapter where the index is -1; vLLM intends no
 adapter there (and so does adapterserve). The reference layer therefore gets one extra,
@@ -18,9 +20,10 @@ import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 from vllm.lora.layers.utils import LoRAMapping
 from vllm.lora.ops.torch_ops import lora_ops as vllm_ops
 
-from adapterserve.engine_plugins.cpu_lora import punica
+from adapterserve.engine_plugins.cpu_lora import autotune, native, punica
 from adapterserve.engine_plugins.cpu_lora.layout import fused_slots, lay_out
 from adapterserve.engine_plugins.cpu_lora.native import LoraKernel, load_kernel
+from adapterserve.dtypes import cpu_identity
 
 # vLLM's class as shipped, whether or not the plugin replaced the module's name for it
 VLLMWrapper = punica.FusedPunicaWrapperCPU.__mro__[1]
@@ -37,6 +40,48 @@ def reference_ops(monkeypatch):
     """vLLM's wrapper calls the ops by their names in its module: make those the reference."""
     for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice"):
         monkeypatch.setattr(punica_cpu, name, getattr(vllm_ops, name))
+
+
+@pytest.fixture(autouse=True)
+def hand_rules(monkeypatch):
+    """The hand rules, unless a test forces a form as a tuning would (the measurement
+    itself: test_cpu_lora_autotune.py)."""
+    monkeypatch.setattr(autotune, "tuning_for", lambda dtype, kernel: None)
+
+
+def force_form(monkeypatch, form: str) -> None:
+    """A tuning that measured `form` fastest at every size."""
+    tuning = autotune.Tuning({(16, 1): {form: 1.0}}, "forced")
+    monkeypatch.setattr(autotune, "tuning_for", lambda dtype, kernel: tuning)
+
+
+@pytest.fixture(scope="module")
+def avx2_kernel_path(tmp_path_factory):
+    """The kernel as built for AVX2-only CPUs (`-march=haswell`, which this CPU runs too)."""
+    if "avx2" not in cpu_identity().split("|")[1].split():
+        pytest.skip("this CPU has no AVX2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(native.ENV_DIR, str(tmp_path_factory.mktemp("kernels")))
+        patch.setattr(native, "FLAGS", tuple("-march=haswell" if f == "-march=native" else f for f in native.FLAGS))
+        return native.built_kernel_path()
+
+
+TUNED_FORMS = ["kernel", "dense", "grouped", "kernel_avx2"]
+
+
+def tune_to(form: str, request, monkeypatch) -> str:
+    """Force each form the autotuner can choose (at every size); the form's name in FORMS."""
+    if form.startswith("kernel"):
+        assert load_kernel() is not None
+    if form == "kernel_avx2":
+        import ctypes
+
+        kernel = LoraKernel(ctypes.CDLL(str(request.getfixturevalue("avx2_kernel_path"))))
+        assert not kernel.bf16_form
+        monkeypatch.setattr(punica, "load_kernel", lambda: kernel)
+        form = "kernel"
+    force_form(monkeypatch, form)
+    return form
 
 
 @pytest.fixture
@@ -104,10 +149,10 @@ def random_case(seed):
     )
 
 
-@pytest.mark.parametrize("forms", ["matmul_forms", "kernel_form"])
+@pytest.mark.parametrize("forms", ["matmul_forms", "kernel_form", *TUNED_FORMS])
 @pytest.mark.parametrize("seed", range(CASES))
-def test_fused_wrapper_equals_vllms_wrapper_with_reference_ops(seed, forms, reference_ops, request):
-    request.getfixturevalue(forms)
+def test_fused_wrapper_equals_vllms_wrapper_with_reference_ops(seed, forms, reference_ops, request, monkeypatch):
+    tuned = tune_to(forms, request, monkeypatch) if forms in TUNED_FORMS else request.getfixturevalue(forms)
     case = random_case(seed)
     generator = torch.Generator().manual_seed(seed)
     dtype, slices = case["dtype"], case["slices"]
@@ -123,6 +168,10 @@ def test_fused_wrapper_equals_vllms_wrapper_with_reference_ops(seed, forms, refe
     fused.add_lora_linear(got, x, fused_layer.lora_a_stacked, fused_layer.lora_b_stacked, case["scale"], slices)
 
     assert fused._plan is not None  # the fused path ran, not vLLM's
+    plan = fused._plan
+    if forms in TUNED_FORMS and plan.single != -1:  # the forced form ran (one adapter: its matmuls; none: nothing)
+        ran = "kernel" if plan.slot_of is not None else "grouped" if plan.groups else "dense"
+        assert ran == tuned or (plan.single is not None and tuned != "kernel"), (tuned, ran)
     torch.testing.assert_close(got, expected, **tolerance(dtype))
 
 

@@ -86,7 +86,10 @@ def memory_report(runner) -> dict:
     worker_manager = getattr(runner, "lora_manager", None)
     manager = getattr(worker_manager, "_adapter_manager", None)
     if worker_manager is not None:
+        from .cpu_lora import autotune
         from .lora_events import counts_of
+
+        report["lora_forms"] = autotune.report()  # the CPU LoRA path's forms, as measured here
 
         report["lora_counts"] = counts_of(worker_manager).as_report()
     if manager is not None:

@@ -20,6 +20,8 @@ def engine_reports(host: Host, metrics) -> list[dict]:
             # adapter ids in the engine's CPU cache and slots, and the id each served name has now
             "cpu_cache_ids": sorted(reading.cached_adapters) if reading else None,
             "slot_ids": sorted(reading.slot_adapters) if reading else None,
+            # the CPU LoRA forms the worker measured on this CPU and chose per batch size
+            "lora_forms": reading.lora_forms if reading else None,
             "adapter_ids": {name: lora_id for lora_id, name in host.published_adapters(engine).items()},
         }
 

@@ -38,6 +38,8 @@ class EngineMemory:
     # adapter loads and evictions the workers counted since the engine started (lora_events.py);
     # None when the engine reports none
     lora_counts: dict | None = None
+    # the CPU LoRA forms the worker measured and chose (engine_plugins/cpu_lora/autotune.py)
+    lora_forms: dict | None = None
 
     @property
     def adapter_cache_bytes(self) -> int:
@@ -74,6 +76,7 @@ async def measure_engine(engine, settings, weights_elements: int) -> EngineMemor
             memory.slot_adapters += [i for i in worker["slots"] if i is not None]
             if "lora_counts" in worker:
                 memory.lora_counts = _add_counts(memory.lora_counts, worker["lora_counts"])
+            memory.lora_forms = worker.get("lora_forms") or memory.lora_forms
         memory.kv_cache_used_bytes = int(report.get("kv_cache_usage", 0.0) * memory.kv_cache_bytes)
     else:
         memory.weights_bytes = weights_elements * dtype_bytes(settings.dtype)

@@ -165,6 +165,7 @@ class LoraKernel:
 
     def __init__(self, library: ctypes.CDLL, threads: int = 0) -> None:
         self.threads = threads  # 0: as many as PyTorch runs
+        self.name = Path(library._name).name  # names its source, compiler and CPU (`_built`)
         bf16_form = library.adapterserve_lora_kernel_bf16_form
         bf16_form.restype = ctypes.c_int64
         self.bf16_form = bool(bf16_form())  # built with its bf16 form (the CPU has AVX512-BF16)

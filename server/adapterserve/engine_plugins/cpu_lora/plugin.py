@@ -103,7 +103,7 @@ def install() -> None:
     import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
-    from . import compiled
+    from . import autotune, compiled
     from .containment import guard_slots, zero_new_kv_blocks
     from .layout import lay_out, track_live_slots
     from .ops import OPS
@@ -123,6 +123,7 @@ def install() -> None:
     compiled.install()
     _wrap_from_layer(
         functools.partial(lay_out, dtype=slot_dtype),
+        autotune.note_layer,  # the shapes the forms are measured on (`autotune.tuning_for`)
         functools.partial(track_live_slots, changed=compiled.adapters_changed),
         guard_slots,
         compiled.register_layer,

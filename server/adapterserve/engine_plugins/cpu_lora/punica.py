@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+from . import autotune
 from .compiled import adapters_changed, op_state
 from .layout import FusedSlots, fused_slots, live_slots
 from .native import LoraKernel, int64_array, load_kernel, pointer_array
@@ -115,11 +116,12 @@ def slots_in_use(indices: torch.Tensor) -> tuple[int, ...]:
 
 
 def make_step_plan(indices: torch.Tensor, dtype: torch.dtype = torch.float32, kernel: bool = False,
-                   present: tuple[int, ...] | None = None, bf16_form: bool = False) -> StepPlan:
+                   present: tuple[int, ...] | None = None, bf16_form: bool = False, tuning=None) -> StepPlan:
     """The plan for a token-to-slot mapping (-1: no adapter), for layers in `dtype`;
-    `kernel`: the kernel may apply them (where it wins: `KERNEL_MAX_TOKENS`, `KERNEL_FROM_SLOTS`;
-    `bf16_form`: the kernel has its bf16 form, `KERNEL_EVERY_SIZE_WITH_BF16_FORM`);
-    `present`: the mapping's `slots_in_use`, where the caller has them already."""
+    `kernel`: the kernel may apply them; `present`: the mapping's `slots_in_use`, where the
+    caller has them already. The form is the fastest `tuning` measured for the batch's size
+    (`autotune.Tuning`), or without one the hand rules (`hand_rule_form`; `bf16_form`: the
+    kernel has its bf16 form)."""
     tokens = indices.shape[0]
     present = slots_in_use(indices) if present is None else present
     if not present:
@@ -127,22 +129,54 @@ def make_step_plan(indices: torch.Tensor, dtype: torch.dtype = torch.float32, ke
     if present == (-1,):
         return StepPlan(tokens, single=-1)
     used = present[1:] if present[0] < 0 else present
-    first, last, count = used[0], used[-1], len(used)
-    span = last - first + 1
-    # the dense form reads the span in place, or gathers the slots in use when they lie far apart
-    gaps = span > count and (span > GATHER_SPAN_OVER * count or tokens >= GATHER_ANY_GAP_TOKENS)
-    dense_slots = count if gaps else span
+    gaps, dense_slots = dense_reading(used, tokens)
+    if tuning is not None:
+        form = tuning.form(tokens, dense_slots, kernel)
+    else:
+        form = hand_rule_form(tokens, len(used), dense_slots, dtype, kernel, bf16_form)
+    return plan_in_form(form, indices, present, gaps)
+
+
+def dense_reading(used: tuple[int, ...], tokens: int) -> tuple[bool, int]:
+    """Whether the dense form gathers the slots in use (they lie far apart) rather than
+    reading their span in place, and how many slots it then reads."""
+    span = used[-1] - used[0] + 1
+    gaps = span > len(used) and (span > GATHER_SPAN_OVER * len(used) or tokens >= GATHER_ANY_GAP_TOKENS)
+    return gaps, len(used) if gaps else span
+
+
+def hand_rule_form(tokens: int, count: int, dense_slots: int, dtype: torch.dtype, kernel: bool, bf16_form: bool) -> str:
+    """The form the rules measured by hand choose (`KERNEL_MAX_TOKENS`, `KERNEL_FROM_SLOTS`,
+    `KERNEL_EVERY_SIZE_WITH_BF16_FORM`, `SPAN_DENSE_MAX_*`, `GROUPED_DTYPES`): where the
+    autotuner is off or could not measure."""
     if kernel and (tokens <= KERNEL_MAX_TOKENS.get(dtype, 0) or dense_slots >= KERNEL_FROM_SLOTS.get(dtype, 1 << 62)
                    or (bf16_form and dtype in KERNEL_EVERY_SIZE_WITH_BF16_FORM)):
-        slot_of = indices.to(torch.int64).contiguous()
-        return StepPlan(tokens, present=used, slot_of=slot_of)
-    if len(present) == 1:
-        return StepPlan(tokens, single=first, present=used)
+        return "kernel"
     if dtype not in GROUPED_DTYPES or count <= SPAN_DENSE_MAX_SLOTS or tokens * count <= SPAN_DENSE_MAX_WORK:
+        return "dense"
+    return "grouped"
+
+
+FORMS = ("kernel", "dense", "grouped")  # what `plan_in_form` makes (one adapter: "dense" is its matmuls)
+
+
+def plan_in_form(form: str, indices: torch.Tensor, present: tuple[int, ...], gaps: bool | None = None) -> StepPlan:
+    """The plan of `form` for a mapping whose `slots_in_use` are `present` (some slot other
+    than -1): token by token through the kernel; one adapter's matmuls when every token
+    uses one slot; the dense span (or the slots gathered, `gaps`); or grouped by adapter."""
+    tokens = indices.shape[0]
+    used = present[1:] if present[0] < 0 else present
+    if gaps is None:
+        gaps = dense_reading(used, tokens)[0]
+    if form == "kernel":
+        return StepPlan(tokens, present=used, slot_of=indices.to(torch.int64).contiguous())
+    if len(present) == 1:
+        return StepPlan(tokens, single=used[0], present=used)
+    if form == "dense":
         gather = torch.tensor(used, dtype=indices.dtype) if gaps else None
-        slots = gather if gaps else torch.arange(first, last + 1, dtype=indices.dtype)
+        slots = gather if gaps else torch.arange(used[0], used[-1] + 1, dtype=indices.dtype)
         mask = (indices.unsqueeze(1) == slots.unsqueeze(0)).unsqueeze(2)
-        return StepPlan(tokens, first=first, mask=mask, gather=gather, present=used)
+        return StepPlan(tokens, first=used[0], mask=mask, gather=gather, present=used)
     order = torch.argsort(indices, stable=True)
     counts = torch.bincount(indices[order] + 1)  # +1: -1 counts at 0
     groups, start = [], int(counts[0])  # the -1 tokens come first in the order
@@ -258,6 +292,7 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         self._matmul_plan: StepPlan | None = None  # for a layer the kernel cannot take, in a kernel step
         self._present: tuple[int, ...] | None = None  # the slots of the step's mapping (-1: none)
         self._kernel = load_kernel()
+        self._tunings: dict[torch.dtype, autotune.Tuning | None] = {}  # by the slots' dtype
         # the compiled graph's C++ op (or None): it reads this wrapper's step as published here
         self._op_state = op_state()
         self._op_index = -1 if self._op_state is None else self._op_state.new_wrapper()
@@ -301,17 +336,27 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
         if self._plan is None or self._plan.tokens != tokens:
             self._plan = make_step_plan(self.token_lora_indices, slots.a.dtype, self._kernel is not None, self._present,
-                                        self._kernel is not None and self._kernel.bf16_form)
+                                        self._kernel is not None and self._kernel.bf16_form, self._tuning(slots.a.dtype))
             self._publish_step(self._plan.slot_of)  # replaces the array of the plan it replaces
         plan = self._plan
         if plan.slot_of is not None and (kernel is None or not kernel_fits(y2, x2, slots)):
             if self._matmul_plan is None or self._matmul_plan.tokens != tokens:
-                self._matmul_plan = make_step_plan(self.token_lora_indices, slots.a.dtype, present=self._present)
+                self._matmul_plan = make_step_plan(self.token_lora_indices, slots.a.dtype, present=self._present,
+                                                   tuning=self._tuning(slots.a.dtype))
             plan = self._matmul_plan
         self._kernel_layer = (slots, kernel) if plan.slot_of is not None else None
         # False (nothing of this layer applies to the step's mapping) lets the compiled op
         # skip the layer until the mapping or a slot changes (`compiled.IdleLayers`)
         return apply_layer(plan, y2, x2, slots, scale, output_slices, kernel)
+
+    def _tuning(self, dtype: torch.dtype) -> autotune.Tuning | None:
+        """The forms measured on this CPU for layers in `dtype` (at the first LoRA step: the
+        engine's warm-up); None: the hand rules. Never measured while a graph is traced."""
+        if dtype not in self._tunings:
+            if torch.compiler.is_compiling():
+                return None
+            self._tunings[dtype] = autotune.tuning_for(dtype, self._kernel)
+        return self._tunings[dtype]
 
     def _publish_step(self, slot_of: torch.Tensor | None) -> None:
         """Tell the C++ op the step's token-to-slot array (None: no kernel plan for the step)."""

@@ -1,0 +1,292 @@
+"""The CPU LoRA path's forms chosen by measurement on the CPU at hand, once per CPU.
+
+Which form applies a step's LoRA layers fastest (token by token through the kernel of
+`lora_kernel.cpp`, the dense matmuls over the slots in use, or the tokens grouped by
+adapter: `punica.FORMS`) depends on the CPU: the hand rules in `punica.py` were measured
+on CPUs without AMX, and where oneDNN's AMX makes the model's bf16 matmuls ~5x faster the
+balance moves (the dense and grouped forms' matmuls are oneDNN's, so they use AMX where
+the CPU has it; the kernel uses AVX512-BF16 or AVX2). So at the first LoRA step of an
+engine, this module times every form on the engine's own layer shapes (those `lay_out`
+laid out: in features, slices, rank, dtype, slots), at the batch sizes of a decode step
+and of prefill chunks over 1 to 16 adapters, and the step's plan takes the fastest form
+measured at the nearest size (`Tuning.form`).
+
+The measurement takes a few seconds and runs while the engine starts (its first forward
+pass is vLLM's warm-up, the machine otherwise quiet); its result is kept in the kernel
+directory per CPU identity, torch version, kernel build, threads and layer shapes (like
+`dtypes.measured_cpu_dtype`), so later starts read it. Off (`ADAPTERSERVE_LORA_AUTOTUNE=0`),
+or where the measurement fails, the hand rules serve. The decision and its timings are
+logged and reported by the worker (`/admin/engines`: `lora_forms`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")
+
+ENV_SWITCH = "ADAPTERSERVE_LORA_AUTOTUNE"
+VERSION = 1  # of what is measured and how: a new version measures again
+# Batch sizes measured: a decode step at the server's concurrency (16 sequences), a
+# larger decode batch, and prefill chunks; a step takes the nearest (in log scale).
+TOKENS = (16, 64, 256, 1024)
+ADAPTERS = (1, 2, 4, 8, 16)  # adapters in the batch (up to the engine's slots)
+# Each form's time at a size is the median of repeats of applying every layer shape once;
+# at least MIN_REPEATS, and more while within REPEAT_BUDGET_S (small sizes take ~0.1 ms).
+MIN_REPEATS = 5
+REPEAT_BUDGET_S = 0.03
+# A form whose second pass (the first warms it) takes this many times the best median at its size is not
+# repeated: it loses by far (the grouped form over 16 adapters took 30x the kernel's time
+# on the EPYC), and its repeats would take most of the measurement.
+LOSING_FACTOR = 3.0
+RANK = 8  # the demo adapters' rank: what the slots hold is measured, not the slots' maximum
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One LoRA linear layer's geometry as laid out (`layout.lay_out`)."""
+
+    in_features: int
+    slices: tuple[int, ...]  # output features per slice
+    rank: int  # the slots' (maximum) rank
+    slots: int
+    dtype: str
+
+
+@dataclass
+class Tuning:
+    """Milliseconds per form at each measured size, and the fastest form per step."""
+
+    timings: dict[tuple[int, int], dict[str, float]]  # (tokens, adapters) -> form -> ms
+    source: str  # "measured" (this start) or "cached"
+    seconds: float = 0.0  # how long the measurement took
+    shapes: tuple[Shape, ...] = ()
+
+    def form(self, tokens: int, adapters: int, kernel: bool = True) -> str:
+        """The fastest form measured at the size nearest `tokens` x `adapters` (the kernel
+        only where it may apply the step)."""
+        sizes = {size for size in self.timings}
+        token_size = _nearest(tokens, sorted({t for t, _ in sizes}))
+        adapter_size = _nearest(adapters, sorted({a for t, a in sizes if t == token_size}))
+        measured = {f: ms for f, ms in self.timings[(token_size, adapter_size)].items() if kernel or f != "kernel"}
+        return min(measured, key=measured.get) if measured else "dense"
+
+    def choices(self) -> dict[str, str]:
+        """The form chosen at each measured size, as 'tokens x adapters' -> form."""
+        return {f"{t}x{a}": min(ms, key=ms.get) for (t, a), ms in sorted(self.timings.items())}
+
+    def as_report(self) -> dict:
+        return {
+            "source": self.source, "seconds": round(self.seconds, 2), "choices": self.choices(),
+            "ms": {f"{t}x{a}": ms for (t, a), ms in sorted(self.timings.items())},
+            "shapes": [dataclasses.asdict(s) for s in self.shapes],
+        }
+
+
+def _nearest(value: int, sizes: list[int]) -> int:
+    return min(sizes, key=lambda size: (abs(math.log2(max(value, 1)) - math.log2(size)), -size))
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class _Decisions:
+    """This process's layer shapes (noted as layers are laid out) and its tunings by dtype."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[Shape, None] = {}  # in the order first seen
+        self.tunings: dict[torch.dtype, Tuning | None] = {}
+        self.fallback_reason: str | None = None
+
+
+_decisions = _Decisions()
+
+
+def note_layer(layer) -> None:
+    """A step after `layout.lay_out`: remember the layer's shape for the measurement."""
+    a_slices, b_slices = layer.lora_a_stacked, layer.lora_b_stacked
+    slots, _, rank, in_features = a_slices[0].shape
+    shape = Shape(int(in_features), tuple(int(b.shape[2]) for b in b_slices), int(rank), int(slots),
+                  str(a_slices[0].dtype).removeprefix("torch."))
+    _decisions.shapes.setdefault(shape, None)
+
+
+def tuning_for(dtype: torch.dtype, kernel) -> Tuning | None:
+    """The tuning for layers in `dtype` in this process: measured (or read from the cache)
+    the first time; None (the hand rules) where it is off, no layer of `dtype` was laid
+    out, or the measurement failed (logged once)."""
+    if dtype in _decisions.tunings:
+        return _decisions.tunings[dtype]
+    tuning = None
+    shapes = tuple(s for s in _decisions.shapes if s.dtype == str(dtype).removeprefix("torch."))
+    if not enabled_by_env():
+        _decisions.fallback_reason = f"off ({ENV_SWITCH}=0)"
+    elif not shapes:
+        _decisions.fallback_reason = "no laid-out layer of this dtype to measure"
+    else:
+        try:
+            tuning = cached_tuning(shapes, kernel)
+            _decisions.fallback_reason = None
+        except Exception as error:  # any failure: the hand rules serve
+            _decisions.fallback_reason = f"measurement failed: {error!r}"[:500]
+    if tuning is None:
+        log.warning("CPU LoRA forms: the hand rules serve (%s)", _decisions.fallback_reason)
+    else:
+        log.info("CPU LoRA forms (%s in %.1f s, pid %d): %s; ms per form: %s", tuning.source, tuning.seconds,
+                 os.getpid(), tuning.choices(), tuning.as_report()["ms"])
+    _decisions.tunings[dtype] = tuning
+    return tuning
+
+
+def report() -> dict | None:
+    """What the worker reports of its decision (`worker_report.memory_report`)."""
+    if not _decisions.tunings:
+        return None
+    tunings = {str(d).removeprefix("torch."): t.as_report() for d, t in _decisions.tunings.items() if t is not None}
+    return tunings or {"hand_rules": _decisions.fallback_reason}
+
+
+def cache_key(shapes: tuple[Shape, ...], kernel) -> str:
+    from adapterserve.dtypes import cpu_identity
+
+    library = getattr(kernel, "name", None) or ("none" if kernel is None else "kernel")
+    threads = getattr(kernel, "threads", 0)
+    return json.dumps({
+        "version": VERSION, "cpu": cpu_identity(), "torch": torch.__version__, "kernel": library,
+        "kernel_threads": threads, "torch_threads": torch.get_num_threads(),
+        "shapes": [dataclasses.asdict(s) for s in shapes],
+    }, sort_keys=True)
+
+
+def cached_tuning(shapes: tuple[Shape, ...], kernel, directory: Path | None = None) -> Tuning:
+    """Read from the kernel directory if this CPU measured these shapes already; else
+    measured and kept there (written under a temporary name, linked: the first of several
+    engines starting together decides for all)."""
+    from .native import kernel_dir, owned_directory
+
+    key = cache_key(shapes, kernel)
+    root = owned_directory(directory or kernel_dir())
+    path = root / f"lora-forms-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    try:
+        return _parsed(json.loads(path.read_text()), shapes, "cached")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("CPU LoRA forms: %s is unreadable (%s), measuring again", path, error)
+    tuning = measure(shapes, kernel)
+    data = {"key": json.loads(key), "seconds": tuning.seconds,
+            "timings": [[t, a, ms] for (t, a), ms in tuning.timings.items()]}
+    with tempfile.NamedTemporaryFile("w", dir=root, delete=False, suffix=".tmp") as handle:
+        json.dump(data, handle)
+    try:
+        os.replace(handle.name, path)
+    except OSError:
+        os.unlink(handle.name)
+    return tuning
+
+
+def _parsed(data: dict, shapes: tuple[Shape, ...], source: str) -> Tuning:
+    """A kept measurement, its values checked (a file may be damaged)."""
+    timings: dict[tuple[int, int], dict[str, float]] = {}
+    from .punica import FORMS
+
+    for tokens, adapters, ms in data["timings"]:
+        if not (isinstance(tokens, int) and isinstance(adapters, int) and tokens > 0 and adapters > 0):
+            raise ValueError(f"size {tokens} x {adapters}")
+        if not ms or not all(f in FORMS and isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for f, v in ms.items()):
+            raise ValueError(f"timings {ms}")
+        timings[(tokens, adapters)] = {f: float(v) for f, v in ms.items()}
+    if not timings:
+        raise ValueError("no timings")
+    return Tuning(timings, source, float(data.get("seconds", 0.0)), shapes)
+
+
+def _synthetic_layer(shape: Shape, generator: torch.Generator):
+    """The shape's slots laid out as the engine lays them out, every slot holding random
+    weights of rank `RANK` (the rest of the slots' rank zero, as vLLM pads an adapter)."""
+    from types import SimpleNamespace
+
+    from .layout import fused_slots, lay_out
+
+    dtype = getattr(torch, shape.dtype)
+    layer = SimpleNamespace(
+        lora_a_stacked=tuple(torch.zeros(shape.slots, 1, shape.rank, shape.in_features, dtype=dtype) for _ in shape.slices),
+        lora_b_stacked=tuple(torch.zeros(shape.slots, 1, out, shape.rank, dtype=dtype) for out in shape.slices),
+    )
+    lay_out(layer)
+    rank = min(RANK, shape.rank)
+    for a, b in zip(layer.lora_a_stacked, layer.lora_b_stacked):
+        a[:, :, :rank] = (torch.randn(shape.slots, 1, rank, shape.in_features, generator=generator) / shape.in_features**0.5).to(dtype)
+        b[:, :, :, :rank] = (torch.randn(shape.slots, 1, b.shape[2], rank, generator=generator) / rank**0.5).to(dtype)
+    return fused_slots(layer.lora_a_stacked, layer.lora_b_stacked)
+
+
+def measure(shapes: tuple[Shape, ...], kernel) -> Tuning:
+    """Milliseconds of one pass over every shape in each form, at each size of `TOKENS` x
+    `ADAPTERS` (adapters up to the slots), the tokens spread over the adapters in turn."""
+    from .punica import FORMS, apply_layer, kernel_args, kernel_fits, plan_in_form, slots_in_use
+
+    began = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    for shape in shapes:
+        slots = _synthetic_layer(shape, generator)
+        if slots is None:
+            raise RuntimeError(f"{shape} could not be laid out fused")
+        layers.append((shape, slots, kernel_args(kernel, slots)))
+    max_adapters = min(s.slots for s in shapes)
+    timings: dict[tuple[int, int], dict[str, float]] = {}
+    for tokens in TOKENS:
+        inputs = [(torch.randn(tokens, s.in_features, generator=generator).to(slots.a.dtype),
+                   torch.zeros(tokens, sum(s.slices), dtype=slots.a.dtype)) for s, slots, _ in layers]
+        for adapters in (a for a in ADAPTERS if a <= max_adapters):
+            indices = torch.arange(tokens) % adapters
+            present = slots_in_use(indices)
+            forms = [f for f in FORMS if f != "kernel" or all(
+                args is not None and kernel_fits(y, x, slots) for (_, slots, args), (x, y) in zip(layers, inputs))]
+            if adapters == 1:
+                forms = [f for f in forms if f != "grouped"]  # one adapter: the same matmuls as dense
+            if not timings:  # the first calls of each form set up threads and primitives: not measured
+                for form in forms:
+                    _time_ms(plan_in_form(form, indices, present), layers, inputs, apply_layer, 0.0)
+            measured: dict[str, float] = {}
+            for form in forms:
+                best = min(measured.values(), default=math.inf)
+                measured[form] = _time_ms(plan_in_form(form, indices, present), layers, inputs, apply_layer, best)
+            timings[(tokens, adapters)] = measured
+    return Tuning(timings, "measured", time.perf_counter() - began, shapes)
+
+
+def _time_ms(plan, layers, inputs, apply_layer, best: float) -> float:
+    """The median milliseconds of one pass over the layers; only the warm pass where that
+    takes over `LOSING_FACTOR` x `best`."""
+    def one_pass() -> None:
+        for (shape, slots, args), (x, y) in zip(layers, inputs):
+            apply_layer(plan, y, x, slots, 1.0, shape.slices, args)
+
+    one_pass()  # warm: first calls allocate, and oneDNN makes a primitive per new shape
+    began = time.perf_counter()
+    one_pass()
+    warm = 1000 * (time.perf_counter() - began)
+    if warm > LOSING_FACTOR * best:
+        return round(warm, 4)
+    times: list[float] = []
+    deadline = time.perf_counter() + REPEAT_BUDGET_S
+    while len(times) < MIN_REPEATS or time.perf_counter() < deadline:
+        began = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - began)
+    return round(1000 * statistics.median(times), 4)

@@ -1,0 +1,146 @@
+"""The autotuner of the CPU LoRA path (engine_plugins/cpu_lora/autotune.py): it measures
+every form on the layer shapes it is given, on this CPU, chooses the fastest per batch
+size, keeps the result per CPU and shapes, and falls back to the hand rules, saying why.
+(That every form it can choose computes what vLLM's reference does: test_cpu_lora_fused.py.)"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from adapterserve.engine_plugins.cpu_lora import autotune, punica
+from adapterserve.engine_plugins.cpu_lora.native import load_kernel
+
+# two small layer shapes (q/k/v-like and a single slice), 4 slots, so a measurement is short
+SHAPES = (autotune.Shape(64, (64, 32, 32), 8, 4, "float32"), autotune.Shape(96, (64,), 8, 4, "float32"))
+
+
+@pytest.fixture(autouse=True)
+def short(monkeypatch):
+    """Two batch sizes and short repeats: the choice logic is the point here, not the figures."""
+    monkeypatch.setattr(autotune, "TOKENS", (16, 256))
+    monkeypatch.setattr(autotune, "REPEAT_BUDGET_S", 0.005)
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A process with no decision made yet, its cache in a folder of the test's."""
+    monkeypatch.setattr(autotune, "_decisions", autotune._Decisions())
+    monkeypatch.setenv("ADAPTERSERVE_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.delenv(autotune.ENV_SWITCH, raising=False)
+    return tmp_path / "kernels"
+
+
+def test_every_form_is_timed_at_each_size_and_the_fastest_is_chosen():
+    tuning = autotune.measure(SHAPES, load_kernel())
+    sizes = {(t, a) for t in autotune.TOKENS for a in autotune.ADAPTERS if a <= 4}
+    assert set(tuning.timings) == sizes
+    for (tokens, adapters), ms in tuning.timings.items():
+        assert set(ms) == ({"kernel", "dense"} if adapters == 1 else {"kernel", "dense", "grouped"})
+        assert all(value > 0 for value in ms.values())
+        assert tuning.form(tokens, adapters) == min(ms, key=ms.get)
+        without_kernel = {f: v for f, v in ms.items() if f != "kernel"}
+        assert tuning.form(tokens, adapters, kernel=False) == min(without_kernel, key=without_kernel.get)
+    assert tuning.source == "measured" and tuning.seconds > 0
+
+
+def test_without_a_kernel_only_the_matmul_forms_are_measured():
+    tuning = autotune.measure(SHAPES, None)
+    assert all("kernel" not in ms for ms in tuning.timings.values())
+
+
+def test_a_batch_takes_the_nearest_measured_size():
+    timings = {(t, a): {"dense": 1.0} for t in (16, 1024) for a in (1, 4)}
+    timings[(16, 4)] = {"kernel": 1.0, "grouped": 2.0}
+    timings[(1024, 4)] = {"kernel": 2.0, "grouped": 1.0}
+    tuning = autotune.Tuning(timings, "measured")
+    assert tuning.form(3, 3) == "kernel"  # 3 adapters: nearer 4 than 1 (in log scale)
+    assert tuning.form(3, 3, kernel=False) == "grouped"  # the kernel may not apply: the next fastest
+    assert tuning.form(700, 5) == "grouped" and tuning.form(100, 5) == "kernel"  # 700 nearer 1024, 100 nearer 16
+    assert tuning.form(16, 1) == "dense"
+
+
+def test_the_plan_follows_the_tuning():
+    mapping = torch.tensor([0, 1, 2, -1] * 4)
+    for form in punica.FORMS:
+        tuning = autotune.Tuning({(16, 4): {form: 1.0}}, "forced")
+        plan = punica.make_step_plan(mapping, torch.float32, kernel=True, tuning=tuning)
+        assert (plan.slot_of is not None, bool(plan.groups), plan.mask is not None) == (
+            form == "kernel", form == "grouped", form == "dense")
+    kernel_only = autotune.Tuning({(16, 4): {"kernel": 1.0}}, "forced")
+    assert punica.make_step_plan(mapping, torch.float32, kernel=False, tuning=kernel_only).mask is not None
+
+
+def test_the_measurement_is_kept_per_cpu_and_shapes_and_read_by_later_starts(fresh, monkeypatch):
+    first = autotune.cached_tuning(SHAPES, None)
+    files = list(fresh.glob("lora-forms-*.json"))
+    assert first.source == "measured" and len(files) == 1
+    assert json.loads(files[0].read_text())["key"]["shapes"][0]["in_features"] == 64
+
+    monkeypatch.setattr(autotune, "measure", lambda *a: pytest.fail("measured again"))
+    again = autotune.cached_tuning(SHAPES, None)
+    assert again.source == "cached" and again.timings == first.timings
+
+    monkeypatch.undo()
+    monkeypatch.setenv("ADAPTERSERVE_KERNEL_DIR", str(fresh))
+    autotune.cached_tuning(SHAPES[:1], None)  # other shapes: measured, kept beside
+    assert len(list(fresh.glob("lora-forms-*.json"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"timings": [[16, 1, {"dense": -1}]]}',
+                                    '{"timings": [[16, 1, {"magic": 1.0}]]}', '{"timings": []}'])
+def test_a_damaged_measurement_file_is_measured_again(fresh, damage):
+    autotune.cached_tuning(SHAPES, None)
+    path = next(fresh.glob("lora-forms-*.json"))
+    path.write_text(damage)
+    tuning = autotune.cached_tuning(SHAPES, None)
+    assert tuning.source == "measured"
+    assert json.loads(path.read_text())["timings"]  # and kept again
+
+
+def laid_out_layer(shape: autotune.Shape):
+    dtype = getattr(torch, shape.dtype)
+    return SimpleNamespace(
+        lora_a_stacked=tuple(torch.zeros(shape.slots, 1, shape.rank, shape.in_features, dtype=dtype) for _ in shape.slices),
+        lora_b_stacked=tuple(torch.zeros(shape.slots, 1, out, shape.rank, dtype=dtype) for out in shape.slices),
+    )
+
+
+def test_the_engines_layers_are_measured_once_and_reported(fresh, caplog):
+    for shape in SHAPES:
+        autotune.note_layer(laid_out_layer(shape))
+        autotune.note_layer(laid_out_layer(shape))  # a layer of the same shape: measured once
+    assert list(autotune._decisions.shapes) == list(SHAPES)
+    assert autotune.report() is None  # nothing decided before the first LoRA step
+    with caplog.at_level("INFO", logger=autotune.log.name):
+        tuning = autotune.tuning_for(torch.float32, None)
+    assert tuning is not None and tuning.shapes == SHAPES
+    assert autotune.tuning_for(torch.float32, None) is tuning
+    assert "CPU LoRA forms (measured in" in caplog.text
+    report = autotune.report()["float32"]
+    assert report["source"] == "measured" and set(report["choices"].values()) <= {"dense", "grouped"}
+    assert report["choices"]["16x1"] == min(report["ms"]["16x1"], key=report["ms"]["16x1"].get)
+
+
+def test_the_hand_rules_serve_when_off_or_when_the_measurement_fails(fresh, monkeypatch, caplog):
+    autotune.note_layer(laid_out_layer(SHAPES[0]))
+    monkeypatch.setenv(autotune.ENV_SWITCH, "0")
+    assert autotune.tuning_for(torch.float32, None) is None
+    assert autotune.report() == {"hand_rules": "off (ADAPTERSERVE_LORA_AUTOTUNE=0)"}
+
+    monkeypatch.setattr(autotune, "_decisions", autotune._Decisions())
+    monkeypatch.delenv(autotune.ENV_SWITCH)
+    autotune.note_layer(laid_out_layer(SHAPES[0]))
+
+    def broken(*args):
+        raise RuntimeError("no luck")
+
+    monkeypatch.setattr(autotune, "measure", broken)
+    with caplog.at_level("WARNING", logger=autotune.log.name):
+        assert autotune.tuning_for(torch.float32, None) is None
+    assert "hand rules serve (measurement failed: RuntimeError('no luck'))" in caplog.text
+    assert autotune.tuning_for(torch.bfloat16, None) is None  # no bf16 layer laid out
+    assert "no laid-out layer" in autotune.report()["hand_rules"]
