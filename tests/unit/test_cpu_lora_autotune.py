@@ -6,6 +6,7 @@ size, keeps the result per CPU and shapes, and falls back to the hand rules, say
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -47,8 +48,9 @@ def test_every_form_is_timed_at_each_size_and_the_fastest_is_chosen():
     assert tuning.source == "measured" and tuning.seconds > 0
 
 
-def test_without_a_kernel_only_the_matmul_forms_are_measured():
-    tuning = autotune.measure(SHAPES, None)
+def test_without_a_kernel_only_the_matmul_forms_are_measured_and_inference_mode_is_no_obstacle():
+    with torch.inference_mode():  # as in the engine's warm-up
+        tuning = autotune.measure(SHAPES, None)
     assert all("kernel" not in ms for ms in tuning.timings.values())
 
 
@@ -144,3 +146,34 @@ def test_the_hand_rules_serve_when_off_or_when_the_measurement_fails(fresh, monk
     assert "hand rules serve (measurement failed: RuntimeError('no luck'))" in caplog.text
     assert autotune.tuning_for(torch.bfloat16, None) is None  # no bf16 layer laid out
     assert "no laid-out layer" in autotune.report()["hand_rules"]
+
+
+def test_one_process_measures_at_a_time_and_a_stuck_lock_only_delays(fresh, monkeypatch):
+    """Engines starting together: the second waits for the first's measurement and reads it;
+    a lock held for longer than the wait is measured beside."""
+    import fcntl
+    import threading
+
+    autotune.cached_tuning(SHAPES[:1], None)  # makes the folder and the lock file
+    lock = open(fresh / "lora-forms.lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    measured_at = []
+    real = autotune.measure
+    monkeypatch.setattr(autotune, "measure", lambda *a: measured_at.append(time.monotonic()) or real(*a))
+    released_at = []
+
+    def release():
+        time.sleep(0.5)
+        released_at.append(time.monotonic())
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+    threading.Thread(target=release).start()
+    autotune.cached_tuning(SHAPES, None)
+    assert measured_at[0] >= released_at[0]
+
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    monkeypatch.setattr(autotune, "LOCK_WAIT_S", 0.3)
+    began = time.monotonic()
+    assert autotune.cached_tuning(SHAPES[1:], None).source == "measured"  # not kept yet: measured beside the lock
+    assert time.monotonic() - began >= 0.3
+    lock.close()

@@ -22,6 +22,7 @@ logged and reported by the worker (`/admin/engines`: `lora_forms`).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -51,6 +52,8 @@ REPEAT_BUDGET_S = 0.03
 # repeated: it loses by far (the grouped form over 16 adapters took 30x the kernel's time
 # on the EPYC), and its repeats would take most of the measurement.
 LOSING_FACTOR = 3.0
+# An engine waits this long for another process's measurement (a few seconds each).
+LOCK_WAIT_S = 60.0
 RANK = 8  # the demo adapters' rank: what the slots hold is measured, not the slots' maximum
 
 
@@ -173,29 +176,52 @@ def cache_key(shapes: tuple[Shape, ...], kernel) -> str:
 
 def cached_tuning(shapes: tuple[Shape, ...], kernel, directory: Path | None = None) -> Tuning:
     """Read from the kernel directory if this CPU measured these shapes already; else
-    measured and kept there (written under a temporary name, linked: the first of several
-    engines starting together decides for all)."""
+    measured and kept there (written under a temporary name and renamed). One process
+    measures at a time (a lock beside the files): engines starting together would
+    otherwise measure on cores the other is measuring on, and the later one reads what
+    the first kept."""
     from .native import kernel_dir, owned_directory
 
     key = cache_key(shapes, kernel)
     root = owned_directory(directory or kernel_dir())
     path = root / f"lora-forms-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    with open(root / "lora-forms.lock", "a") as lock:
+        _lock(lock)
+        kept = _read_kept(path, shapes)
+        if kept is not None:
+            return kept
+        tuning = measure(shapes, kernel)
+        data = {"key": json.loads(key), "seconds": tuning.seconds,
+                "timings": [[t, a, ms] for (t, a), ms in tuning.timings.items()]}
+        with tempfile.NamedTemporaryFile("w", dir=root, delete=False, suffix=".tmp") as handle:
+            json.dump(data, handle)
+        os.replace(handle.name, path)
+    return tuning
+
+
+def _lock(handle) -> None:
+    """The measurement lock, waited for at most `LOCK_WAIT_S` (then measured anyway: a
+    process stuck holding it must not keep an engine from starting)."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                log.warning("CPU LoRA forms: another process holds the measurement lock; measuring beside it")
+                return
+            time.sleep(0.1)
+
+
+def _read_kept(path: Path, shapes: tuple[Shape, ...]) -> Tuning | None:
     try:
         return _parsed(json.loads(path.read_text()), shapes, "cached")
     except FileNotFoundError:
-        pass
+        return None
     except (OSError, ValueError, KeyError, TypeError) as error:
         log.warning("CPU LoRA forms: %s is unreadable (%s), measuring again", path, error)
-    tuning = measure(shapes, kernel)
-    data = {"key": json.loads(key), "seconds": tuning.seconds,
-            "timings": [[t, a, ms] for (t, a), ms in tuning.timings.items()]}
-    with tempfile.NamedTemporaryFile("w", dir=root, delete=False, suffix=".tmp") as handle:
-        json.dump(data, handle)
-    try:
-        os.replace(handle.name, path)
-    except OSError:
-        os.unlink(handle.name)
-    return tuning
+        return None
 
 
 def _parsed(data: dict, shapes: tuple[Shape, ...], source: str) -> Tuning:
@@ -214,24 +240,23 @@ def _parsed(data: dict, shapes: tuple[Shape, ...], source: str) -> Tuning:
     return Tuning(timings, source, float(data.get("seconds", 0.0)), shapes)
 
 
-def _synthetic_layer(shape: Shape, generator: torch.Generator):
-    """The shape's slots laid out as the engine lays them out, every slot holding random
-    weights of rank `RANK` (the rest of the slots' rank zero, as vLLM pads an adapter)."""
-    from types import SimpleNamespace
-
-    from .layout import fused_slots, lay_out
+def _synthetic_slots(shape: Shape, generator: torch.Generator):
+    """The shape's slots in the fused layout (`layout.FusedSlots`), every slot holding
+    random weights of rank `RANK` (the rest of the slots' rank zero, as vLLM pads an
+    adapter). Made directly, not through `lay_out`'s views: the warm-up runs inside the
+    compiled graph's op, where views keep no base to be recognised by."""
+    from .layout import FusedSlots
 
     dtype = getattr(torch, shape.dtype)
-    layer = SimpleNamespace(
-        lora_a_stacked=tuple(torch.zeros(shape.slots, 1, shape.rank, shape.in_features, dtype=dtype) for _ in shape.slices),
-        lora_b_stacked=tuple(torch.zeros(shape.slots, 1, out, shape.rank, dtype=dtype) for out in shape.slices),
-    )
-    lay_out(layer)
-    rank = min(RANK, shape.rank)
-    for a, b in zip(layer.lora_a_stacked, layer.lora_b_stacked):
-        a[:, :, :rank] = (torch.randn(shape.slots, 1, rank, shape.in_features, generator=generator) / shape.in_features**0.5).to(dtype)
-        b[:, :, :, :rank] = (torch.randn(shape.slots, 1, b.shape[2], rank, generator=generator) / rank**0.5).to(dtype)
-    return fused_slots(layer.lora_a_stacked, layer.lora_b_stacked)
+    rank, slices = min(RANK, shape.rank), len(shape.slices)
+    a = torch.zeros(shape.slots, slices, shape.rank, shape.in_features)
+    a[:, :, :rank] = torch.randn(shape.slots, slices, rank, shape.in_features, generator=generator) / shape.in_features**0.5
+    bs = []
+    for out in shape.slices:
+        b = torch.zeros(shape.slots, shape.rank, out)
+        b[:, :rank] = torch.randn(shape.slots, rank, out, generator=generator) / rank**0.5
+        bs.append(b.view(-1, out).to(dtype))
+    return FusedSlots(a.view(-1, shape.in_features).to(dtype), tuple(bs), (shape.rank,) * slices, shape.rank * slices)
 
 
 def measure(shapes: tuple[Shape, ...], kernel) -> Tuning:
@@ -243,9 +268,7 @@ def measure(shapes: tuple[Shape, ...], kernel) -> Tuning:
     generator = torch.Generator().manual_seed(0)
     layers = []
     for shape in shapes:
-        slots = _synthetic_layer(shape, generator)
-        if slots is None:
-            raise RuntimeError(f"{shape} could not be laid out fused")
+        slots = _synthetic_slots(shape, generator)
         layers.append((shape, slots, kernel_args(kernel, slots)))
     max_adapters = min(s.slots for s in shapes)
     timings: dict[tuple[int, int], dict[str, float]] = {}
