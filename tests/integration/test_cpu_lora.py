@@ -117,6 +117,32 @@ def test_the_engine_applies_lora_layers_fused(client, server):
     assert "NOT laid out" not in log
 
 
+def test_the_engine_reports_the_lora_forms_it_measured_on_this_cpu(client, server):
+    """The autotuner measured every form at the engine's first LoRA step (or read what this
+    CPU measured before), logged it, and /admin/engines shows each size's choice with its
+    timings: the fastest form measured there."""
+    import time
+
+    import httpx
+
+    from adapterserve.engine_plugins.cpu_lora.punica import FORMS
+    from tests.integration.conftest import ADMIN_KEY
+
+    served_greedy(client, DEMO[0], question(QUESTIONS[0]))
+    deadline, forms = time.monotonic() + 60, None
+    while forms is None and time.monotonic() < deadline:  # the metrics read the workers every 5 s
+        engines = httpx.get(f"{server.url}/admin/engines", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).json()
+        forms = next(e["lora_forms"] for e in engines["engines"] if e["name"] == "generate")
+        time.sleep(0.5)
+    assert forms is not None and len(forms) == 1 and set(forms) <= {"bfloat16", "float32"}  # the served dtype
+    tuned = next(iter(forms.values()))
+    assert tuned["source"] in ("measured", "cached")
+    assert {"16x1", "16x2", "1024x1"} <= set(tuned["choices"])  # up to the engine's slots (MAX_LORAS)
+    for size, form in tuned["choices"].items():
+        assert form in FORMS and tuned["ms"][size][form] == min(tuned["ms"][size].values())
+    assert "CPU LoRA forms (" in server.log_path.read_text()
+
+
 def test_the_engine_worker_threads_are_bound_as_the_rule_says(server):
     """No CPU reserved on a machine of at most 2 (hosting/cpu_cores.py), vLLM's 1 above."""
     import os
