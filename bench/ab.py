@@ -14,7 +14,7 @@ Servers:
 - `adapterserve` (its defaults) and `adapterserve:<variant>[+<variant>...]`, the variants
   in `VARIANTS` (flags and environment: `rank64`, `float32`, `bfloat16`, `loras<N>`,
   `preload`, `allcores`, `reserve1`, `eager`, `kernel1`, `pyop`, `thp`, `reference-ops`,
-  `nokernel`);
+  `nokernel`, `handrules`);
 - `vllm` (vLLM's own server at its defaults on the base, with adapterserve's KV cache
   size), `vllm:eager`, and `vllm:lora` (`--enable-lora` with the stored adapters as
   `--lora-modules`, adapterserve's slot flags; vLLM's own CPU LoRA path: adapterserve's
@@ -75,6 +75,7 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "thp": ([], {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),  # malloc asks for transparent huge pages
     "reference-ops": (["--no-grouped-lora-ops"], {}),  # vLLM's own CPU LoRA ops
     "nokernel": (["--no-cpu-lora-kernel"], {}),  # the fused path without the native kernel
+    "handrules": ([], {"ADAPTERSERVE_LORA_AUTOTUNE": "0"}),  # the CPU LoRA forms by the hand rules, not measured
 }
 
 
