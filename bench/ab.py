@@ -75,7 +75,7 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "thp": ([], {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),  # malloc asks for transparent huge pages
     "reference-ops": (["--no-grouped-lora-ops"], {}),  # vLLM's own CPU LoRA ops
     "nokernel": (["--no-cpu-lora-kernel"], {}),  # the fused path without the native kernel
-    "handrules": ([], {"ADAPTERSERVE_LORA_AUTOTUNE": "0"}),  # the CPU LoRA forms by the hand rules, not measured
+    "handrules": (["--no-cpu-lora-autotune"], {}),  # the CPU LoRA forms by the hand rules, not measured
 }
 
 

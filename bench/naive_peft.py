@@ -39,3 +39,34 @@ def run_naive(base_path: Path, adapters: dict[str, Path], requests: int, max_tok
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1),
     }
+
+
+def main() -> None:
+    """`python -m bench.naive_peft`: the naive server over N demo tasks (copies of the demo
+    adapters under distinct names, as `adapterserve compare --tasks N --kind lora` serves
+    them), recorded with the CPU; compare its tokens/s with compare's shared figure."""
+    import argparse
+    import tempfile
+
+    from bench.common import cpu_kind, demo_adapters, machine, make_store, write_result
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=16, help="one at a time (48 x 64 tokens would take ~6 min)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", default=None, help="file name under bench/results")
+    args = parser.parse_args()
+    base, demo = demo_adapters()
+    with tempfile.TemporaryDirectory() as scratch:
+        names = make_store(demo, Path(scratch), args.tasks)
+        result = run_naive(base, {name: Path(scratch) / name for name in names}, args.requests, args.max_tokens)
+    record = machine()
+    report = {"machine": record, "command": "python -m bench.naive_peft " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None), "result": result}
+    print(result)
+    kind = cpu_kind(record).split()[0].lower()
+    print("written to", write_result(args.out or f"naive_peft-{args.tasks}-{kind}.json", report))
+
+
+if __name__ == "__main__":
+    main()

@@ -259,6 +259,12 @@ class Settings(BaseSettings):
         "C++ kernel (built for this CPU with g++ at the first engine start; the PyTorch forms serve where it "
         "cannot be built).",
     )
+    cpu_lora_autotune: bool = Field(
+        True,
+        description="With grouped_lora_ops: choose the CPU LoRA path's form per batch size (the kernel, dense or "
+        "grouped matmuls) by a short measurement on this CPU at an engine's first start (~2-3 s, kept in the cache "
+        "dir per CPU, torch and layer shapes; shown in /admin/engines); off: the rules measured by hand.",
+    )
     engine_reserved_cpus: int | None = Field(
         None, ge=0,
         description="CPUs vLLM keeps free of an engine worker's threads for its scheduler and the API server "

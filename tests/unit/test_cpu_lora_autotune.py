@@ -177,3 +177,11 @@ def test_one_process_measures_at_a_time_and_a_stuck_lock_only_delays(fresh, monk
     assert autotune.cached_tuning(SHAPES[1:], None).source == "measured"  # not kept yet: measured beside the lock
     assert time.monotonic() - began >= 0.3
     lock.close()
+
+
+def test_the_setting_reaches_the_engines_processes():
+    from adapterserve.config import Settings
+    from adapterserve.hosting.engine_environment import engine_environment
+
+    assert engine_environment(Settings(), "generate")[autotune.ENV_SWITCH] == "1"
+    assert engine_environment(Settings(cpu_lora_autotune=False), "pooling")[autotune.ENV_SWITCH] == "0"

@@ -17,12 +17,13 @@ from .nonfinite import ENV_COUNT_NANS
 
 
 def engine_environment(settings: Settings, runner: str) -> dict[str, str]:
-    from adapterserve.engine_plugins.cpu_lora import native
+    from adapterserve.engine_plugins.cpu_lora import autotune, native
     from adapterserve.engine_plugins.cpu_lora.plugin import ENV_SWITCH
 
     environment = {
         ENV_SWITCH: "1" if settings.grouped_lora_ops else "0",
         native.ENV_SWITCH: "1" if settings.cpu_lora_kernel else "0",
+        autotune.ENV_SWITCH: "1" if settings.cpu_lora_autotune else "0",
         native.ENV_DIR: str(settings.cache_dir / "kernels"),  # the native kernel is built and loaded only there
     }
     reserved = reserved_cpus(settings.engine_reserved_cpus)
