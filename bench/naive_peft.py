@@ -9,13 +9,13 @@ from pathlib import Path
 from adapterserve.compare.workload import PROMPTS
 
 
-def run_naive(base_path: Path, adapters: dict[str, Path], requests: int, max_tokens: int) -> dict:
+def run_naive(base_path: Path, adapters: dict[str, Path], requests: int, max_tokens: int, dtype: str = "float32") -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype))
     names = list(adapters)
     model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -33,7 +33,7 @@ def run_naive(base_path: Path, adapters: dict[str, Path], requests: int, max_tok
         tokens += out.shape[1] - prompt["input_ids"].shape[1]
     seconds = time.perf_counter() - began
     return {
-        "scenario": f"naive transformers+peft, {len(names)} adapters, sequential",
+        "scenario": f"naive transformers+peft, {len(names)} adapters, sequential, {dtype}",
         "requests": requests,
         "output_tokens": tokens,
         "seconds": round(seconds, 2),
@@ -54,18 +54,19 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--requests", type=int, default=16, help="one at a time (48 x 64 tokens would take ~6 min)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", help="transformers' default on the CPU; bfloat16 to compare")
     parser.add_argument("--out", default=None, help="file name under bench/results")
     args = parser.parse_args()
     base, demo = demo_adapters()
     with tempfile.TemporaryDirectory() as scratch:
         names = make_store(demo, Path(scratch), args.tasks)
-        result = run_naive(base, {name: Path(scratch) / name for name in names}, args.requests, args.max_tokens)
+        result = run_naive(base, {name: Path(scratch) / name for name in names}, args.requests, args.max_tokens, args.dtype)
     record = machine()
     report = {"machine": record, "command": "python -m bench.naive_peft " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None), "result": result}
     print(result)
     kind = cpu_kind(record).split()[0].lower()
-    print("written to", write_result(args.out or f"naive_peft-{args.tasks}-{kind}.json", report))
+    print("written to", write_result(args.out or f"naive_peft-{args.tasks}-{kind}-{args.dtype}.json", report))
 
 
 if __name__ == "__main__":

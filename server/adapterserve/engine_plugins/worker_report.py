@@ -57,6 +57,9 @@ async def engine_report(client) -> dict | None:
 
 def _engine_report(core) -> dict:
     """Runs in the engine core process, between scheduler steps."""
+    from adapterserve.heap import release_free_memory
+
+    release_free_memory()  # before the API process reads this process's memory
     manager = getattr(core.scheduler, "kv_cache_manager", None)
     return {
         "kv_cache_usage": float(manager.usage) if manager is not None else 0.0,
@@ -65,6 +68,9 @@ def _engine_report(core) -> dict:
 
 
 def _worker_report(wrapper) -> dict:
+    from adapterserve.heap import release_free_memory
+
+    release_free_memory()  # before the API process reads this process's memory
     worker = getattr(wrapper, "worker", wrapper)
     return memory_report(worker.model_runner)
 

@@ -23,6 +23,7 @@ import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
+from adapterserve.heap import release_free_memory
 from adapterserve.hosting.protocol import HostObserver
 from adapterserve.registry import kinds
 from adapterserve.registry.safetensors_header import safetensors_elements
@@ -128,6 +129,7 @@ class Metrics:
         if host is None:
             return
         async with self._refresh_lock:
+            release_free_memory()  # this process's; each engine's report does the same in its processes
             readings, clients = [], {}
             for engine in host.engines():
                 readings.append(await measure_engine(engine, host.settings, self._weights_elements(engine.spec.model_path)))

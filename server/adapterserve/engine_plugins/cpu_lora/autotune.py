@@ -148,7 +148,8 @@ def tuning_for(dtype: torch.dtype, kernel) -> Tuning | None:
     if tuning is None:
         log.warning("CPU LoRA forms: the hand rules serve (%s)", _decisions.fallback_reason)
     else:
-        log.info("CPU LoRA forms (%s in %.1f s, pid %d): %s; ms per form: %s", tuning.source, tuning.seconds,
+        how = "measured" if tuning.source == "measured" else "as kept, measured"
+        log.info("CPU LoRA forms (%s in %.1f s, pid %d): %s; ms per form: %s", how, tuning.seconds,
                  os.getpid(), tuning.choices(), tuning.as_report()["ms"])
     _decisions.tunings[dtype] = tuning
     return tuning
