@@ -124,3 +124,15 @@ def test_the_shared_host_starts_its_generate_and_classify_engines_together(setti
     asyncio.run(scenario())
     assert [kind for kind, _ in events] == ["begin", "begin", "end", "end"]
     assert {name for _, name in events} == {"generate", "classify"}
+
+
+def test_the_slots_modules_reach_vllm_as_its_flag():
+    from pathlib import Path
+
+    from adapterserve.hosting.engine_spec import EngineSpec, parse_vllm_args
+
+    spec = EngineSpec(name="generate", model_path=Path("/models/base"), served_model_name="base", enable_lora=True,
+                      lora_target_modules=("q_proj", "v_proj"))
+    assert parse_vllm_args(spec.cli_args()).lora_target_modules == ["q_proj", "v_proj"]
+    every = EngineSpec(name="generate", model_path=Path("/models/base"), served_model_name="base", enable_lora=True)
+    assert parse_vllm_args(every.cli_args()).lora_target_modules is None

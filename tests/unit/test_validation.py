@@ -129,3 +129,34 @@ def test_a_link_swapped_in_after_the_check_reads_nothing_outside(tmp_path, tiny_
     config.symlink_to(outside)  # what a neighbour does between validation and copy
     with pytest.raises(SnapshotError, match="outside the adapter store"):
         SnapshotStore(tmp_path / "snapshots").stage(store / "a", {"adapter_config.json": 10_000}, inside=store)
+
+
+def test_the_modules_an_adapter_trains_are_read_from_its_tensors_and_outside_the_slots_refused(tmp_path, tiny_base):
+    """`lora_target_modules` auto: the engines' slots hold the modules the stores' adapters
+    train; one training another module is refused with the reason and the way out."""
+    from adapterserve.config import Settings, fitted_lora_modules
+
+    store = tmp_path / "store"
+    write_lora(store / "qv", tiny_base, rank=4)
+    write_lora(store / "pattern", tiny_base, rank=4, targets=("q_proj", "down_proj"),
+               config_overrides={"target_modules": ".*(q_proj|down_proj)"})  # a peft pattern: read from the tensors
+    registry = Registry(base=tiny_base, sources=local_stores([store]), limits=Limits(max_lora_rank=16))
+    registry.scan()
+    assert registry.adapters["qv"].lora_modules == ["q_proj", "v_proj"]
+    assert registry.adapters["pattern"].lora_modules == ["down_proj", "q_proj"]
+
+    assert Settings().fixed_lora_modules is None  # every module, unless asked
+    auto = Settings(lora_target_modules="auto").fixed_lora_modules
+    assert fitted_lora_modules(auto, registry.adapters.values()) == {"q_proj", "v_proj", "down_proj"}
+    assert fitted_lora_modules(auto, []) is None  # no adapter yet: every module
+    assert fitted_lora_modules(Settings(lora_target_modules="all").fixed_lora_modules, registry.adapters.values()) is None
+    assert fitted_lora_modules(Settings(lora_target_modules="q_proj,o_proj").fixed_lora_modules, []) == {"q_proj", "o_proj"}
+
+    write_lora(store / "wide", tiny_base, rank=4, targets=("q_proj", "o_proj", "up_proj"))
+    narrow = Registry(base=tiny_base, sources=local_stores([store]),
+                      limits=Limits(max_lora_rank=16, lora_modules=frozenset({"q_proj", "v_proj", "down_proj"})))
+    narrow.scan()
+    assert set(narrow.adapters) == {"qv", "pattern"}
+    reason = next(p.reason for p in narrow.problems if p.name == "wide")
+    assert "it trains o_proj, up_proj, which the engines' LoRA slots do not hold" in reason
+    assert "--lora-target-modules all" in reason

@@ -30,6 +30,7 @@ class EngineSpec:
     enable_lora: bool = False
     max_loras: int = 16
     max_lora_rank: int = 64
+    lora_target_modules: tuple[str, ...] | None = None  # None: every module vLLM supports
     max_cpu_loras: int = 16
     # pooling engines: label count of the widest head (vLLM sizes the score layer by it)
     num_labels: int | None = None
@@ -88,6 +89,8 @@ class EngineSpec:
                 "--max-lora-rank", str(self.max_lora_rank),
                 "--max-cpu-loras", str(max(self.max_cpu_loras, self.max_loras)),
             ]
+            if self.lora_target_modules:
+                args += ["--lora-target-modules", *self.lora_target_modules]
         if self.runner == "generate" and self.tool_call_parser:
             # vLLM 0.32 reads tool calls (for every tool_choice) only with auto tool choice on
             args += ["--tool-call-parser", self.tool_call_parser, "--enable-auto-tool-choice"]

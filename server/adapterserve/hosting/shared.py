@@ -14,7 +14,8 @@ This host composes three parts and routes requests between them:
 
 Adapters live in three tiers: an engine slot (`max_loras`, per batch), the engine's CPU
 LRU (`max_cpu_loras`), and the store on disk, loaded on first use. The engines' slots are
-fitted to the largest rank in the stores (`max_lora_rank` auto).
+fitted to the largest rank in the stores (`max_lora_rank` auto) and hold only the modules
+their adapters train (`lora_target_modules` auto).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import time
 from pathlib import Path
 
-from adapterserve.config import Settings, fitted_lora_rank
+from adapterserve.config import Settings, fitted_lora_modules, fitted_lora_rank
 from adapterserve.errors import InvalidRequest, missing_model, model_not_found
 from adapterserve.registry import kinds
 from adapterserve.registry.records import AdapterRecord
@@ -69,6 +70,9 @@ class SharedBaseHost:
         largest = max((r.rank for r in registry.adapters.values()), default=0)
         self.lora_rank = settings.fixed_lora_rank or fitted_lora_rank(largest)
         registry.limits.max_lora_rank = self.lora_rank
+        # ...and the modules they train (auto), or the modules set (None: every module)
+        self.lora_modules = fitted_lora_modules(settings.fixed_lora_modules, registry.adapters.values())
+        registry.limits.lora_modules = self.lora_modules
 
     # --- what the protocol declares, read from the parts -------------------------------
     @property
@@ -101,7 +105,8 @@ class SharedBaseHost:
         runner = kinds.of(kinds.for_role(role)[0]).runner
         return EngineSpec.from_settings(
             self.settings, role, self.base_path, self.base_name, runner=runner, enable_lora=True,
-            max_lora_rank=self.lora_rank, **extra,
+            max_lora_rank=self.lora_rank,
+            lora_target_modules=tuple(sorted(self.lora_modules)) if self.lora_modules is not None else None, **extra,
         )
 
     async def start(self) -> None:

@@ -33,6 +33,8 @@ class Limits:
     """What the engines accept."""
 
     max_lora_rank: int = 64
+    # the modules (leaf names) the engines' LoRA slots hold; None: every module vLLM supports
+    lora_modules: frozenset[str] | None = None
     max_cls_labels: int = 32
     refuse_other_base: bool = False
     served_dtype: str = "float32"  # values must stay finite once cast to it

@@ -52,6 +52,7 @@ class AdapterRecord:
     labels: list[str] = field(default_factory=list)  # heads: label names by index
     warnings: list[str] = field(default_factory=list)
     source: Path | str | None = None  # where it was validated from: a store folder, or a source's URL
+    lora_modules: list[str] = field(default_factory=list)  # leaf names of the modules its LoRA weights change
 
     def share_of_base(self, base_params: int) -> float:
         return self.trainable_params / base_params if base_params else 0.0

@@ -32,7 +32,7 @@ from .safetensors_header import element_count
 from .snapshots import SnapshotStore
 from .signing import verify_folder
 from .sources import AdapterSource
-from .weight_checks import check_lora_shapes, check_values, read_weights
+from .weight_checks import check_lora_modules, check_lora_shapes, check_values, read_weights
 
 
 def validate_adapter(
@@ -107,6 +107,7 @@ def _validate_contents(files: Path, origin: str | Path, base: BaseModelInfo, lim
     modules_to_save = string_list(config, "modules_to_save", name, required=False)
     header = read_weights(files, limits, name)
     check_lora_shapes(header, base, config, rank, name)
+    modules = check_lora_modules(header, limits, name)
     scaling = check_scaling(config, rank, name)
     check_values(files / WEIGHTS_FILE, header, limits, scaling, name)
 
@@ -130,4 +131,5 @@ def _validate_contents(files: Path, origin: str | Path, base: BaseModelInfo, lim
         labels=labels,
         warnings=warnings,
         source=origin,
+        lora_modules=modules,
     )

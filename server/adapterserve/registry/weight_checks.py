@@ -71,6 +71,28 @@ def module_of(key: str) -> str:
     return key.rsplit(".", 1)[0]
 
 
+def lora_module_names(header: dict[str, dict]) -> list[str]:
+    """The leaf names of the modules the adapter's LoRA weights change ('q_proj', 'v_proj'):
+    what an engine's LoRA slots must hold for it (read from the tensors, whatever the
+    config's target_modules say, a list or a pattern)."""
+    markers = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B")
+    return sorted({module_of(key).rsplit(".", 1)[-1] for key in header if any(m in key for m in markers)})
+
+
+def check_lora_modules(header: dict[str, dict], limits: Limits, name: str) -> list[str]:
+    """The adapter's `lora_module_names`, refused where the engines' slots lack one of them
+    (`lora_target_modules` fitted at start to the adapters then in the stores)."""
+    modules = lora_module_names(header)
+    missing = sorted(set(modules) - limits.lora_modules) if limits.lora_modules is not None else []
+    if missing:
+        raise AdapterInvalid(
+            name, f"it trains {', '.join(missing)}, which the engines' LoRA slots do not hold (they hold "
+            f"{', '.join(sorted(limits.lora_modules))}, fitted at start to the adapters in the stores); serve it "
+            "with --lora-target-modules all, or restart with it in a store",
+        )
+    return modules
+
+
 def rank_of(module: str, config: dict, rank: int) -> int:
     """The module's rank, from rank_pattern as peft (and vLLM) match it: a suffix at a '.'."""
     for key, value in (config.get("rank_pattern") or {}).items():
