@@ -265,7 +265,7 @@ class Settings(BaseSettings):
         "(fitted at start-up to the modules the adapters in the stores train, with those fine-tuning jobs "
         "train; all when the stores are empty), or a comma-separated list (q_proj,v_proj). An adapter training "
         "another module is then refused with the reason. A slot of a module no adapter trains costs memory only "
-        "(16 slots of rank 8 over SmolLM2-135M: 78 MB for all seven modules, 15 MB for q_proj and v_proj).",
+        "(16 slots of rank 8 over SmolLM2-135M: 78 MB for all seven modules, 21 MB for q_proj and v_proj).",
     )
     max_cpu_loras: int = Field(
         16, gt=0, description="LoRA adapters kept in the engine's CPU cache (LRU) beyond the slots."
