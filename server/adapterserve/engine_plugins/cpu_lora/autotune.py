@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -79,12 +80,19 @@ class Tuning:
 
     def form(self, tokens: int, adapters: int, kernel: bool = True) -> str:
         """The fastest form measured at the size nearest `tokens` x `adapters` (the kernel
-        only where it may apply the step)."""
-        sizes = {size for size in self.timings}
-        token_size = _nearest(tokens, sorted({t for t, _ in sizes}))
-        adapter_size = _nearest(adapters, sorted({a for t, a in sizes if t == token_size}))
+        only where it may apply the step). Called once per step: a few microseconds."""
+        token_size = _nearest(tokens, self._sizes)
+        adapter_size = _nearest(adapters, self._sizes[token_size])
         measured = {f: ms for f, ms in self.timings[(token_size, adapter_size)].items() if kernel or f != "kernel"}
         return min(measured, key=measured.get) if measured else "dense"
+
+    @functools.cached_property
+    def _sizes(self) -> dict[int, list[int]]:
+        """The measured adapter counts per measured token count."""
+        sizes: dict[int, list[int]] = {}
+        for tokens, adapters in sorted(self.timings):
+            sizes.setdefault(tokens, []).append(adapters)
+        return sizes
 
     def choices(self) -> dict[str, str]:
         """The form chosen at each measured size, as 'tokens x adapters' -> form."""
@@ -98,7 +106,7 @@ class Tuning:
         }
 
 
-def _nearest(value: int, sizes: list[int]) -> int:
+def _nearest(value: int, sizes) -> int:
     return min(sizes, key=lambda size: (abs(math.log2(max(value, 1)) - math.log2(size)), -size))
 
 
