@@ -1,4 +1,4 @@
-"""Free heap pages are given back to the operating system (adapterserve/heap.py)."""
+"""Free heap pages are given back to the operating system (adapterserve/engine_plugins/heap.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ctypes
 import psutil
 import pytest
 
-from adapterserve import heap
+from adapterserve.engine_plugins import heap
 
 
 def test_freed_heap_memory_is_given_back():

@@ -57,7 +57,7 @@ async def engine_report(client) -> dict | None:
 
 def _engine_report(core) -> dict:
     """Runs in the engine core process, between scheduler steps."""
-    from adapterserve.heap import release_free_memory
+    from .heap import release_free_memory
 
     release_free_memory()  # before the API process reads this process's memory
     manager = getattr(core.scheduler, "kv_cache_manager", None)
@@ -68,7 +68,7 @@ def _engine_report(core) -> dict:
 
 
 def _worker_report(wrapper) -> dict:
-    from adapterserve.heap import release_free_memory
+    from .heap import release_free_memory
 
     release_free_memory()  # before the API process reads this process's memory
     worker = getattr(wrapper, "worker", wrapper)

@@ -23,7 +23,7 @@ import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-from adapterserve.heap import release_free_memory
+from adapterserve.engine_plugins.heap import release_free_memory
 from adapterserve.hosting.protocol import HostObserver
 from adapterserve.registry import kinds
 from adapterserve.registry.safetensors_header import safetensors_elements

@@ -183,7 +183,7 @@ def cache_key(shapes: tuple[Shape, ...], kernel) -> str:
     }, sort_keys=True)
 
 
-def cached_tuning(shapes: tuple[Shape, ...], kernel, directory: Path | None = None) -> Tuning:
+def cached_tuning(shapes: tuple[Shape, ...], kernel) -> Tuning:
     """Read from the kernel directory if this CPU measured these shapes already; else
     measured and kept there (written under a temporary name and renamed). One process
     measures at a time (a lock beside the files): engines starting together would
@@ -192,7 +192,7 @@ def cached_tuning(shapes: tuple[Shape, ...], kernel, directory: Path | None = No
     from .native import kernel_dir, owned_directory
 
     key = cache_key(shapes, kernel)
-    root = owned_directory(directory or kernel_dir())
+    root = owned_directory(kernel_dir())
     path = root / f"lora-forms-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     with open(root / "lora-forms.lock", "a") as lock:
         _lock(lock)

@@ -8,7 +8,8 @@ Measured on the EPYC with a shared server after a few requests: the API process 
 MB USS, the engine core 512 -> 479, the worker 1307 -> 1282.
 
 Called at each metrics reading (every `metrics_refresh_s`) in the API process and, through
-the engines' memory reports, in their processes: a trim of these heaps takes ~1-5 ms.
+the engines' memory reports (`worker_report`), in their processes: a trim of these heaps
+takes ~1-5 ms. Here, beside the code that runs in vLLM's processes, because both sides call it.
 Elsewhere than glibc (musl, macOS) it does nothing.
 """
 
