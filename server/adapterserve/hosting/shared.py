@@ -14,8 +14,8 @@ This host composes three parts and routes requests between them:
 
 Adapters live in three tiers: an engine slot (`max_loras`, per batch), the engine's CPU
 LRU (`max_cpu_loras`), and the store on disk, loaded on first use. The engines' slots are
-fitted to the largest rank in the stores (`max_lora_rank` auto) and hold only the modules
-their adapters train (`lora_target_modules` auto).
+fitted to the largest rank in the stores (`max_lora_rank` auto) and, with
+`lora_target_modules` auto, hold only the modules their adapters train.
 """
 
 from __future__ import annotations
