@@ -45,7 +45,7 @@ def test_every_form_is_timed_at_each_size_and_the_fastest_is_chosen():
         assert tuning.form(tokens, adapters) == min(ms, key=ms.get)
         without_kernel = {f: v for f, v in ms.items() if f != "kernel"}
         assert tuning.form(tokens, adapters, kernel=False) == min(without_kernel, key=without_kernel.get)
-    assert tuning.source == "measured" and tuning.seconds > 0
+    assert tuning.source == "measured" and "seconds" in tuning.as_report()  # how long: reported, not a target
 
 
 def test_without_a_kernel_only_the_matmul_forms_are_measured_and_inference_mode_is_no_obstacle():
