@@ -1,0 +1,116 @@
+"""Where the served engine's worker spends its CPU: base-only against N adapters mixed.
+
+Starts `adapterserve serve` at its defaults (compiled, the CPU LoRA path as it serves)
+over a store of 16 copies of the demo adapters, puts them in the engine's slots, then
+for each scenario samples the worker process with Linux `perf` (`perf record -F 999 -p`)
+while the bench's workload (48 streamed chats x 32 tokens, concurrency 16) runs in a loop.
+The samples are counted per library and per symbol and scaled per 1,000 generated tokens:
+a sample is ~1 ms of one thread's CPU, so the difference between two scenarios is what
+the adapters cost, and where.
+
+Needs `perf` (linux-tools) and a kernel that lets this user sample its own processes
+(`/proc/sys/kernel/perf_event_paranoid` at most 2). Sampling slows the server by a few
+percent; the throughputs printed are for the per-token scaling, not for `bench/RESULTS.md`'s
+tables (those come from `bench.ab`).
+
+    .venv/bin/python -m bench.worker_profile [--scenarios base mix:1 mix:16] [--seconds 12] [--out worker_profile.json]
+
+Writes bench/results/<out> (with the CPU) and prints the top differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from adapterserve.compare.workload import run_workload
+from bench.ab import models_of, server
+from bench.common import demo_adapters, machine, make_store, write_result
+
+ADAPTERS = 16
+TOP = 25
+
+
+def samples_by_symbol(data: Path) -> collections.Counter:
+    """`perf report`'s sample counts per (library, symbol)."""
+    text = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,sym", "--stdio", "-g", "none", "-n"],
+                          capture_output=True, text=True, check=True).stdout
+    counts: collections.Counter = collections.Counter()
+    for line in text.splitlines():
+        match = re.match(r"\s*[\d.]+%\s+(\d+)\s+(\S+)\s+\[.\]\s+(.*)", line)
+        if match:
+            counts[f"{match[2]} {match[3][:100].strip()}"] += int(match[1])
+    return counts
+
+
+def by_library(counts: collections.Counter) -> collections.Counter:
+    libraries: collections.Counter = collections.Counter()
+    for key, n in counts.items():
+        library = key.split(" ", 1)[0]
+        libraries[re.sub(r"-[0-9a-f]{16}\.so$", ".so", library)] += n  # the kernels' build hashes
+    return libraries
+
+
+async def profile(args) -> dict:
+    base, demo = demo_adapters()
+    scenarios = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        store.mkdir()
+        names = make_store(demo, store, ADAPTERS)
+        process = server("adapterserve", base, store, names, Path(tmp) / "server.log").start()
+        try:
+            url = f"{process.url}/v1"
+            await run_workload(url, [base.name], 4, 4, 8, "warm-up")
+            for name in names:  # into the engine's slots in this order
+                await run_workload(url, [name], 1, 1, 1, "slot order")
+            worker = next(p for p in process.descendants() if "Worker" in p.name())
+            for scenario in args.scenarios:
+                data = Path(tmp) / f"perf-{scenario.replace(':', '-')}.data"
+                recorder = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(worker.pid), "-o", str(data),
+                                             "--", "sleep", str(args.seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                began, tokens = time.monotonic(), 0
+                while time.monotonic() - began < args.seconds - 1:
+                    result = await run_workload(url, models_of(scenario, base.name, names), 48, 16, 32, scenario)
+                    tokens += result.row()["output_tokens"]
+                recorder.wait()
+                counts = samples_by_symbol(data)
+                per_1000 = {k: round(1000 * n / tokens, 1) for k, n in counts.most_common()}
+                scenarios[scenario] = {"tokens": tokens, "samples": sum(counts.values()),
+                                       "libraries_per_1000_tokens": {k: round(1000 * n / tokens, 1) for k, n in by_library(counts).most_common()},
+                                       "symbols_per_1000_tokens": dict(list(per_1000.items())[:200])}
+                print(scenario, scenarios[scenario]["libraries_per_1000_tokens"], flush=True)
+        finally:
+            process.stop()
+    return scenarios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenarios", nargs="+", default=["base", "mix:1", "mix:16"])
+    parser.add_argument("--seconds", type=int, default=12)
+    parser.add_argument("--out", default="worker_profile.json", help="file name under bench/results")
+    args = parser.parse_args()
+    scenarios = asyncio.run(profile(args))
+    path = write_result(args.out, {"machine": machine(), "workload": vars(args), "scenarios": scenarios})
+    first = args.scenarios[0]
+    print(f"\n{machine()}\nsamples (~ms of one thread) per 1,000 tokens; written to {path}")
+    for scenario in args.scenarios[1:]:
+        for level in ("libraries_per_1000_tokens", "symbols_per_1000_tokens"):
+            mine, theirs = scenarios[scenario][level], scenarios[first][level]
+            delta = sorted(((mine.get(k, 0) - theirs.get(k, 0), k) for k in set(mine) | set(theirs)), reverse=True)
+            print(f"\n| {scenario} against {first}: {level.split('_')[0]} | {first} | {scenario} | difference |\n|---|---|---|---|")
+            for difference, key in delta[:TOP if level.startswith("symbols") else 12]:
+                print(f"| {key[:90]} | {theirs.get(key, 0)} | {mine.get(key, 0)} | {difference:+.1f} |")
+            if level.startswith("libraries"):
+                print(f"| all | {sum(theirs.values()):.0f} | {sum(mine.values()):.0f} | {sum(mine.values()) - sum(theirs.values()):+.0f} |")
+
+
+if __name__ == "__main__":
+    main()
