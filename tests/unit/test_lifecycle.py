@@ -3,6 +3,7 @@ frees the engine, pinning, and engine slots fitted to the stores' largest rank."
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 
@@ -47,6 +48,28 @@ def test_a_folder_added_while_serving_answers_its_first_request(client, store, t
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "answer from gamma"
     assert "gamma" in served(client)
+
+
+def test_a_request_looks_its_adapter_up_in_the_stores_off_the_event_loop(client, store, tiny_base, monkeypatch):
+    """In an S3 store a lookup is a LIST request, taking up to its timeouts while the store
+    hangs: made on the event loop, every other request would wait for it."""
+    registry = client.app.state.host.registry
+    looked_up, locate = [], registry.locate
+
+    def watched(name):
+        try:
+            asyncio.get_running_loop()
+            looked_up.append((name, "on the event loop"))
+        except RuntimeError:
+            looked_up.append((name, "in a worker thread"))
+        return locate(name)
+
+    monkeypatch.setattr(registry, "locate", watched)
+    write_lora(store / "gamma", tiny_base, rank=4, seed=7)
+    assert chat(client, "gamma").status_code == 200
+    assert chat(client, "nowhere").status_code == 404
+    assert {name for name, _ in looked_up} == {"gamma", "nowhere"}
+    assert {where for _, where in looked_up} == {"in a worker thread"}
 
 
 def test_a_broken_folder_named_by_a_request_is_404_and_reported_to_admins(client, store, tiny_base):

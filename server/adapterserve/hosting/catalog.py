@@ -23,7 +23,7 @@ from adapterserve.config import Settings
 from adapterserve.errors import Conflict, DomainError, InvalidRequest, NotFound, adapter_not_loaded
 from adapterserve.registry import kinds
 from adapterserve.registry.records import AdapterInvalid, AdapterRecord, is_safe_name, printable
-from adapterserve.registry.sources import Signature
+from adapterserve.registry.sources import AdapterSource, Signature
 from adapterserve.registry.store import Problem, Registry
 
 from . import lora_table
@@ -184,10 +184,19 @@ class AdapterCatalog:
         async with self._name_lock(name):
             return await self._reload(name)
 
+    async def _holder(self, name: str) -> tuple[AdapterSource | None, Signature | None]:
+        """The source holding `name` (None: none) and its current signature there, looked
+        up off the event loop: in an S3 store each lookup is a LIST request, which takes up
+        to its timeouts while the store hangs, and every other request would wait."""
+        def lookup() -> tuple[AdapterSource | None, Signature | None]:
+            source = self.registry.locate(name)
+            return source, source.signature(name) if source else None
+
+        return await asyncio.to_thread(lookup)
+
     async def _reload(self, name: str) -> AdapterRecord:
         previous = self.servable(name)
-        source = self.registry.locate(name)
-        self.signatures[name] = source.signature(name) if source else None
+        source, self.signatures[name] = await self._holder(name)
         try:
             # validation reads and checks every weight: off the event loop
             record = await asyncio.to_thread(self.registry.validate, name)
@@ -265,14 +274,13 @@ class AdapterCatalog:
     async def discover(self, name: str) -> AdapterRecord | None:
         """A request names an adapter that is not registered: if its folder is in a store,
         validate and register it now (under the same rules as every other adapter)."""
-        if not is_safe_name(name) or name in self.unloaded or self.registry.locate(name) is None:
+        if not is_safe_name(name) or name in self.unloaded or await asyncio.to_thread(self.registry.locate, name) is None:
             return None
         async with self._name_lock(name):
             record = self.servable(name)
             if record is not None:
                 return record  # registered by a request that came first
-            source = self.registry.locate(name)
-            signature = source.signature(name) if source else None
+            _, signature = await self._holder(name)
             refused = any(p.name == name for p in self.registry.problems)
             if refused and self.signatures.get(name) == signature:
                 return None  # refused before and unchanged since (the reason: /admin/adapters)
