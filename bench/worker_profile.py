@@ -3,17 +3,19 @@
 Starts `adapterserve serve` at its defaults (compiled, the CPU LoRA path as it serves)
 over a store of 16 copies of the demo adapters, puts them in the engine's slots, then
 for each scenario samples the worker process with Linux `perf` (`perf record -F 999 -p`)
-while the bench's workload (48 streamed chats x 32 tokens, concurrency 16) runs in a loop.
+while the bench's workload (48 streamed chats x 32 tokens, concurrency 16) runs `--rounds`
+times (the sampling starts a second before the first round and ends with the last).
 The samples are counted per library and per symbol and scaled per 1,000 generated tokens:
-a sample is ~1 ms of one thread's CPU, so the difference between two scenarios is what
-the adapters cost, and where.
+a sample is ~1 ms of one thread's CPU (a thread asleep is not sampled), so the difference
+between two scenarios is the CPU the adapters cost, and where; beside the throughput
+under sampling, it shows whether the time went to the worker's CPU or elsewhere.
 
 Needs `perf` (linux-tools) and a kernel that lets this user sample its own processes
 (`/proc/sys/kernel/perf_event_paranoid` at most 2). Sampling slows the server by a few
 percent; the throughputs printed are for the per-token scaling, not for `bench/RESULTS.md`'s
 tables (those come from `bench.ab`).
 
-    .venv/bin/python -m bench.worker_profile [--scenarios base mix:1 mix:16] [--seconds 12] [--out worker_profile.json]
+    .venv/bin/python -m bench.worker_profile [--scenarios base mix:1 mix:16] [--rounds 3] [--out worker_profile.json]
 
 Writes bench/results/<out> (with the CPU) and prints the top differences.
 """
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -43,17 +46,17 @@ def samples_by_symbol(data: Path) -> collections.Counter:
                           capture_output=True, text=True, check=True).stdout
     counts: collections.Counter = collections.Counter()
     for line in text.splitlines():
-        match = re.match(r"\s*[\d.]+%\s+(\d+)\s+(\S+)\s+\[.\]\s+(.*)", line)
+        match = re.match(r"\s*[\d.]+%\s+(\d+)\s+(.+?)\s+\[.\]\s+(.*)", line)  # a library's name may hold spaces ([JIT] tid N)
         if match:
-            counts[f"{match[2]} {match[3][:100].strip()}"] += int(match[1])
+            counts[f"{match[2]}\t{match[3][:100].strip()}"] += int(match[1])
     return counts
 
 
 def by_library(counts: collections.Counter) -> collections.Counter:
     libraries: collections.Counter = collections.Counter()
     for key, n in counts.items():
-        library = key.split(" ", 1)[0]
-        libraries[re.sub(r"-[0-9a-f]{16}\.so$", ".so", library)] += n  # the kernels' build hashes
+        library = key.split("\t", 1)[0]
+        libraries[re.sub(r"-[0-9a-f]{16}\.so$|(?<=\[JIT\]) tid \d+", lambda m: ".so" if m[0].endswith(".so") else "", library)] += n
     return libraries
 
 
@@ -73,16 +76,19 @@ async def profile(args) -> dict:
             worker = next(p for p in process.descendants() if "Worker" in p.name())
             for scenario in args.scenarios:
                 data = Path(tmp) / f"perf-{scenario.replace(':', '-')}.data"
-                recorder = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(worker.pid), "-o", str(data),
-                                             "--", "sleep", str(args.seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                began, tokens = time.monotonic(), 0
-                while time.monotonic() - began < args.seconds - 1:
+                recorder = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(worker.pid), "-o", str(data)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                await asyncio.sleep(1)  # perf attaches
+                tokens, began = 0, time.monotonic()
+                for _ in range(args.rounds):  # sampled from the first round's start to the last one's end
                     result = await run_workload(url, models_of(scenario, base.name, names), 48, 16, 32, scenario)
                     tokens += result.row()["output_tokens"]
-                recorder.wait()
+                seconds = time.monotonic() - began
+                recorder.send_signal(signal.SIGINT)
+                recorder.wait(timeout=120)
                 counts = samples_by_symbol(data)
                 per_1000 = {k: round(1000 * n / tokens, 1) for k, n in counts.most_common()}
-                scenarios[scenario] = {"tokens": tokens, "samples": sum(counts.values()),
+                scenarios[scenario] = {"tokens": tokens, "tokens_per_second": round(tokens / seconds, 1), "samples": sum(counts.values()),
                                        "libraries_per_1000_tokens": {k: round(1000 * n / tokens, 1) for k, n in by_library(counts).most_common()},
                                        "symbols_per_1000_tokens": dict(list(per_1000.items())[:200])}
                 print(scenario, scenarios[scenario]["libraries_per_1000_tokens"], flush=True)
@@ -94,7 +100,7 @@ async def profile(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenarios", nargs="+", default=["base", "mix:1", "mix:16"])
-    parser.add_argument("--seconds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3, help="workload rounds sampled per scenario")
     parser.add_argument("--out", default="worker_profile.json", help="file name under bench/results")
     args = parser.parse_args()
     scenarios = asyncio.run(profile(args))
@@ -107,7 +113,7 @@ def main() -> None:
             delta = sorted(((mine.get(k, 0) - theirs.get(k, 0), k) for k in set(mine) | set(theirs)), reverse=True)
             print(f"\n| {scenario} against {first}: {level.split('_')[0]} | {first} | {scenario} | difference |\n|---|---|---|---|")
             for difference, key in delta[:TOP if level.startswith("symbols") else 12]:
-                print(f"| {key[:90]} | {theirs.get(key, 0)} | {mine.get(key, 0)} | {difference:+.1f} |")
+                print(f"| {key.replace(chr(9), ' ')[:90]} | {theirs.get(key, 0)} | {mine.get(key, 0)} | {difference:+.1f} |")
             if level.startswith("libraries"):
                 print(f"| all | {sum(theirs.values()):.0f} | {sum(mine.values()):.0f} | {sum(mine.values()) - sum(theirs.values()):+.0f} |")
 
