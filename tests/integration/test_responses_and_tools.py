@@ -70,7 +70,7 @@ def call_the_tool(client, model, tool_choice):
         tool_choice=tool_choice, temperature=0, max_tokens=64,
     )
     (call,) = reply.choices[0].message.tool_calls
-    assert call.type == "function" and call.function.name == "get_weather"
+    assert reply.model == model and call.type == "function" and call.function.name == "get_weather"
     return json.loads(call.function.arguments)
 
 
@@ -79,7 +79,10 @@ def test_a_named_tool_choice_is_answered_with_a_tool_call_per_adapter(client, ba
     base = call_the_tool(client, base_name, named)
     pirate = call_the_tool(client, "pirate", named)
     assert base == {"city": "Paris"}
-    assert set(pirate) == {"city"} and pirate != base  # the adapter fills the same schema its own way
+    # the adapter fills the same schema; not necessarily otherwise than the base: the question
+    # pins "Paris" (on an AMX Xeon the pirate's greedy call is the base's). That the adapter
+    # changes what is generated: test_the_responses_api_answers_with_the_adapter.
+    assert set(pirate) == {"city"}
     assert set(call_the_tool(client, "french", "required")) == {"city"}
 
 

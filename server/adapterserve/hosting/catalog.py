@@ -185,9 +185,8 @@ class AdapterCatalog:
             return await self._reload(name)
 
     async def _holder(self, name: str) -> tuple[AdapterSource | None, Signature | None]:
-        """The source holding `name` (None: none) and its current signature there, looked
-        up off the event loop: in an S3 store each lookup is a LIST request, which takes up
-        to its timeouts while the store hangs, and every other request would wait."""
+        """The source holding `name` (or None) and its signature there, off the event loop: in
+        S3 each is a LIST request, up to its timeouts while the store hangs."""
         def lookup() -> tuple[AdapterSource | None, Signature | None]:
             source = self.registry.locate(name)
             return source, source.signature(name) if source else None
