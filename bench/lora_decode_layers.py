@@ -88,7 +88,7 @@ def main() -> None:
     layers = []  # every decoder layer's LoRA layers, each with its own slots
     for _ in range(config["num_hidden_layers"]):
         for shape in shapes:
-            slots = autotune._synthetic_slots(shape, generator)
+            slots = autotune.synthetic_slots(shape, generator)
             layers.append((shape, slots, punica.kernel_args(kernel, slots)))
     torch_dtype = getattr(torch, dtype)
     inputs = {s: (torch.randn(TOKENS, s.in_features, generator=generator).to(torch_dtype),
@@ -99,7 +99,7 @@ def main() -> None:
     bytes_per_adapter = sum(RANK * (s.in_features * len(s.slices) + sum(s.slices)) for s in shapes) \
         * config["num_hidden_layers"] * torch.empty(0, dtype=torch_dtype).element_size()
     for shape in shapes:  # what the engine notes as it lays its layers out
-        autotune._decisions.shapes.setdefault(shape, None)
+        autotune.note_shape(shape)
     tuning = autotune.tuning_for(torch_dtype, kernel)  # the server's choice (kept per CPU, or measured now)
 
     weights = [torch.randn(sum(shape.slices), shape.in_features, generator=generator).to(torch_dtype) for shape, _, _ in layers]
@@ -119,7 +119,6 @@ def main() -> None:
         indices = torch.arange(TOKENS) % adapters
         plan = punica.make_step_plan(indices, torch_dtype, kernel is not None, bf16_form=bool(kernel and kernel.bf16_form),
                                      tuning=tuning)
-        form = "kernel" if plan.slot_of is not None else "single" if plan.single is not None else "dense" if plan.mask is not None else "grouped"
         one_step(plan)
         warm = statistics.median(one_step(plan) for _ in range(REPEATS))
         cold_times = []
@@ -131,7 +130,7 @@ def main() -> None:
         base_alone = statistics.median(one_step(plan, base=True, lora=False) for _ in range(REPEATS))
         between = statistics.median(one_step(plan, base=True) for _ in range(REPEATS)) - base_alone
         megabytes = adapters * bytes_per_adapter / 1e6
-        row = {"adapters": adapters, "form": form, "adapter_mb_per_step": round(megabytes, 1), "warm_ms": round(warm, 2),
+        row = {"adapters": adapters, "form": plan.form, "adapter_mb_per_step": round(megabytes, 1), "warm_ms": round(warm, 2),
                "cold_ms": round(cold, 2), "between_matmuls_ms": round(between, 2), "base_matmuls_ms": round(base_alone, 2),
                "bytes_at_bandwidth_ms": round(megabytes / 1e3 / bandwidth * 1e3, 2)}
         rows.append(row)

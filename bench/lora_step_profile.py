@@ -50,7 +50,7 @@ class LayerTimer:
         def timed(plan, y, x, *args, **kwargs):
             began = time.perf_counter()
             applied = apply_layer(plan, y, x, *args, **kwargs)
-            form = "kernel" if plan.slot_of is not None else "single" if plan.single is not None else "dense" if plan.mask is not None else "grouped"
+            form = plan.form
             phase = "decode" if x.shape[0] <= DECODE_MAX_TOKENS else "prefill"
             entry = self.calls[(form, phase)]
             entry[0] += 1

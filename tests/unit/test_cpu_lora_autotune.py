@@ -72,6 +72,9 @@ def test_the_plan_follows_the_tuning():
         plan = punica.make_step_plan(mapping, torch.float32, kernel=True, tuning=tuning)
         assert (plan.slot_of is not None, bool(plan.groups), plan.mask is not None) == (
             form == "kernel", form == "grouped", form == "dense")
+        assert plan.form == form
+    single = punica.make_step_plan(torch.tensor([2] * 16), torch.float32, kernel=False)
+    assert single.form == "single"
     kernel_only = autotune.Tuning({(16, 4): {"kernel": 1.0}}, "forced")
     assert punica.make_step_plan(mapping, torch.float32, kernel=False, tuning=kernel_only).mask is not None
 

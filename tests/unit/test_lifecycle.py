@@ -68,8 +68,9 @@ def test_a_request_looks_its_adapter_up_in_the_stores_off_the_event_loop(client,
     write_lora(store / "gamma", tiny_base, rank=4, seed=7)
     assert chat(client, "gamma").status_code == 200
     assert chat(client, "nowhere").status_code == 404
-    assert {name for name, _ in looked_up} == {"gamma", "nowhere"}
     assert {where for _, where in looked_up} == {"in a worker thread"}
+    # each lookup is a LIST in S3: the unlocked pre-check, then once under the name's lock
+    assert [name for name, _ in looked_up] == ["gamma", "gamma", "nowhere"]
 
 
 def test_a_broken_folder_named_by_a_request_is_404_and_reported_to_admins(client, store, tiny_base):

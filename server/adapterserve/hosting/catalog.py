@@ -182,7 +182,7 @@ class AdapterCatalog:
         """Validate the store's folder again and serve it; when the new version is refused,
         the last good version (if any) keeps serving and the answer says why."""
         async with self._name_lock(name):
-            return await self._reload(name)
+            return await self._reload(name, await self._holder(name))
 
     async def _holder(self, name: str) -> tuple[AdapterSource | None, Signature | None]:
         """The source holding `name` (or None) and its signature there, off the event loop: in
@@ -193,12 +193,12 @@ class AdapterCatalog:
 
         return await asyncio.to_thread(lookup)
 
-    async def _reload(self, name: str) -> AdapterRecord:
+    async def _reload(self, name: str, holder: tuple[AdapterSource | None, Signature | None]) -> AdapterRecord:
         previous = self.servable(name)
-        source, self.signatures[name] = await self._holder(name)
+        source, self.signatures[name] = holder
         try:
             # validation reads and checks every weight: off the event loop
-            record = await asyncio.to_thread(self.registry.validate, name)
+            record = await asyncio.to_thread(self.registry.validate, name, source)
             await self.register(record)
         except AdapterInvalid as exc:
             missing = "no such folder" in exc.reason
@@ -279,12 +279,12 @@ class AdapterCatalog:
             record = self.servable(name)
             if record is not None:
                 return record  # registered by a request that came first
-            _, signature = await self._holder(name)
+            holder = await self._holder(name)  # looked up once under the lock, used by _reload
             refused = any(p.name == name for p in self.registry.problems)
-            if refused and self.signatures.get(name) == signature:
+            if refused and self.signatures.get(name) == holder[1]:
                 return None  # refused before and unchanged since (the reason: /admin/adapters)
             try:
-                record = await self._reload(name)
+                record = await self._reload(name, holder)
             except DomainError:
                 # refused now: recorded with its reason for the admins; to the client it is
                 # a model that does not exist (a reason may name server paths)

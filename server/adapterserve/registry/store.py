@@ -123,10 +123,11 @@ class Registry:
         self.holders = {}
         return all_signatures(self.sources, self.holders)
 
-    def validate(self, name: str) -> AdapterRecord:
-        """Validate `name` again from its source (for load and reload) without registering
-        it; raise AdapterInvalid. The registered version, if any, stays as it is."""
-        source = self.locate(name)
+    def validate(self, name: str, source: AdapterSource | None = None) -> AdapterRecord:
+        """Validate `name` again from its source (for load and reload; looked up when not
+        given) without registering it; raise AdapterInvalid. The registered version, if any,
+        stays as it is."""
+        source = source or self.locate(name)
         if source is None:
             raise AdapterInvalid(name, "no such folder in the adapter stores")
         return validate_from(source, name, self.base, self.limits, self.snapshots)

@@ -130,8 +130,12 @@ def note_layer(layer) -> None:
     """A step after `layout.lay_out`: remember the layer's shape for the measurement."""
     a_slices, b_slices = layer.lora_a_stacked, layer.lora_b_stacked
     slots, _, rank, in_features = a_slices[0].shape
-    shape = Shape(int(in_features), tuple(int(b.shape[2]) for b in b_slices), int(rank), int(slots),
-                  str(a_slices[0].dtype).removeprefix("torch."))
+    note_shape(Shape(int(in_features), tuple(int(b.shape[2]) for b in b_slices), int(rank), int(slots),
+                     str(a_slices[0].dtype).removeprefix("torch.")))
+
+
+def note_shape(shape: Shape) -> None:
+    """Remember a layer shape for the measurement (as `note_layer`, for a bench's layers)."""
     _decisions.shapes.setdefault(shape, None)
 
 
@@ -249,7 +253,7 @@ def _parsed(data: dict, shapes: tuple[Shape, ...], source: str) -> Tuning:
     return Tuning(timings, source, float(data.get("seconds", 0.0)), shapes)
 
 
-def _synthetic_slots(shape: Shape, generator: torch.Generator):
+def synthetic_slots(shape: Shape, generator: torch.Generator):
     """The shape's slots in the fused layout (`layout.FusedSlots`), every slot holding
     random weights of rank `RANK` (the rest of the slots' rank zero, as vLLM pads an
     adapter). Made directly, not through `lay_out`'s views: the warm-up runs inside the
@@ -277,7 +281,7 @@ def measure(shapes: tuple[Shape, ...], kernel) -> Tuning:
     generator = torch.Generator().manual_seed(0)
     layers = []
     for shape in shapes:
-        slots = _synthetic_slots(shape, generator)
+        slots = synthetic_slots(shape, generator)
         layers.append((shape, slots, kernel_args(kernel, slots)))
     max_adapters = min(s.slots for s in shapes)
     timings: dict[tuple[int, int], dict[str, float]] = {}

@@ -108,6 +108,13 @@ class StepPlan:
     slot_of: torch.Tensor | None = None  # token by token (the kernel): each token's slot, int64
     groups: tuple[tuple[int, torch.Tensor], ...] = ()  # grouped: (slot, rows) per adapter present
 
+    @property
+    def form(self) -> str:
+        """The plan's form by name (for reports)."""
+        if self.slot_of is not None:
+            return "kernel"
+        return "single" if self.single is not None else "dense" if self.mask is not None else "grouped"
+
 
 def slots_in_use(indices: torch.Tensor) -> tuple[int, ...]:
     """The distinct slots of a token-to-slot mapping, sorted (-1, no adapter, first).
