@@ -106,7 +106,7 @@ def test_a_step_mapping_over_other_slots_makes_the_fused_wrapper_report_a_change
     from adapterserve.engine_plugins.cpu_lora import punica
 
     changes, mapping = [], {}
-    monkeypatch.setattr(punica, "adapters_changed", lambda: changes.append(mapping["indices"]))
+    monkeypatch.setattr(punica, "mapping_changed", lambda: changes.append(mapping["indices"]))
     monkeypatch.setattr(punica.PunicaWrapperCPU, "update_metadata", lambda self, *args, **kwargs: None)
     monkeypatch.setattr(punica.PunicaWrapperCPU, "token_lora_indices", property(lambda self: torch.tensor(mapping["indices"])))
     wrapper = punica.FusedPunicaWrapperCPU.__new__(punica.FusedPunicaWrapperCPU)
@@ -218,9 +218,35 @@ def test_the_cpp_op_repeats_the_kernels_step_without_python_and_to_the_bit(dtype
     assert layer.op(x).equal(layer.expected(x))
     assert layer.python_calls == 2  # the step's first call made its plan
     assert layer.op(x).equal(layer.expected(x)) and layer.python_calls == 2
-    # another generation (a slot set or reset, or other slots in use): Python again
-    compiled.adapters_changed()
+    # a step over other slots (requests came and went): still one Python call, for its plan
+    layer.new_step([2, -1, 2, 2] * 4)
     assert layer.op(x).equal(layer.expected(x)) and layer.python_calls == 3
+    assert layer.op(x).equal(layer.expected(x)) and layer.python_calls == 3
+    # another generation (a slot set or reset): Python again
+    compiled.adapters_changed()
+    assert layer.op(x).equal(layer.expected(x)) and layer.python_calls == 4
+
+
+def test_the_cpp_op_finds_a_layer_idle_for_the_slots_in_use_without_python():
+    """A layer some slots leave empty: skipped in C++ in any step over only those slots,
+    whichever the step's tokens and their order; applied again when a slot it uses comes."""
+    from adapterserve.engine_plugins.cpu_lora.layout import LIVE_ATTRIBUTE
+
+    layer = KernelLayer([1, 2, 3, 0] * 4, torch.bfloat16)
+    a_all = layer.lora_a_stacked[0]._base
+    a_all[1].zero_()  # slot 1 (lora id 2) leaves the layer as it is
+    setattr(a_all, LIVE_ATTRIBUTE, [0b111, 0, 0b111])  # as `layout.track_live_slots` records it
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    compiled.adapters_changed()
+    layer.op(x)  # the first step: Python, which remembers the slots' slices
+    calls = layer.python_calls
+    for ids in ([2] * 16, [0, 2] * 8, [2, 0, 0, 2] * 4):  # only slot 1, or no adapter
+        layer.new_step(ids)
+        assert layer.op(x).abs().sum() == 0
+    assert layer.python_calls == calls, "an idle step went to Python"
+    layer.new_step([2, 3] * 8)  # slot 2 (lora id 3) changes it
+    assert layer.op(x).equal(layer.expected(x)) and layer.op(x).abs().sum() > 0
+    assert layer.python_calls == calls + 1  # the step's plan, then C++
 
 
 @pytest.mark.parametrize(

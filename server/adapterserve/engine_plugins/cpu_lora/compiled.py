@@ -13,7 +13,7 @@ AVX512-bf16 EPYC, bench/RESULTS.md).
 and calls it in every step, and the op runs the eager fused wrapper (`punica.py`), which
 reads the step's mapping as it does without compilation; where the C++ op builds
 (`lora_op.cpp`), it repeats without Python what the wrapper found for a layer until the
-slots in use or their contents change (idle, or the kernel's call). The op takes the layer by a key
+slots' contents change (idle for the step's slots, or the kernel's call). The op takes the layer by a key
 (an int baked into the graph) rather than its slot tensors, so the fused layout's views
 reach the wrapper as they are. Then the platform's override is lifted: where vLLM would
 compile without LoRA (`enforce_eager` off, adapterserve's default), it compiles with LoRA too.
@@ -43,24 +43,28 @@ KEY_ATTRIBUTE = "adapterserve_layer_key"
 
 class IdleLayers:
     """The layers whose adapter step added nothing for the slots the step's tokens use and
-    what those slots hold: the op returns at once for them until either changes.
+    what those slots hold: the op in Python returns at once for them until either changes.
 
     A head adapter trained on q and v leaves 3 of every 4 LoRA linear layers of a llama
     idle; each op call still ran the wrapper's Python checks (~5-10 us) to find that, 90
     times in a ~17 ms classification step (bench/RESULTS.md). Whatever can make a layer
-    add something again calls `changed()`: a step mapping over other slots (the fused
-    wrapper's `update_metadata`), and a slot's adapter set or reset (`layout.track_live_slots`).
-    With the C++ op (`native.load_op_state`), the generation is its too."""
+    add something again says so: a step mapping over other slots (the fused wrapper's
+    `update_metadata`: `changed(slots=False)`), and a slot's adapter set or reset
+    (`layout.track_live_slots`). The C++ op (`native.load_op_state`) decides idle layers
+    itself over each step's mapping: its memos change only with the slots' generation."""
 
     def __init__(self, op_state=None) -> None:
-        self.generation = 0
+        self.generation = 0  # of the slots in use and their contents
+        self.slots_generation = 0  # of the slots' contents only
         self.idle_since: dict[int, int] = {}  # layer key -> the generation it was found idle in
         self.op_state = op_state
 
-    def changed(self) -> None:
+    def changed(self, slots: bool = True) -> None:
         self.generation += 1
-        if self.op_state is not None:
-            self.op_state.set_generation(self.generation)
+        if slots:
+            self.slots_generation += 1
+            if self.op_state is not None:
+                self.op_state.set_generation(self.slots_generation)
 
 
 @functools.cache
@@ -69,7 +73,8 @@ def registered_op() -> tuple[Any, dict[int, weakref.ref], IdleLayers]:
     have nothing to add for now.
 
     In C++ where it builds (`lora_op.cpp`): the op then applies, without Python, a layer
-    that is idle or that the kernel applied the last time in the same generation, and calls
+    that is idle for the step's slots or that the kernel applied before while the slots'
+    contents stayed the same (the step's plan again the kernel's), and calls
     the Python function below (registered as `apply_lora_linear_miss`) for anything else.
     In Python otherwise, registered the low-level way: `torch.library.custom_op` wraps its
     function in ~20 us of Python per call (~70 us inside a compiled graph,
@@ -85,7 +90,7 @@ def registered_op() -> tuple[Any, dict[int, weakref.ref], IdleLayers]:
     library.define(f"{python_name}(Tensor(a!) output, Tensor x, int layer_key) -> ()")
 
     def apply_lora_linear(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
-        generation = idle.generation
+        generation, slots_generation = idle.generation, idle.slots_generation
         if idle.idle_since.get(layer_key) == generation:
             return
         layer = layers[layer_key]()
@@ -93,12 +98,14 @@ def registered_op() -> tuple[Any, dict[int, weakref.ref], IdleLayers]:
         added = wrapper.add_lora_linear(output, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, layer.output_slices)
         if added is False:  # the fused wrapper's word that nothing applies (vLLM's returns None)
             idle.idle_since[layer_key] = generation
-            if op_state is not None:
-                op_state.remember_idle(layer_key, generation)
-        elif added and op_state is not None:
-            kernel_call = getattr(wrapper, "kernel_call", lambda: None)()
-            if kernel_call is not None:  # the kernel applied the layer: the C++ op can, next time
-                op_state.remember_kernel(layer_key, generation, *kernel_call)
+        if added is not None and op_state is not None:
+            memo = getattr(wrapper, "op_memo", lambda: None)()
+            if memo is not None:  # the C++ op can decide the layer's next steps itself
+                index, live_of_slot, kernel = memo
+                if kernel is None:
+                    op_state.remember_idle(layer_key, slots_generation, index, live_of_slot)
+                else:
+                    op_state.remember_kernel(layer_key, slots_generation, index, live_of_slot, *kernel)
 
     library.impl(python_name, apply_lora_linear, "CPU")
     torch.library.register_fake(OP_NAME, lambda output, x, layer_key: None, lib=library)
@@ -107,8 +114,13 @@ def registered_op() -> tuple[Any, dict[int, weakref.ref], IdleLayers]:
 
 
 def adapters_changed() -> None:
-    """A step mapping or a slot's adapter changed: every layer may have something to add."""
+    """A slot's adapter was set or reset: every layer may have something to add."""
     registered_op()[2].changed()
+
+
+def mapping_changed() -> None:
+    """A step's mapping uses other slots: every layer may have something to add."""
+    registered_op()[2].changed(slots=False)
 
 
 def op_state():

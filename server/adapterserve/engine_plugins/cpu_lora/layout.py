@@ -47,6 +47,12 @@ class FusedSlots:
     # in this layer; None: not tracked, every slice may)
     live: list[int] | None = None
 
+    def live_of_slot(self) -> list[int]:
+        """Per slot, the slices its adapter may change, as bits (`live`, or every slice)."""
+        if self.live is not None:
+            return self.live
+        return [(1 << len(self.ranks)) - 1] * (self.a.shape[0] // self.rank_sum)
+
     def live_slices(self, slots) -> int:
         """The slices any of `slots` may change, as bits (bit i: slice i)."""
         if self.live is None:

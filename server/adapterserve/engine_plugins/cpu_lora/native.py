@@ -215,26 +215,28 @@ def load_kernel() -> LoraKernel | None:
 
 class LoraOpState:
     """What the compiled graph's C++ op (`lora_op.cpp`) remembers, set from Python: the
-    generation of the slots in use, each wrapper's step (its token-to-slot array), and per
-    layer: idle, or the kernel's arguments. The caller keeps every tensor it publishes alive
-    while it is published."""
+    slots' generation, each wrapper's step (its token-to-slot array, and whether its plan is
+    the kernel's), and per layer: the slices each slot changes, and the kernel's arguments
+    where it applied the layer. The caller keeps every tensor it publishes alive while it is
+    published."""
 
     DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
     def __init__(self, library: ctypes.CDLL, one_thread: bool) -> None:
         self._one_thread = one_thread  # the op brought another OpenMP runtime (see load_kernel)
         self._wrappers = 0
+        i64, pointer = ctypes.c_int64, ctypes.c_void_p
         self._set_generation = library.adapterserve_lora_op_set_generation
-        self._set_generation.argtypes, self._set_generation.restype = [ctypes.c_int64], None
+        self._set_generation.argtypes, self._set_generation.restype = [i64], None
         self._set_step = library.adapterserve_lora_op_set_step
-        self._set_step.argtypes, self._set_step.restype = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p], None
+        self._set_step.argtypes, self._set_step.restype = [i64, i64, pointer, i64], None
         self._remember_idle = library.adapterserve_lora_op_remember_idle
-        self._remember_idle.argtypes, self._remember_idle.restype = [ctypes.c_int64, ctypes.c_int64], None
+        self._remember_idle.argtypes, self._remember_idle.restype = [i64, i64, i64, pointer, i64], None
         self._remember_kernel = library.adapterserve_lora_op_remember_kernel
         self._remember_kernel.argtypes = [
-            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # key, generation, wrapper, dtype
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # a, k, rank_sum, slices
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # sizes, b, rank, live, threads
+            i64, i64, i64, pointer, i64,  # key, generation, wrapper, live_of_slot, slots
+            i64, pointer, i64, i64, i64,  # dtype, a, k, rank_sum, slices
+            pointer, pointer, i64, i64,  # sizes, b, rank, threads
         ]
         self._remember_kernel.restype = None
 
@@ -246,24 +248,26 @@ class LoraOpState:
     def set_generation(self, generation: int) -> None:
         self._set_generation(generation)
 
-    def set_step(self, wrapper: int, slot_of: torch.Tensor | None) -> None:
-        """The wrapper's step is applied token by token over `slot_of` (int64, contiguous);
-        None: not by the kernel, or not known yet."""
+    def set_step(self, wrapper: int, slot_of: torch.Tensor | None, kernel: bool = False) -> None:
+        """The wrapper's step maps its tokens to slots by `slot_of` (int64, contiguous; None:
+        not known yet); `kernel`: its plan applies the layers token by token."""
         if slot_of is None:
-            self._set_step(wrapper, -1, None)
+            self._set_step(wrapper, -1, None, 0)
         else:
-            self._set_step(wrapper, slot_of.shape[0], slot_of.data_ptr())
+            self._set_step(wrapper, slot_of.shape[0], slot_of.data_ptr(), int(kernel))
 
-    def remember_idle(self, key: int, generation: int) -> None:
-        self._remember_idle(key, generation)
+    def remember_idle(self, key: int, generation: int, wrapper: int, live_of_slot: list[int]) -> None:
+        """Layer `key` changes in slot s the slices `live_of_slot[s]` (bits); not by the kernel."""
+        self._remember_idle(key, generation, wrapper, int64_array(live_of_slot), len(live_of_slot))
 
-    def remember_kernel(self, key: int, generation: int, wrapper: int, slots, kernel_args, live: int) -> None:
-        """Layer `key` was applied by the kernel (`kernel_args`: punica.kernel_args of `slots`)."""
+    def remember_kernel(self, key: int, generation: int, wrapper: int, live_of_slot: list[int], slots,
+                        kernel_args) -> None:
+        """As `remember_idle`, applied by the kernel (`kernel_args`: punica.kernel_args of `slots`)."""
         kernel, sizes, b_pointers = kernel_args
         threads = 1 if self._one_thread else kernel.threads
         self._remember_kernel(
-            key, generation, wrapper, self.DTYPE_CODES[slots.a.dtype], slots.a.data_ptr(), slots.a.shape[1],
-            slots.rank_sum, len(sizes), sizes, b_pointers, slots.ranks[0], live, threads,
+            key, generation, wrapper, int64_array(live_of_slot), len(live_of_slot), self.DTYPE_CODES[slots.a.dtype],
+            slots.a.data_ptr(), slots.a.shape[1], slots.rank_sum, len(sizes), sizes, b_pointers, slots.ranks[0], threads,
         )
 
 

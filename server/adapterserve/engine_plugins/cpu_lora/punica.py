@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from . import autotune
-from .compiled import adapters_changed, op_state
+from .compiled import mapping_changed, op_state
 from .layout import FusedSlots, fused_slots, live_slots
 from .native import LoraKernel, int64_array, load_kernel, pointer_array
 from .ops import bgmv_expand, bgmv_shrink
@@ -303,7 +303,8 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         # the compiled graph's C++ op (or None): it reads this wrapper's step as published here
         self._op_state = op_state()
         self._op_index = -1 if self._op_state is None else self._op_state.new_wrapper()
-        self._kernel_layer: tuple[FusedSlots, KernelArgs] | None = None  # what the last call gave the kernel
+        # the last laid-out layer applied, and its kernel arguments where the kernel applied it
+        self._last_layer: tuple[FusedSlots, KernelArgs | None] | None = None
         # the fused tensors of each layer (and what the kernel needs of them), by the
         # identity of its (persistent) tuple of A slots; the tuple is kept so that its
         # identity cannot be reused
@@ -313,13 +314,14 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         self._publish_step(None)  # before the plan that holds the step's array goes
         super().update_metadata(*args, **kwargs)
         self._plan = self._matmul_plan = None  # the mapping changed: the next layer makes the new plan
+        self._publish_step(self.token_lora_indices)  # its plan not made yet
         # Which layers have nothing to add depends only on the slots the tokens use (and on
         # the slots' contents, `layout.track_live_slots`): while they stay the same from step
-        # to step, the compiled op keeps skipping those layers (`compiled.IdleLayers`).
+        # to step, the op in Python keeps skipping those layers (`compiled.IdleLayers`).
         present = slots_in_use(self.token_lora_indices)
         if present != self._present:
             self._present = present
-            adapters_changed()
+            mapping_changed()
 
     def _fused_slots(self, lora_a_stacked: tuple, lora_b_stacked: tuple) -> tuple[FusedSlots | None, KernelArgs | None]:
         known = self._fused.get(id(lora_a_stacked))
@@ -340,18 +342,21 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         tokens = self.indices_len[0]  # of the mapping (a plain int: cheaper than the indices' view)
         slots, kernel = self._fused_slots(lora_a_stacked, lora_b_stacked)
         if slots is None or tokens != x2.shape[0]:
+            self._last_layer = None  # vLLM's path: nothing for the C++ op to remember
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
         if self._plan is None or self._plan.tokens != tokens:
             self._plan = make_step_plan(self.token_lora_indices, slots.a.dtype, self._kernel is not None, self._present,
                                         self._kernel is not None and self._kernel.bf16_form, self._tuning(slots.a.dtype))
-            self._publish_step(self._plan.slot_of)  # replaces the array of the plan it replaces
+            # the plan's array (the mapping's, as int64) and its form, for the C++ op
+            self._publish_step(self.token_lora_indices if self._plan.slot_of is None else self._plan.slot_of,
+                               kernel=self._plan.slot_of is not None)
         plan = self._plan
         if plan.slot_of is not None and (kernel is None or not kernel_fits(y2, x2, slots)):
             if self._matmul_plan is None or self._matmul_plan.tokens != tokens:
                 self._matmul_plan = make_step_plan(self.token_lora_indices, slots.a.dtype, present=self._present,
                                                    tuning=self._tuning(slots.a.dtype))
             plan = self._matmul_plan
-        self._kernel_layer = (slots, kernel) if plan.slot_of is not None else None
+        self._last_layer = (slots, kernel if plan.slot_of is not None else None)
         # False (nothing of this layer applies to the step's mapping) lets the compiled op
         # skip the layer until the mapping or a slot changes (`compiled.IdleLayers`)
         return apply_layer(plan, y2, x2, slots, scale, output_slices, kernel)
@@ -365,20 +370,21 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
             self._tunings[dtype] = autotune.tuning_for(dtype, self._kernel)
         return self._tunings[dtype]
 
-    def _publish_step(self, slot_of: torch.Tensor | None) -> None:
-        """Tell the C++ op the step's token-to-slot array (None: no kernel plan for the step)."""
+    def _publish_step(self, slot_of: torch.Tensor | None, kernel: bool = False) -> None:
+        """Tell the C++ op the step's token-to-slot array (None: not known) and whether the
+        step's plan is the kernel's."""
         if self._op_state is not None:
-            self._op_state.set_step(self._op_index, slot_of)
+            usable = slot_of is not None and slot_of.dtype == torch.int64 and slot_of.is_contiguous()
+            self._op_state.set_step(self._op_index, slot_of if usable else None, kernel)
 
-    def kernel_call(self) -> tuple[int, FusedSlots, KernelArgs, int] | None:
-        """Where the last `add_lora_linear` applied its layer by the kernel: what the C++ op
-        needs to apply it again in the same generation (this wrapper's index, the layer's
-        slots and kernel arguments, its live slices); else None."""
-        if self._kernel_layer is None or self._op_state is None or self._plan is None:
+    def op_memo(self) -> tuple[int, list[int], tuple[FusedSlots, KernelArgs] | None] | None:
+        """What the C++ op may remember of the last laid-out layer `add_lora_linear`
+        applied (or found idle): this wrapper's index, the slices each slot changes, and the
+        layer's slots and kernel arguments where the kernel applied it; None: nothing."""
+        if self._last_layer is None or self._op_state is None:
             return None
-        slots, kernel = self._kernel_layer
-        live = slots.live_slices(self._plan.present)
-        return (self._op_index, slots, kernel, live) if live else None
+        slots, kernel = self._last_layer
+        return self._op_index, slots.live_of_slot(), None if kernel is None else (slots, kernel)
 
     def apply_lora_full_linear(self, y, x, weight_stacked, bias_stacked, module_enabled) -> None:
         """A classification head trained in full (vLLM's `ClassificationHeadWithLoRA`):
