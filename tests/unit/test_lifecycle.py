@@ -68,9 +68,15 @@ def test_a_request_looks_its_adapter_up_in_the_stores_off_the_event_loop(client,
     write_lora(store / "gamma", tiny_base, rank=4, seed=7)
     assert chat(client, "gamma").status_code == 200
     assert chat(client, "nowhere").status_code == 404
-    assert {where for _, where in looked_up} == {"in a worker thread"}
     # each lookup is a LIST in S3: the unlocked pre-check, then once under the name's lock
     assert [name for name, _ in looked_up] == ["gamma", "gamma", "nowhere"]
+    # an admin's load with vLLM's lora_path: the path checked against the store's, then loaded
+    write_lora(store / "epsilon", tiny_base, rank=4, seed=8)
+    loaded = client.post("/v1/load_lora_adapter", json={"lora_name": "epsilon", "lora_path": str(store / "epsilon")},
+                         headers=ADMIN)
+    assert loaded.status_code == 200, loaded.text
+    assert [name for name, _ in looked_up][3:] == ["epsilon", "epsilon"]
+    assert {where for _, where in looked_up} == {"in a worker thread"}
 
 
 def test_a_broken_folder_named_by_a_request_is_404_and_reported_to_admins(client, store, tiny_base):

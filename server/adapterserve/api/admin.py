@@ -9,6 +9,7 @@ the server read an arbitrary path.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def _require_global_admin(raw_request: Request) -> None:
 
 
 def _check_path(raw_request: Request, name: str, lora_path: object) -> None:
-    """A vLLM client's lora_path is accepted only as the store folder of that name."""
+    """A vLLM client's lora_path is accepted only as the store folder of that name. Blocking:
+    the lookup is a LIST request in S3, so callers run it in a worker thread."""
     if lora_path in (None, ""):
         return
     registry = _registry(raw_request)
@@ -156,7 +158,7 @@ async def scan(raw_request: Request):
 async def vllm_load(raw_request: Request):
     body = await read_json_object(raw_request)
     name = _check_name(body.get("lora_name"), raw_request)
-    _check_path(raw_request, name, body.get("lora_path"))
+    await asyncio.to_thread(_check_path, raw_request, name, body.get("lora_path"))
     host = raw_request.app.state.host
     if body.get("load_inplace"):
         await host.reload_adapter(name)
