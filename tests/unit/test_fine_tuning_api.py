@@ -56,6 +56,13 @@ def test_uploads_over_the_limits_and_other_purposes_are_refused(make_client):
     assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "file_too_large"
     huge = client.post("/v1/files", content=b"x" * 200_000, headers={"content-type": "multipart/form-data; boundary=b"})
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+
+    def streamed():  # no Content-Length: the limit holds as the body streams in
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+        for _ in range(8):
+            yield b"x" * 60_000
+    chunked = client.post("/v1/files", content=streamed(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
     other = upload(client, GOOD[:50], purpose="batch")
     assert other.status_code == 400 and other.json()["error"]["code"] == "invalid_purpose"
 

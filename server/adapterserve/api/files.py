@@ -1,7 +1,7 @@
 """OpenAI's files API for fine-tuning data: POST /v1/files (multipart: `file`, `purpose`),
 GET /v1/files, GET /v1/files/{id}, GET /v1/files/{id}/content, DELETE /v1/files/{id}.
 
-An upload is read within the size limit, then checked line by line as training data
+An upload is parsed as it streams in, within the size limit, then checked line by line as training data
 (finetuning/datasets.py); a malformed file is refused with the line and the reason.
 Files belong to the key's tenant: another tenant's file reads as not found.
 """
@@ -19,7 +19,7 @@ from adapterserve.errors import InvalidRequest, NotFound
 from adapterserve.finetuning.datasets import DatasetInvalid, read_chat_file
 
 from .middleware import context_of
-from .serving import read_body
+from .serving import bounded_request
 
 router = APIRouter()
 PURPOSES = {"fine-tune"}
@@ -49,10 +49,11 @@ def file_object(row: dict) -> dict:
 async def create_file(raw_request: Request):
     fine_tuning, tenant = service(raw_request), tenant_of(raw_request)
     most = fine_tuning.settings.fine_tuning_max_file_bytes
-    # the whole multipart body within the file's limit (+ room for the form's own parts),
-    # before the form parser spools any of it: a larger one is a 413
-    await read_body(raw_request, most + MULTIPART_OVERHEAD)
-    async with raw_request.form(max_files=1, max_fields=4, max_part_size=1024) as form:
+    # the multipart body parsed as it streams in (the file spooled to disk past 1 MB, not
+    # held in memory), within the file's limit (+ room for the form's own parts): a larger
+    # one is a 413
+    request = bounded_request(raw_request, most + MULTIPART_OVERHEAD)
+    async with request.form(max_files=1, max_fields=4, max_part_size=1024) as form:
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose not in PURPOSES:
             raise InvalidRequest(f"purpose must be one of {sorted(PURPOSES)}.", param="purpose", code="invalid_purpose")

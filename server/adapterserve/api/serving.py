@@ -45,6 +45,25 @@ async def read_body(raw_request: Request, limit: int) -> bytes:
     return body
 
 
+def bounded_request(raw_request: Request, limit: int) -> Request:
+    """The request, whose body is read as it streams (not held here) and is a 413 once past
+    `limit` bytes, whatever Content-Length said: for bodies parsed as they arrive (uploads)."""
+    declared = raw_request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    received = 0
+
+    async def receive():
+        nonlocal received
+        message = await raw_request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise _too_large(limit)
+        return message
+
+    return Request(raw_request.scope, receive)
+
+
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
 
