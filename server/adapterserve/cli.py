@@ -88,6 +88,7 @@ def serve(**flags: Any) -> None:
     """Start the OpenAI-compatible server (prepares the base and demo adapters when missing)."""
     import uvicorn
 
+    from .api.connections import server_protocol
     from .app import create_app
 
     settings = settings_from_flags(flags)
@@ -105,6 +106,7 @@ def serve(**flags: Any) -> None:
         timeout_graceful_shutdown=30,  # in-flight requests get this long after SIGTERM
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_timeout_s,
+        http=server_protocol(settings.header_timeout_s),
     )
     StoppableServer(config).run(sockets=[listening])
 

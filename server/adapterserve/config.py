@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     keep_alive_timeout_s: float = Field(
         5.0, gt=0, description="Seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive).",
     )
+    header_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds a connection has to send a request's headers (from its opening or its last "
+        "response) before it is closed: slow-header clients cannot hold connections open.",
+    )
     metrics_api_key: SecretStr | None = Field(
         None, description="Bearer key for /metrics and /health's details on a server with keys (for Prometheus); "
         "the admin key, the API key of a single-key server and keys-file keys with the metrics scope work too. "

@@ -83,6 +83,7 @@ def server(tmp_path_factory, extra_store, broken_expected):
             "--base-mismatch", "refuse",
             "--admin-api-key", ADMIN_KEY,
             "--metrics-refresh-s", "5",  # fresh memory readings for the Prometheus test
+            "--header-timeout-s", "10",  # the slow-header test waits this long; above the keep-alive's 5
             "--no-enforce-eager",  # compiled, as the default serves (the other servers run eager)
         ],
         logs / "server.log",

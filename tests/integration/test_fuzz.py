@@ -9,6 +9,7 @@ adapters other tests use; tests/unit/test_fuzz.py sends them with it."""
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import pytest
@@ -112,4 +113,14 @@ def test_hand_written_hostile_bodies(server, name):
     check(response, name)
     if name not in MAY_BE_SERVED:
         assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+
+
+def test_a_client_sending_its_headers_slowly_is_cut_off(server):
+    """Slowloris: without a deadline the connection would stay open (uvicorn has none for
+    headers); the session server runs with --header-timeout-s 10."""
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never the blank line
+        connection.settimeout(60)
+        assert connection.recv(1024) == b""
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
