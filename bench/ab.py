@@ -15,6 +15,10 @@ Servers:
   in `VARIANTS` (flags and environment: `rank64`, `float32`, `bfloat16`, `loras<N>`,
   `preload`, `allcores`, `reserve1`, `eager`, `kernel1`, `pyop`, `thp`, `reference-ops`,
   `nokernel`, `handrules`);
+- `adapterserve@<commit>[:<variant>...]`: the same, with the server's code of another
+  commit (`git archive` of its `server/` into a temporary folder, first on the server's
+  PYTHONPATH, in vLLM's processes too), for "is this change faster on this CPU": its
+  native LoRA kernel and op build from that commit's sources into their own cache entries;
 - `vllm` (vLLM's own server at its defaults on the base, with adapterserve's KV cache
   size), `vllm:eager`, and `vllm:lora` (`--enable-lora` with the stored adapters as
   `--lora-modules`, adapterserve's slot flags; vLLM's own CPU LoRA path: adapterserve's
@@ -36,6 +40,7 @@ import asyncio
 import glob
 import json
 import statistics
+import subprocess
 import sysconfig
 import tempfile
 import time
@@ -89,11 +94,27 @@ def variant(name: str) -> tuple[list[str], dict]:
     return VARIANTS[name]
 
 
+def server_code_of(commit: str) -> Path:
+    """The `server/` folder of `commit` (of this repository), extracted once per commit."""
+    repository = Path(__file__).resolve().parents[1]
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{commit}^{{commit}}"], cwd=repository,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    folder = Path(tempfile.gettempdir()) / "adapterserve-ab" / sha
+    if not (folder / "server" / "adapterserve").is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha, "server"], cwd=repository, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "server"
+
+
 def server(spec: str, base: Path, store: Path, names: list[str], log: Path) -> ServerProcess:
     """A fresh server of `spec` (see the module's docstring)."""
     kind, _, variants = spec.partition(":")
+    kind, _, commit = kind.partition("@")
     if kind == "adapterserve":
         flags, env = ["--adapter-dirs", str(store), "--no-demo-adapters", "--metrics-refresh-s", "1", "--admin-api-key", ADMIN], {}
+        if commit:
+            env["PYTHONPATH"] = str(server_code_of(commit))
         for name in filter(None, variants.split("+")):
             more_flags, more_env = variant(name)
             flags, env = flags + more_flags, {**env, **more_env}
