@@ -16,7 +16,7 @@ Servers:
   `preload`, `allcores`, `reserve1`, `eager`, `kernel1`, `pyop`, `thp`, `reference-ops`,
   `nokernel`, `handrules`);
 - `adapterserve@<commit>[:<variant>...]`: the same, with the server's code of another
-  commit (`git archive` of its `server/` into a temporary folder, first on the server's
+  commit (`git archive` of it into a temporary folder, its `server/` first on the server's
   PYTHONPATH, in vLLM's processes too), for "is this change faster on this CPU": its
   native LoRA kernel and op build from that commit's sources into their own cache entries;
 - `vllm` (vLLM's own server at its defaults on the base, with adapterserve's KV cache
@@ -102,7 +102,8 @@ def server_code_of(commit: str) -> Path:
     folder = Path(tempfile.gettempdir()) / "adapterserve-ab" / sha
     if not (folder / "server" / "adapterserve").is_dir():
         folder.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "archive", sha, "server"], cwd=repository, capture_output=True, check=True).stdout
+        # the whole tree: the package links to folders beside it (demo_recipes -> adapters)
+        archive = subprocess.run(["git", "archive", sha], cwd=repository, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder / "server"
 
