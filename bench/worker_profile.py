@@ -64,7 +64,7 @@ def python_samples(collapsed: Path) -> collections.Counter:
     for line in collapsed.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         # frames are "name (file:line)": one function, whatever the line
-        frames = [re.sub(r":\d+\)$", ")", f).replace(str(Path(sys.prefix)), "") for f in stack.split(";")[2:]]
+        frames = [re.sub(r":\d+\)$", ")", f).replace(str(Path(sys.prefix)), "") for f in stack.split(";") if f]
         if frames:
             counts[f"self\t{frames[-1]}"] += int(n)
             for frame in set(frames):
