@@ -31,16 +31,7 @@ log = logging.getLogger(__name__)
 
 async def read_body(raw_request: Request, limit: int) -> bytes:
     """The body, read up to `limit` bytes: a longer one is a 413, whatever Content-Length said."""
-    declared = raw_request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks, size = [], 0
-    async for chunk in raw_request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    body = b"".join([chunk async for chunk in bounded_request(raw_request, limit).stream()])
     raw_request._body = body  # Starlette's cache: later reads (vLLM's handlers) get it
     return body
 

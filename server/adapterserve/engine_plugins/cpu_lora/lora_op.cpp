@@ -56,6 +56,7 @@ struct Step {
   int64_t tokens = -1;  // -1: no mapping published for the wrapper's current step
   const int64_t* slot_of = nullptr;
   bool kernel = false;  // the step's plan is the kernel's (known once the wrapper made it)
+  std::vector<int64_t> used;  // the distinct slots the step's tokens use, found once per step
 };
 
 int64_t current_generation = 0;
@@ -66,13 +67,30 @@ std::vector<Step> steps;       // by wrapper index
 int64_t step_live(const LayerMemo& m, const Step& s) {
   int64_t live = 0;
   const int64_t slots = int64_t(m.live_of_slot.size());
-  for (int64_t t = 0; t < s.tokens; ++t) {
-    const int64_t slot = s.slot_of[t];
-    if (slot < 0) continue;
+  for (const int64_t slot : s.used) {
     if (slot >= slots) return -1;
     live |= m.live_of_slot[slot];
   }
   return live;
+}
+
+// The distinct slots (>= 0) of `tokens` tokens mapped by `slot_of`, in `used`.
+void find_used(const int64_t* slot_of, int64_t tokens, std::vector<int64_t>& used) {
+  used.clear();
+  std::vector<char> seen;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t slot = slot_of[t];
+    if (slot < 0) continue;
+    if (slot >= 4096) {  // no engine has that many slots: kept, so that step_live sends the layer to Python
+      used.push_back(slot);
+      continue;
+    }
+    if (slot >= int64_t(seen.size())) seen.resize(slot + 1, 0);
+    if (!seen[slot]) {
+      seen[slot] = 1;
+      used.push_back(slot);
+    }
+  }
 }
 
 void apply_miss(at::Tensor& output, const at::Tensor& x, int64_t key) {
@@ -131,7 +149,11 @@ void adapterserve_lora_op_set_generation(int64_t generation) { current_generatio
 void adapterserve_lora_op_set_step(int64_t wrapper, int64_t tokens, const int64_t* slot_of, int64_t kernel) {
   if (wrapper < 0) return;
   if (wrapper >= int64_t(steps.size())) steps.resize(wrapper + 1);
-  steps[wrapper] = Step{slot_of == nullptr ? -1 : tokens, slot_of, slot_of != nullptr && kernel != 0};
+  Step& s = steps[wrapper];
+  s.tokens = slot_of == nullptr ? -1 : tokens;
+  s.slot_of = slot_of;
+  s.kernel = slot_of != nullptr && kernel != 0;
+  find_used(slot_of, s.tokens, s.used);  // once here, not in each of the step's ~120 layer calls
 }
 
 namespace {

@@ -311,10 +311,11 @@ class FusedPunicaWrapperCPU(PunicaWrapperCPU):
         self._fused: dict[int, tuple[tuple, FusedSlots | None, KernelArgs | None]] = {}
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
-        self._publish_step(None)  # before the plan that holds the step's array goes
         super().update_metadata(*args, **kwargs)
-        self._plan = self._matmul_plan = None  # the mapping changed: the next layer makes the new plan
         self._publish_step(self.token_lora_indices)  # its plan not made yet
+        # the mapping changed: the next layer makes the new plan (dropped only now, as the
+        # C++ op held the old plan's array until the line above)
+        self._plan = self._matmul_plan = None
         # Which layers have nothing to add depends only on the slots the tokens use (and on
         # the slots' contents, `layout.track_live_slots`): while they stay the same from step
         # to step, the op in Python keeps skipping those layers (`compiled.IdleLayers`).
