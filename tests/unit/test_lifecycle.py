@@ -76,6 +76,10 @@ def test_a_request_looks_its_adapter_up_in_the_stores_off_the_event_loop(client,
                          headers=ADMIN)
     assert loaded.status_code == 200, loaded.text
     assert [name for name, _ in looked_up][3:] == ["epsilon", "epsilon"]
+    # a name in no store: looked up once under the lock, not again to be validated
+    missing = client.post("/v1/load_lora_adapter", json={"lora_name": "zeta"}, headers=ADMIN)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "adapter_not_found", missing.text
+    assert [name for name, _ in looked_up][5:] == ["zeta"]
     assert {where for _, where in looked_up} == {"in a worker thread"}
 
 

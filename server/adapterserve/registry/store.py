@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import EllipsisType
 
 from .records import AdapterInvalid, AdapterRecord, BaseModelInfo, is_safe_name, printable
 from .snapshots import SnapshotStore
@@ -123,11 +124,12 @@ class Registry:
         self.holders = {}
         return all_signatures(self.sources, self.holders)
 
-    def validate(self, name: str, source: AdapterSource | None = None) -> AdapterRecord:
-        """Validate `name` again from its source (for load and reload; looked up when not
-        given) without registering it; raise AdapterInvalid. The registered version, if any,
-        stays as it is."""
-        source = source or self.locate(name)
+    def validate(self, name: str, source: AdapterSource | None | EllipsisType = ...) -> AdapterRecord:
+        """Validate `name` again from its source (for load and reload; None: the caller found
+        it in no source; looked up when not given) without registering it; raise
+        AdapterInvalid. The registered version, if any, stays as it is."""
+        if source is ...:
+            source = self.locate(name)
         if source is None:
             raise AdapterInvalid(name, "no such folder in the adapter stores")
         return validate_from(source, name, self.base, self.limits, self.snapshots)
