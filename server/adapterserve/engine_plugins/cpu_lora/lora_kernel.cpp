@@ -330,6 +330,23 @@ inline void apply_unit(const int64_t* t, int64_t slot, T* y, int64_t y_stride, c
     apply_tokens<M>(t, slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work);
 }
 
+// Ask for a slot's rows of A and B of the live slices (towards L2) before they are needed:
+// the next unit's, while this one computes. Its rows are short streams (a B row of a k or
+// v slice is 384 bytes), too short for the hardware's prefetchers to start on their own.
+template <typename T>
+inline void prefetch_slot(int64_t slot, int64_t k, const T* a, int64_t rank_sum, int64_t slices, const int64_t* sizes,
+                          const T* const* b, int64_t rank, int64_t live) {
+  constexpr int64_t LINE = 64 / sizeof(T);  // elements per cache line
+  const T* as = a + slot * rank_sum * k;
+  for (int64_t i = 0; i < slices; ++i) {
+    if (!(live >> i & 1)) continue;
+    const T* rows = as + i * rank * k;
+    for (int64_t e = 0; e < rank * k; e += LINE) __builtin_prefetch(rows + e, 0, 2);
+    const T* bs = b[i] + slot * rank * sizes[i];
+    for (int64_t e = 0; e < rank * sizes[i]; e += LINE) __builtin_prefetch(bs + e, 0, 2);
+  }
+}
+
 template <typename T>
 void apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k, const T* a, int64_t rank_sum,
            const int64_t* slot_of, int64_t tokens, int64_t slices, const int64_t* sizes, const T* const* b,
@@ -370,6 +387,8 @@ void apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k, cons
       const int64_t p = unit_start[u];
       const int64_t slot = slot_of[order[p]];
       const int64_t size = unit_start[u + 1] - p;
+      if (u + 1 < units && slot_of[order[unit_start[u + 1]]] != slot)
+        prefetch_slot(slot_of[order[unit_start[u + 1]]], k, a, rank_sum, slices, sizes, b, rank, live);
       if constexpr (UNIT == 4) {
         if (size == 4) {
           apply_unit<4>(&order[p], slot, y, y_stride, x, x_stride, k, a, rank_sum, slices, sizes, b, rank, live, scale, work.data());
