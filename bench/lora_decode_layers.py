@@ -21,7 +21,12 @@ beside this machine's read bandwidth with the engine's threads. (The compiled en
 calls the kernel from its C++ op, without Python's ~10 us a call: `bench.worker_profile`
 measures the served step itself.)
 
-    .venv/bin/python -m bench.lora_decode_layers [--out lora_decode_layers.json]
+`--against REV` builds the kernel of another commit (`git show REV:...lora_kernel.cpp`, the
+same ABI) beside this one and times both in the same process, each measurement of one
+taken right after the same of the other, over more repeats: a change of the kernel
+measured without a server's noise, in one run.
+
+    .venv/bin/python -m bench.lora_decode_layers [--against REV] [--out lora_decode_layers.json]
 
 Writes bench/results/<out> (with the CPU) and prints the table.
 """
@@ -69,9 +74,35 @@ def read_bandwidth_gbs(buffer: torch.Tensor) -> float:
     return buffer.numel() * buffer.element_size() / statistics.median(times) / 1e9
 
 
+def kernel_of_commit(rev: str):
+    """The kernel as built from commit `rev`'s source (the same flags, its own cache key)."""
+    import ctypes
+    import hashlib
+    import subprocess
+    from pathlib import Path
+
+    from adapterserve.engine_plugins.cpu_lora import native
+
+    relative = native.SOURCE.resolve().relative_to(Path(__file__).resolve().parents[1])
+    source = subprocess.run(["git", "show", f"{rev}:{relative}"], capture_output=True, text=True, check=True).stdout
+    # kept beside the built kernels under a name of its content, so a second run reuses the build
+    path = native.owned_directory(native.kernel_dir()) / f"source-{hashlib.sha256(source.encode()).hexdigest()[:16]}.cpp"
+    path.write_text(source)
+    own, native.SOURCE = native.SOURCE, path
+    try:
+        library = ctypes.CDLL(str(native.built_kernel_path()))
+    finally:
+        native.SOURCE = own
+    library.adapterserve_lora_kernel_version.restype = ctypes.c_int64
+    if library.adapterserve_lora_kernel_version() != native.ABI_VERSION:
+        raise SystemExit(f"{rev}'s kernel has another ABI than this one's")
+    return native.LoraKernel(library, native.threads_from_env())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="auto", help="auto (as the server resolves it here), float32 or bfloat16")
+    parser.add_argument("--against", metavar="REV", help="also time this commit's kernel, interleaved with this one's")
     parser.add_argument("--out", default="lora_decode_layers.json", help="file name under bench/results")
     args = parser.parse_args()
 
@@ -84,12 +115,13 @@ def main() -> None:
     config = json.loads((base / "config.json").read_text())
     shapes = layer_shapes(config, dtype)
     kernel = load_kernel()
+    kernels = {"this": kernel} | ({args.against: kernel_of_commit(args.against)} if args.against else {})
     generator = torch.Generator().manual_seed(0)
-    layers = []  # every decoder layer's LoRA layers, each with its own slots
+    layers = []  # every decoder layer's LoRA layers, each with its own slots (and each kernel's arguments)
     for _ in range(config["num_hidden_layers"]):
         for shape in shapes:
             slots = autotune.synthetic_slots(shape, generator)
-            layers.append((shape, slots, punica.kernel_args(kernel, slots)))
+            layers.append((shape, slots, {name: punica.kernel_args(k, slots) for name, k in kernels.items()}))
     torch_dtype = getattr(torch, dtype)
     inputs = {s: (torch.randn(TOKENS, s.in_features, generator=generator).to(torch_dtype),
                   torch.zeros(TOKENS, sum(s.slices), dtype=torch_dtype)) for s in shapes}
@@ -104,45 +136,54 @@ def main() -> None:
 
     weights = [torch.randn(sum(shape.slices), shape.in_features, generator=generator).to(torch_dtype) for shape, _, _ in layers]
 
-    def one_step(plan, base: bool = False, lora: bool = True) -> float:
+    def one_step(plan, which: str = "this", base: bool = False, lora: bool = True, flushed: bool = False) -> float:
+        if flushed:
+            flush.sum()
         began = time.perf_counter()
         for (shape, slots, kernel_args), weight in zip(layers, weights):
             x, y = inputs[shape]
             if base:
                 torch.nn.functional.linear(x, weight, out=y)
             if lora:
-                punica.apply_layer(plan, y, x, slots, 1.0, shape.slices, kernel_args)
+                punica.apply_layer(plan, y, x, slots, 1.0, shape.slices, kernel_args[which])
         return 1000 * (time.perf_counter() - began)
 
+    def medians(plan, repeats: int, **step) -> dict[str, float]:
+        """Each kernel's median, its measurements interleaved with the others'."""
+        times = {name: [] for name in kernels}
+        for _ in range(repeats):
+            for name in kernels:
+                times[name].append(one_step(plan, name, **step))
+        return {name: statistics.median(t) for name, t in times.items()}
+
+    repeats = REPEATS * (3 if args.against else 1)
     rows = []
     for adapters in ADAPTERS:
         indices = torch.arange(TOKENS) % adapters
         plan = punica.make_step_plan(indices, torch_dtype, kernel is not None, bf16_form=bool(kernel and kernel.bf16_form),
                                      tuning=tuning)
-        one_step(plan)
-        warm = statistics.median(one_step(plan) for _ in range(REPEATS))
-        cold_times = []
-        for _ in range(REPEATS):
-            flush.sum()
-            cold_times.append(one_step(plan))
-        cold = statistics.median(cold_times)
-        one_step(plan, base=True)
-        base_alone = statistics.median(one_step(plan, base=True, lora=False) for _ in range(REPEATS))
-        between = statistics.median(one_step(plan, base=True) for _ in range(REPEATS)) - base_alone
+        for name in kernels:
+            one_step(plan, name)
+            one_step(plan, name, base=True)
+        warm, cold = medians(plan, repeats), medians(plan, repeats, flushed=True)
+        base_alone = statistics.median(one_step(plan, base=True, lora=False) for _ in range(repeats))
+        between = medians(plan, repeats, base=True)
         megabytes = adapters * bytes_per_adapter / 1e6
-        row = {"adapters": adapters, "form": plan.form, "adapter_mb_per_step": round(megabytes, 1), "warm_ms": round(warm, 2),
-               "cold_ms": round(cold, 2), "between_matmuls_ms": round(between, 2), "base_matmuls_ms": round(base_alone, 2),
-               "bytes_at_bandwidth_ms": round(megabytes / 1e3 / bandwidth * 1e3, 2)}
-        rows.append(row)
-        print(row, flush=True)
+        for name in kernels:
+            row = {"kernel": name, "adapters": adapters, "form": plan.form, "adapter_mb_per_step": round(megabytes, 1),
+                   "warm_ms": round(warm[name], 2), "cold_ms": round(cold[name], 2),
+                   "between_matmuls_ms": round(between[name] - base_alone, 2), "base_matmuls_ms": round(base_alone, 2),
+                   "bytes_at_bandwidth_ms": round(megabytes / 1e3 / bandwidth * 1e3, 2)}
+            rows.append(row)
+            print(row, flush=True)
     report = {"machine": machine(), "dtype": dtype, "base_mb": round(base_bytes / 1e6), "read_bandwidth_gbs": round(bandwidth, 1),
               "tuning_source": tuning.source if tuning else "hand rules", "workload": vars(args), "rows": rows}
     path = write_result(args.out, report)
     print(f"\n{report['machine']}\nread bandwidth {bandwidth:.1f} GB/s; {path}")
-    print("| adapters | form | adapters' MB per step | their bytes at the bandwidth, ms | LoRA warm ms | cold ms | between the base's matmuls ms | the base's matmuls ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | adapters | form | adapters' MB per step | their bytes at the bandwidth, ms | LoRA warm ms | cold ms | between the base's matmuls ms | the base's matmuls ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['adapters']} | {r['form']} | {r['adapter_mb_per_step']} | {r['bytes_at_bandwidth_ms']} | {r['warm_ms']} | "
+        print(f"| {r['kernel']} | {r['adapters']} | {r['form']} | {r['adapter_mb_per_step']} | {r['bytes_at_bandwidth_ms']} | {r['warm_ms']} | "
               f"{r['cold_ms']} | {r['between_matmuls_ms']} | {r['base_matmuls_ms']} |")
 
 

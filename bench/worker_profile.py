@@ -19,7 +19,7 @@ Needs `perf` (linux-tools) and a kernel that lets this user sample its own proce
 percent; the throughputs printed are for the per-token scaling, not for `bench/RESULTS.md`'s
 tables (those come from `bench.ab`).
 
-    .venv/bin/python -m bench.worker_profile [--scenarios base mix:1 mix:16] [--rounds 3] [--sampler perf|py-spy] [--out worker_profile.json]
+    .venv/bin/python -m bench.worker_profile [--scenarios base mix:1 mix:16] [--rounds 3] [--sampler perf|py-spy] [--keep DIR] [--out worker_profile.json]
 
 Writes bench/results/<out> (with the CPU) and prints the top differences.
 """
@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import collections
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +115,9 @@ async def profile(args) -> dict:
                 seconds = time.monotonic() - began
                 recorder.send_signal(signal.SIGINT)
                 recorder.wait(timeout=120)
+                if args.keep:  # for `perf annotate` afterwards
+                    Path(args.keep).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(data, Path(args.keep) / data.name)
                 scenarios[scenario] = {"tokens": tokens, "tokens_per_second": round(tokens / seconds, 1)}
                 if args.sampler == "perf":
                     counts = samples_by_symbol(data)
@@ -138,6 +142,7 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=["base", "mix:1", "mix:16"])
     parser.add_argument("--rounds", type=int, default=3, help="workload rounds sampled per scenario")
     parser.add_argument("--sampler", choices=["perf", "py-spy"], default="perf", help="native samples, or the worker's Python")
+    parser.add_argument("--keep", help="a folder to keep each scenario's sampler data in (perf.data: `perf annotate -i`)")
     parser.add_argument("--out", default="worker_profile.json", help="file name under bench/results")
     args = parser.parse_args()
     scenarios = asyncio.run(profile(args))

@@ -122,6 +122,49 @@ def test_threads_split_the_tokens_without_changing_a_bit():
             assert not torch.equal(got["team"][~unused], start[~unused]) or not (~unused).any()
 
 
+def test_the_unit_a_token_falls_in_changes_no_bit():
+    """Tokens of one slot go through the kernel in units of 4, 2 or 1 (bf16 form: the units
+    of 1 and 2 expand B row by row, those of 4 by blocks of columns): each token's output
+    is the same bits whatever unit it was in, the expand's sums taken from zero in rank
+    order. A bf16 output hides most orders of a float32 sum, so the first 3 columns of each
+    slice are sums whose order shows: with every shrink sum 1 (x[0] = 1, A's only nonzero
+    column), B's rows 0, 1, 2 add 2^24, 1 and -2^24, which is 0 in that order (2^24 + 1
+    rounds to 2^24) and 1 in others. A token applied alone (a unit of 1) is compared with
+    the same token among 4, 3 and 2 others of its slot; sizes off the 32-lane blocks and an
+    odd rank run the tails and a group of fewer than 4 rows too."""
+    import ctypes
+
+    import torch
+
+    kernel = native.LoraKernel(ctypes.CDLL(str(native.built_kernel_path())), threads=1)
+    generator = torch.Generator().manual_seed(17)
+    slots = 3
+    for rank, k, sizes in ((8, 576, (576, 192, 192)), (5, 100, (70, 33, 1600))):
+        for dtype in (torch.float32, torch.bfloat16):
+            a = torch.zeros(slots * 3 * rank, k, dtype=dtype)
+            a[:, 0] = 1
+            bs = [torch.randn(slots * rank, n, generator=generator).to(dtype) for n in sizes]
+            for b in bs:
+                b[:, :3] = 0
+                for slot in range(slots):  # times the scale 0.5: 2^24, 1, -2^24
+                    b[slot * rank : slot * rank + 3, :3] = torch.tensor([2.0**25, 2.0, -(2.0**25)]).to(dtype)[:, None]
+            slot_of = torch.tensor([2, 0, 2, 2, 1, 2, 0, 1, 2, 0])  # slot 2: 5 tokens, slot 0: 3, slot 1: 2
+            x = torch.randn(len(slot_of), k, generator=generator).to(dtype)
+            x[:, 0] = 1
+            start = torch.randn(len(slot_of), sum(sizes), generator=generator).to(dtype)
+            together = start.clone()
+            kernel.apply(together, x, a, 3 * rank, slot_of, native.int64_array(sizes), native.pointer_array(bs), rank, 0b111, 0.5)
+            first_columns = [c for offset in (0, sizes[0], sizes[0] + sizes[1]) for c in range(offset, offset + 3)]
+            assert torch.equal(together[:, first_columns], start[:, first_columns]), (rank, dtype)
+            for t in range(len(slot_of)):
+                alone = start.clone()
+                only = torch.full_like(slot_of, -1)
+                only[t] = slot_of[t]
+                kernel.apply(alone, x, a, 3 * rank, only, native.int64_array(sizes), native.pointer_array(bs), rank, 0b111, 0.5)
+                assert torch.equal(alone[t], together[t]), (rank, dtype, t)
+                assert not torch.equal(alone[t], start[t])
+
+
 def test_the_thread_count_comes_from_the_environment(monkeypatch):
     for value, expected in (("", 0), ("1", 1), ("3", 3), ("-2", 0), ("many", 0)):
         monkeypatch.setenv(native.ENV_THREADS, value)

@@ -249,6 +249,56 @@ inline void dot_bf16(const uint16_t* const* x, const uint16_t* rows, int64_t k, 
     for (int q = 0; q < Q; ++q) h[m][j + q] = _mm512_reduce_add_ps(s[m][q]);
 }
 
+// The expand of one slice for units of 1 or 2 tokens (a decode step over many adapters).
+// The column-block order below (the 4-token units') reads all rank rows of B a cache line
+// at a time: 8 short interleaved streams, whose loads stalled when B came from memory.
+// Here B's rows are read 4 at a time from start to end (4 long streams over the slot's B,
+// one block of memory), the float32 sums kept in `acc` (M x size, in L1) between the
+// groups of rows. Each column's sum is the same sum in the same order (rank 0 first, from
+// zero), added into y and rounded once: the same bits.
+template <int M>
+inline void expand_by_rows_bf16(const int64_t* t, uint16_t* y, int64_t y_stride, int64_t offset, const uint16_t* bs,
+                                int64_t size, int64_t rank, float* const* c, float* acc) {
+  constexpr int64_t ROWS = 4;
+  const __m512i zero = _mm512_setzero_si512();
+  const int64_t vec = size / 32 * 32;
+  for (int64_t r0 = 0; r0 < rank; r0 += ROWS) {
+    const int64_t rows = std::min(ROWS, rank - r0);
+    __m512 cm[ROWS][M];
+    for (int64_t q = 0; q < rows; ++q)
+      for (int m = 0; m < M; ++m) cm[q][m] = _mm512_set1_ps(c[m][r0 + q]);
+    for (int64_t n = 0; n < vec; n += 32) {
+      __m512 lo[M], hi[M];  // lo's 16 sums, then hi's, at acc + m * size + n
+      for (int m = 0; m < M; ++m) {
+        lo[m] = r0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + m * size + n);
+        hi[m] = r0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + m * size + n + 16);
+      }
+      for (int64_t q = 0; q < rows; ++q) {
+        const __m512i v = _mm512_loadu_si512(bs + (r0 + q) * size + n);
+        const __m512 vlo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
+        const __m512 vhi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
+        for (int m = 0; m < M; ++m) {
+          lo[m] = _mm512_fmadd_ps(cm[q][m], vlo, lo[m]);
+          hi[m] = _mm512_fmadd_ps(cm[q][m], vhi, hi[m]);
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        _mm512_storeu_ps(acc + m * size + n, lo[m]);
+        _mm512_storeu_ps(acc + m * size + n + 16, hi[m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int64_t n = 0; n < vec; n += 32) {
+      uint16_t* yo = y + t[m] * y_stride + offset + n;
+      const __m512i yv = _mm512_loadu_si512(yo);
+      const __m512 ylo = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, yv)), _mm512_loadu_ps(acc + m * size + n));
+      const __m512 yhi = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, yv)), _mm512_loadu_ps(acc + m * size + n + 16));
+      _mm512_storeu_si512(yo, _mm512_packus_epi32(rounded_bf16_bits(ylo), rounded_bf16_bits(yhi)));
+    }
+  expand_columns<M>(t, y, y_stride, offset, bs, size, rank, c, vec);
+}
+
 template <int M>
 inline void apply_tokens_bf16(const int64_t* t, int64_t slot, uint16_t* y, int64_t y_stride, const uint16_t* x,
                               int64_t x_stride, int64_t k, const uint16_t* a, int64_t rank_sum, int64_t slices,
@@ -277,6 +327,11 @@ inline void apply_tokens_bf16(const int64_t* t, int64_t slot, uint16_t* y, int64
       const uint16_t* bs = b[i] + slot * rank * size;
       for (int m = 0; m < M; ++m)
         for (int64_t r = 0; r < rank; ++r) c[m][r] = scale * h[m][i * rank + r];
+      if constexpr (M <= 2) {
+        expand_by_rows_bf16<M>(t, y, y_stride, offset, bs, size, rank, c, work + M * 2 * rank_sum);
+        offset += size;
+        continue;
+      }
       int64_t n = 0;
       for (; n + 32 <= size; n += 32) {
         __m512 lo[M], hi[M];
@@ -369,7 +424,10 @@ void apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k, cons
   }
   const int64_t units = int64_t(unit_start.size());
   unit_start.push_back(int64_t(order.size()));
-  const size_t work_size = UNIT * (k + 2 * rank_sum);
+  int64_t widest = 0;  // the widest live slice: the row-order expand's sums (expand_by_rows_bf16)
+  for (int64_t i = 0; i < slices; ++i)
+    if (live >> i & 1) widest = std::max(widest, sizes[i]);
+  const size_t work_size = UNIT * (k + 2 * rank_sum + widest);
   // The units split over the threads of the OpenMP runtime PyTorch runs on (libgomp.so.1,
   // already loaded: the loader shares it, so these are the threads vLLM bound to the
   // cores), in contiguous ranges: the units of one slot mostly stay on one core's cache.
