@@ -81,6 +81,7 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "reference-ops": (["--no-grouped-lora-ops"], {}),  # vLLM's own CPU LoRA ops
     "nokernel": (["--no-cpu-lora-kernel"], {}),  # the fused path without the native kernel
     "handrules": (["--no-cpu-lora-autotune"], {}),  # the CPU LoRA forms by the hand rules, not measured
+    "metrics1": (["--metrics-refresh-s", "1"], {}),  # the metrics read every second (this tool's setting until s28)
 }
 
 
@@ -113,7 +114,12 @@ def server(spec: str, base: Path, store: Path, names: list[str], log: Path) -> S
     kind, _, variants = spec.partition(":")
     kind, _, commit = kind.partition("@")
     if kind == "adapterserve":
-        flags, env = ["--adapter-dirs", str(store), "--no-demo-adapters", "--metrics-refresh-s", "1", "--admin-api-key", ADMIN], {}
+        # the metrics' readings at the default interval, as `adapterserve serve` runs: each one
+        # interrupts the worker between steps (its memory report) and walks the engines' page
+        # tables, so reading every second (as this tool did up to the twenty-eighth session)
+        # took CPU from the engine in both scenarios. The engines' record at the end is then
+        # the last reading (up to that interval old).
+        flags, env = ["--adapter-dirs", str(store), "--no-demo-adapters", "--admin-api-key", ADMIN], {}
         if commit:
             env["PYTHONPATH"] = str(server_code_of(commit))
         for name in filter(None, variants.split("+")):

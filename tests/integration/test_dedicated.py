@@ -12,6 +12,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import ADMIN_KEY, DEMO
 from tests.reference import assert_matches, greedy, load_reference, near_tie, served_dtype
@@ -74,8 +75,8 @@ def test_head_probabilities_agree_with_the_shared_mode(dedicated, server):
 
 def swaps_so_far(url: str) -> float:
     """Engines started for a model so far (the swap histogram's counts; none before the first)."""
-    metrics = httpx.get(f"{url}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("adapterserve_model_swap_seconds_count"))
+    return sum(sample.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+               for sample in family.samples if sample.name == "adapterserve_model_swap_seconds_count")
 
 
 def test_cycling_through_more_models_than_resident_engines(dedicated, dedicated_client):
