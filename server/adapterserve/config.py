@@ -204,6 +204,11 @@ class Settings(BaseSettings):
         None, description="Ray Serve: the S3 source (one of --adapter-sources) fine-tuned adapters are uploaded to; "
         "every replica reads it. Without it, fine-tuning is not available on Ray Serve.",
     )
+    fine_tuning_signing_key: Path | None = Field(
+        None, description="Private key (PEM, elliptic curve) that signs each adapter a fine-tuning job trains "
+        "(model.sig, as `adapterserve adapters sign` does) before it is served. With require_signed_adapters, jobs "
+        "are accepted only with it, and its public key must be one of trusted_adapter_keys.",
+    )
     fine_tuning_pauses_while_serving: bool = Field(
         True, description="Pause a job's trainer while the engines on this machine have requests; it trains in the "
         "gaps (on 2 cores a trainer beside serving cut its throughput to a third, at any scheduling priority).",

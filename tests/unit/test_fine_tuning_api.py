@@ -254,3 +254,22 @@ def test_a_key_that_may_not_use_the_base_may_not_fine_tune_it(settings, registry
         refused = client.post("/v1/fine_tuning/jobs", headers=headers, json={"model": tiny_base.name, "training_file": file["id"]})
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
         assert client.get("/v1/fine_tuning/jobs", headers=headers).json()["data"] == []
+
+
+def test_where_only_signed_adapters_serve_jobs_need_a_trusted_signing_key(make_client, tiny_base, tmp_path):
+    """A job's adapter must be servable when it is done: a server that requires signatures
+    refuses the job at once (not after its training) without a fine_tuning_signing_key, or
+    with one whose public key it does not trust; with a trusted one it takes jobs."""
+    from tests.adapter_factory import signing_key_pair
+
+    trainer, other = signing_key_pair(tmp_path, "trainer"), signing_key_pair(tmp_path, "other")
+    signed = {"require_signed_adapters": True, "trusted_adapter_keys": [trainer[1]]}
+    for key, says in ((None, "no fine_tuning_signing_key"), (other[0], "not one of trusted_adapter_keys")):
+        client = make_client(**signed, fine_tuning_signing_key=key)
+        file_id = upload(client, GOOD).json()["id"]
+        refused = client.post("/v1/fine_tuning/jobs", json={"model": tiny_base.name, "training_file": file_id})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "signing_key_required", refused.text
+        assert says in refused.json()["error"]["message"]
+        assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+    assert make_client(**signed, fine_tuning_signing_key=trainer[0]).app.state.fine_tuning.unsignable is None
+    assert make_client(fine_tuning_signing_key=None).app.state.fine_tuning.unsignable is None  # signatures not required

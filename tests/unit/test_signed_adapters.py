@@ -100,3 +100,30 @@ def test_requiring_signatures_needs_trusted_keys_that_exist(tmp_path):
     settings = Settings(require_signed_adapters=True, trusted_adapter_keys=[tmp_path / "absent.pub.pem"])
     with pytest.raises(ValueError, match="trusted adapter keys not found"):
         limits_from(settings)
+
+
+def test_a_fine_tuned_adapter_is_signed_before_it_goes_in_where_only_signed_adapters_serve(tiny_base, keys, tmp_path):
+    """The fine-tuning publisher (shared mode) signs what a job trained with the server's
+    `fine_tuning_signing_key`, so a server that requires signatures serves it; without a
+    key the same folder is refused as unsigned and removed again."""
+    import asyncio
+
+    from adapterserve.finetuning.publishing import AdapterPublisher
+
+    store = tmp_path / "fine-tuned"
+    store.mkdir()
+    registry = Registry(base=tiny_base, sources=local_stores([store]), snapshots=SnapshotStore(tmp_path / "snapshots"),
+                        limits=Limits(max_lora_rank=16, require_signed=True, trusted_keys=(str(keys["trusted"][1]),)))
+
+    class Host:  # the shared host's load, as far as signatures go: the registry's validation of the store's folder
+        async def load_adapter(self, name):
+            registry.register(registry.validate(name))
+
+    trained = write_lora(tmp_path / "job-1" / "adapter", tiny_base, rank=4, seed=5)
+    (trained.parent / "adapter" / "training_log.txt").write_text("step 1 ...")  # not an adapter file
+    asyncio.run(AdapterPublisher(Host(), store, keys["trusted"][0]).publish("ft-signed", trained))
+    assert "ft-signed" in registry.adapters and (store / "ft-signed" / SIGNATURE_FILE).is_file()
+    unsigned = write_lora(tmp_path / "job-2" / "adapter", tiny_base, rank=4, seed=6)
+    with pytest.raises(AdapterInvalid, match="not signed"):
+        asyncio.run(AdapterPublisher(Host(), store).publish("ft-unsigned", unsigned))
+    assert not (store / "ft-unsigned").exists() and "ft-unsigned" not in registry.adapters

@@ -101,6 +101,9 @@ async def create_job(raw_request: Request):
     if model != fine_tuning.base_name or not _may_train(raw_request, model):
         raise model_not_found(str(model)) if isinstance(model, str) else InvalidRequest(
             "model is required: the base model to fine-tune.", param="model", code="missing_model")
+    unsignable = fine_tuning.unsignable
+    if unsignable is not None:  # refused now, not after the training
+        raise InvalidRequest(unsignable, param=None, code="signing_key_required")
     suffix = body.get("suffix")
     if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.fullmatch(suffix)):
         raise InvalidRequest("suffix must be 1-40 letters, digits, '.', '_' or '-'.", param="suffix", code="invalid_suffix")

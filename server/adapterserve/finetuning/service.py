@@ -43,17 +43,37 @@ class FineTuning:
         self.host = host
         self.base_path, self.base_name = Path(base_path), base_name
         self.store = FineTuningStore(fine_tuning_root(settings, base_name))
+        key = settings.fine_tuning_signing_key
         if host.remote_engines:  # Ray Serve: trained in Ray tasks, published to the source the replicas read
-            self.publisher = SourcePublisher(host, settings.fine_tuning_adapter_source, settings.adapter_fetch_timeout_s)
+            self.publisher = SourcePublisher(host, settings.fine_tuning_adapter_source, settings.adapter_fetch_timeout_s, key)
             launcher = host.fine_tuning_launcher()  # rayserve/fine_tuning.py: only rayserve/ imports Ray
         elif host.mode == "shared":
-            self.publisher, launcher = AdapterPublisher(host, adapters_dir(settings, base_name)), LocalLauncher(settings)
+            self.publisher, launcher = AdapterPublisher(host, adapters_dir(settings, base_name), key), LocalLauncher(settings)
         else:
             self.publisher, launcher = FullModelPublisher(host, models_dir(settings, base_name)), LocalLauncher(settings)
         busy = None
         if settings.fine_tuning_pauses_while_serving and not host.remote_engines:
             busy = lambda: engines_busy(host)  # noqa: E731
         self.runner = JobRunner(settings, self.store, self.publisher, self.base_path, base_name, launcher, busy)
+
+    @property
+    def unsignable(self) -> str | None:
+        """Why a job's adapter could not be served here (only signed adapters serve, and
+        this server has no trusted key to sign it with), or None. Full models (dedicated
+        mode) are not adapters: no signature is asked of them."""
+        settings = self.settings
+        if self.full or not settings.require_signed_adapters:
+            return None
+        if settings.fine_tuning_signing_key is None:
+            return ("This server serves only signed adapters (require_signed_adapters) and has no "
+                    "fine_tuning_signing_key to sign what a job trains.")
+        from adapterserve.registry.signing import trusts_signer
+
+        try:
+            trusted = trusts_signer(settings.fine_tuning_signing_key, tuple(str(k) for k in settings.trusted_adapter_keys))
+        except (OSError, ValueError, TypeError) as exc:  # a missing or unreadable key file
+            return f"fine_tuning_signing_key cannot be used: {type(exc).__name__}: {exc}"
+        return None if trusted else "The public key of fine_tuning_signing_key is not one of trusted_adapter_keys."
 
     @property
     def full(self) -> bool:

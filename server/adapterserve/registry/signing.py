@@ -34,6 +34,17 @@ def sign_folder(folder: Path, private_key: Path) -> Path:
     return signature
 
 
+def trusts_signer(private_key: Path, trusted_keys: tuple[str, ...]) -> bool:
+    """Whether the public half of `private_key` is one of `trusted_keys` (PEM files)."""
+    from cryptography.hazmat.primitives import serialization
+
+    def public_bytes(key) -> bytes:
+        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    mine = public_bytes(serialization.load_pem_private_key(Path(private_key).read_bytes(), password=None).public_key())
+    return any(public_bytes(serialization.load_pem_public_key(Path(key).read_bytes())) == mine for key in trusted_keys)
+
+
 def verify_folder(folder: Path, trusted_keys: tuple[str, ...], name: str) -> None:
     """Raise AdapterInvalid unless the adapter files in `folder` verify against its
     `model.sig` by one of `trusted_keys` (PEM public key files)."""
