@@ -176,7 +176,8 @@ class Settings(BaseSettings):
     )
     discover_on_request: bool = Field(
         True, description="A request naming an adapter folder that is in a store but not registered yet "
-        "validates and registers it on the spot.",
+        "validates and registers it on the spot (a name found in no store is looked up again after 10 s; two "
+        "lookups at a time).",
     )
     pinned_adapters: list[str] = Field(
         default_factory=list, description="Adapters kept in the engine's CPU cache, never evicted (never "

@@ -83,6 +83,44 @@ def test_a_request_looks_its_adapter_up_in_the_stores_off_the_event_loop(client,
     assert {where for _, where in looked_up} == {"in a worker thread"}
 
 
+def test_names_in_no_store_are_looked_up_once_a_while_and_a_few_at_a_time(client, store, tiny_base, monkeypatch):
+    """Any client can name anything, and each lookup is a LIST request in S3 (up to its
+    timeouts, in one of the event loop's few worker threads): a name found in no store is
+    not looked up again for a while, and a flood of made-up names is looked up two at a
+    time, each once (hosting/lookups.py)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adapterserve.hosting import lookups
+
+    registry, gate = client.app.state.host.registry, client.app.state.host.catalog.lookups
+    looked_up, running, most, lock, locate = [], [0], [0], threading.Lock(), registry.locate
+
+    def slow(name):  # a store that takes 50 ms a LIST
+        with lock:
+            looked_up.append(name)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        try:
+            return locate(name)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(registry, "locate", slow)
+    assert [chat(client, "nowhere").status_code for _ in range(3)] == [404] * 3
+    assert looked_up == ["nowhere"]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda i: chat(client, f"made-up-{i}").status_code, range(24)))
+    assert codes == [404] * 24 and len(looked_up) == 25
+    assert most[0] == lookups.CONCURRENT_LOOKUPS  # up to 6 at once without its turns (the worker threads)
+    write_lora(store / "nowhere", tiny_base, rank=4, seed=9)  # added after its name was missed
+    assert chat(client, "nowhere").status_code == 404 and looked_up.count("nowhere") == 1  # remembered
+    gate.ttl_s = 0.0  # the miss has expired
+    assert chat(client, "nowhere").status_code == 200 and "nowhere" in served(client)
+
+
 def test_a_broken_folder_named_by_a_request_is_404_and_reported_to_admins(client, store, tiny_base):
     write_lora(store / "broken", tiny_base, rank=4)
     (store / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors")

@@ -26,7 +26,7 @@ from adapterserve.registry.records import AdapterInvalid, AdapterRecord, is_safe
 from adapterserve.registry.sources import AdapterSource, Signature
 from adapterserve.registry.store import Problem, Registry
 
-from . import lora_table
+from . import lookups, lora_table
 from .protocol import Engine, HostObserver
 from .unloads import Unloads, unloads_path
 
@@ -57,6 +57,7 @@ class AdapterCatalog:
         self.nonfinite: dict[str, str] = {}  # adapter -> its requests produced non-finite values (still serving)
         self.signatures: dict[str, Signature | None] = {}  # name -> its version at its last validation
         self._name_locks: dict[str, asyncio.Lock] = {}  # one discovery or reload of a name at a time
+        self.lookups = lookups.LookupGate()  # the stores' lookups of names requests make up
         self._freeing: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the host runs on (set by `open`)
         # unloaded by an admin: not served, nor discovered again, until loaded or changed (kept on disk)
@@ -273,7 +274,8 @@ class AdapterCatalog:
     async def discover(self, name: str) -> AdapterRecord | None:
         """A request names an adapter that is not registered: if its folder is in a store,
         validate and register it now (under the same rules as every other adapter)."""
-        if not is_safe_name(name) or name in self.unloaded or await asyncio.to_thread(self.registry.locate, name) is None:
+        if not is_safe_name(name) or name in self.unloaded or (  # listed: seen by the last listing of the stores
+                name not in self.registry.listed and not await self.lookups.found(name, lambda: self.registry.locate(name) is not None)):
             return None
         async with self._name_lock(name):
             record = self.servable(name)
@@ -325,6 +327,4 @@ class AdapterCatalog:
 
     def nonfinite_state(self, name: str) -> str | None:
         """"quarantined", "reported" (its requests produced non-finite values; it serves on), or None."""
-        if name in self.quarantined:
-            return "quarantined"
-        return "reported" if name in self.nonfinite else None
+        return "quarantined" if name in self.quarantined else "reported" if name in self.nonfinite else None
