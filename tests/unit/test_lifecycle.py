@@ -115,6 +115,9 @@ def test_names_in_no_store_are_looked_up_once_a_while_and_a_few_at_a_time(client
         codes = list(pool.map(lambda i: chat(client, f"made-up-{i}").status_code, range(24)))
     assert codes == [404] * 24 and len(looked_up) == 25
     assert most[0] == lookups.CONCURRENT_LOOKUPS  # up to 6 at once without its turns (the worker threads)
+    with ThreadPoolExecutor(8) as pool:  # one made-up name, many times at once: the requests that waited their turn ask no more
+        assert list(pool.map(lambda i: chat(client, "again").status_code, range(8))) == [404] * 8
+    assert looked_up.count("again") <= lookups.CONCURRENT_LOOKUPS
     write_lora(store / "nowhere", tiny_base, rank=4, seed=9)  # added after its name was missed
     assert chat(client, "nowhere").status_code == 404 and looked_up.count("nowhere") == 1  # remembered
     gate.ttl_s = 0.0  # the miss has expired

@@ -44,6 +44,8 @@ class LookupGate:
         if self.missed_recently(name):
             return False
         async with self._turns:
+            if self.missed_recently(name):  # missed by a lookup this one waited behind
+                return False
             found = await asyncio.to_thread(lookup)
         if found:
             self._misses.pop(name, None)

@@ -249,6 +249,16 @@ inline void dot_bf16(const uint16_t* const* x, const uint16_t* rows, int64_t k, 
     for (int q = 0; q < Q; ++q) h[m][j + q] = _mm512_reduce_add_ps(s[m][q]);
 }
 
+// y[0..32) += the 32 sums `lo` (then `hi`), in the order the unpacks give B's and y's values;
+// rounded to bf16 once, as `store` rounds.
+inline void add_rounded_bf16(uint16_t* yo, __m512 lo, __m512 hi) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i yv = _mm512_loadu_si512(yo);
+  const __m512 ylo = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, yv)), lo);
+  const __m512 yhi = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, yv)), hi);
+  _mm512_storeu_si512(yo, _mm512_packus_epi32(rounded_bf16_bits(ylo), rounded_bf16_bits(yhi)));
+}
+
 // The expand of one slice for units of 1 or 2 tokens (a decode step over many adapters).
 // The column-block order below (the 4-token units') reads all rank rows of B a cache line
 // at a time: 8 short interleaved streams, whose loads stalled when B came from memory.
@@ -290,11 +300,8 @@ inline void expand_by_rows_bf16(const int64_t* t, uint16_t* y, int64_t y_stride,
   }
   for (int m = 0; m < M; ++m)
     for (int64_t n = 0; n < vec; n += 32) {
-      uint16_t* yo = y + t[m] * y_stride + offset + n;
-      const __m512i yv = _mm512_loadu_si512(yo);
-      const __m512 ylo = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, yv)), _mm512_loadu_ps(acc + m * size + n));
-      const __m512 yhi = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, yv)), _mm512_loadu_ps(acc + m * size + n + 16));
-      _mm512_storeu_si512(yo, _mm512_packus_epi32(rounded_bf16_bits(ylo), rounded_bf16_bits(yhi)));
+      add_rounded_bf16(y + t[m] * y_stride + offset + n, _mm512_loadu_ps(acc + m * size + n),
+                       _mm512_loadu_ps(acc + m * size + n + 16));
     }
   expand_columns<M>(t, y, y_stride, offset, bs, size, rank, c, vec);
 }
@@ -346,13 +353,7 @@ inline void apply_tokens_bf16(const int64_t* t, int64_t slot, uint16_t* y, int64
             hi[m] = _mm512_fmadd_ps(cm, vhi, hi[m]);
           }
         }
-        for (int m = 0; m < M; ++m) {
-          uint16_t* yo = y + t[m] * y_stride + offset + n;
-          const __m512i yv = _mm512_loadu_si512(yo);
-          const __m512 ylo = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, yv)), lo[m]);
-          const __m512 yhi = _mm512_add_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, yv)), hi[m]);
-          _mm512_storeu_si512(yo, _mm512_packus_epi32(rounded_bf16_bits(ylo), rounded_bf16_bits(yhi)));
-        }
+        for (int m = 0; m < M; ++m) add_rounded_bf16(y + t[m] * y_stride + offset + n, lo[m], hi[m]);
       }
       expand_columns<M>(t, y, y_stride, offset, bs, size, rank, c, n);
     }
