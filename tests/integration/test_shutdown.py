@@ -74,6 +74,18 @@ def _group_alive(group: int) -> list[int]:
     return alive
 
 
+def _described(pids: list[int]) -> list[str]:
+    """Each process as "pid (parent pid): command line", for a failure's message."""
+    described = []
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            described.append(f"{pid} (parent {process.ppid()}): {' '.join(process.cmdline())[:200]}")
+        except psutil.NoSuchProcess:
+            continue
+    return described
+
+
 def _wait_for_log(server: ServerProcess, text: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while text not in server.log_path.read_text(errors="replace"):
@@ -143,4 +155,7 @@ def test_an_engine_not_ready_within_its_start_timeout_is_stopped_and_the_start_f
     deadline = time.monotonic() + 10
     while _group_alive(group) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _group_alive(group), server.tail()
+    left = _described(_group_alive(group))
+    if left:  # kill what the test started, by its group, before failing
+        os.killpg(group, signal.SIGKILL)
+    assert not left, f"alive 10 s after the server exited: {left}\n{server.tail()}"

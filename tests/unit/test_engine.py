@@ -4,11 +4,18 @@ the restart back-off."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
+import psutil
+
 from adapterserve.hosting.engine import EngineSpec, VllmEngine
-from adapterserve.hosting.engine_processes import construct_in_thread
+from adapterserve.hosting.engine_processes import construct_in_thread, stop_trees
 
 
 def test_construction_runs_in_a_thread_while_the_loop_keeps_running():
@@ -136,3 +143,40 @@ def test_the_slots_modules_reach_vllm_as_its_flag():
     assert parse_vllm_args(spec.cli_args()).lora_target_modules == ["q_proj", "v_proj"]
     every = EngineSpec(name="generate", model_path=Path("/models/base"), served_model_name="base", enable_lora=True)
     assert parse_vllm_args(every.cli_args()).lora_target_modules is None
+
+
+# A parent that starts a child every 20 ms and one more when sent SIGTERM: what an engine
+# core starting its workers looks like to a stop, at its worst.
+SPAWNING = """
+import signal, subprocess, sys, time
+def sleeper():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+signal.signal(signal.SIGTERM, lambda *_: (sleeper(), sys.exit(0)))
+print("ready", flush=True)
+while True:
+    sleeper()
+    time.sleep(0.02)
+"""
+
+
+def test_stopping_an_unfinished_start_leaves_no_process_it_was_starting():
+    parent = subprocess.Popen([sys.executable, "-c", SPAWNING], stdout=subprocess.PIPE, start_new_session=True)
+    group = parent.pid  # its own session: whatever is left is killed by this group below
+    try:
+        assert parent.stdout.readline() == b"ready\n"
+        time.sleep(0.3)  # a dozen children, and more starting
+        stop_trees("test", [parent.pid])
+        parent.wait(timeout=5)
+        time.sleep(0.5)  # a child started by a missed process would be running by now
+        left = [p.pid for p in psutil.process_iter() if _in_group(p, group) and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"left running: {left}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+
+
+def _in_group(process: psutil.Process, group: int) -> bool:
+    try:
+        return os.getpgid(process.pid) == group
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        return False

@@ -179,8 +179,11 @@ class VllmEngine:
         stop_trees(self.name, sorted(spawned_children() - self._children_before))
         try:
             client = construction.result(timeout=ABANDONED_CONSTRUCTION_WAIT_S)
-        except Exception:  # failed, as expected with its processes gone, or still waiting
+        except concurrent.futures.TimeoutError:  # still building: it may have started a process since
+            stop_trees(self.name, sorted(spawned_children() - self._children_before))
             construction.add_done_callback(shut_down_late_client)
+            return
+        except Exception:  # failed, as expected with its processes gone
             return
         shut_down_late_client(construction, client)
 

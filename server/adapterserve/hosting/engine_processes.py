@@ -1,8 +1,8 @@
 """The processes of an engine whose construction is abandoned (a stop during start-up, a
 start past its timeout): vLLM's own shutdown cannot be reached then (there is no client
 yet), so the processes its construction started are found and stopped here, by process
-id, SIGTERM first. vLLM's own helpers stop the processes of a client it has built; these
-cover the time before.
+id. vLLM's own helpers stop the processes of a client it has built; these cover the time
+before.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 # After the processes of an abandoned construction are stopped, how long to wait for
 # vLLM's construction to notice (its start-up handshake fails as soon as they are gone).
 ABANDONED_CONSTRUCTION_WAIT_S = 5.0
-# SIGTERM first (vLLM's processes exit cleanly on it), SIGKILL what is left after this.
+# How long the processes of an abandoned construction get to be gone once killed (the
+# resource trackers among them exit by themselves); what is left is killed after it.
 TERMINATE_WAIT_S = 3.0
 
 
@@ -31,24 +32,59 @@ def spawned_children() -> set[int]:
 
 
 def stop_trees(name: str, roots: list[int]) -> None:
-    """Stop processes and all their descendants: SIGTERM, then SIGKILL (by process id)
-    whatever is alive after TERMINATE_WAIT_S. Used for an engine whose construction is
-    abandoned, where vLLM's own shutdown cannot be reached (it has no client yet)."""
-    processes: list[psutil.Process] = []
-    for root in processes_of(roots):
-        try:
-            processes += [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-    if not processes:
+    """Stop processes and all their descendants, by process id. Used for an engine whose
+    construction is abandoned, where vLLM's own shutdown cannot be reached (no client yet).
+
+    A process still starting up starts others (the engine core its worker, the worker its
+    compile pool): one started after the tree was listed, or by a signal handler, would
+    be orphaned and missed. So the tree is frozen first (SIGSTOP, from the roots down,
+    until a listing finds no process not yet frozen: a stopped process starts nothing),
+    then killed. No SIGTERM: its handlers would run vLLM's shutdown, which starts work;
+    nothing of an unfinished start is worth saving. Resource trackers are left to exit by
+    themselves once the processes holding their pipe are gone: they unlink the shared
+    memory the killed ones leave (killed later if they do not)."""
+    frozen, trackers = _freeze(processes_of(roots))
+    if not frozen and not trackers:
         return
-    log.warning("engine %s: stopping the %d processes of its unfinished start", name, len(processes))
-    for process in processes:
+    log.warning("engine %s: stopping the %d processes of its unfinished start", name, len(frozen) + len(trackers))
+    for process in frozen:
         try:
-            process.terminate()
+            process.kill()  # SIGKILL ends a stopped process too
         except psutil.NoSuchProcess:
             pass
-    reap(name, processes, TERMINATE_WAIT_S)
+    reap(name, frozen + trackers, TERMINATE_WAIT_S)
+
+
+def _freeze(roots: list[psutil.Process]) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """Stop (SIGSTOP) the roots and all their descendants; (the stopped, the resource
+    trackers found among them, not stopped)."""
+    frozen: list[psutil.Process] = []
+    trackers: list[psutil.Process] = []
+    pending = list(roots)
+    while pending:
+        before = len(frozen)
+        for process in pending:
+            try:
+                if _is_resource_tracker(process):
+                    trackers.append(process)
+                    continue
+                process.suspend()
+                frozen.append(process)
+            except psutil.NoSuchProcess:
+                continue
+        # a process's children listed once it is stopped are all it will ever have
+        newly, seen = frozen[before:], set(frozen) | set(trackers)
+        pending = []
+        for process in newly:
+            try:
+                pending += [child for child in process.children() if child not in seen and child not in pending]
+            except psutil.NoSuchProcess:
+                continue
+    return frozen, trackers
+
+
+def _is_resource_tracker(process: psutil.Process) -> bool:
+    return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
 
 
 def construct_in_thread(construct) -> concurrent.futures.Future:
