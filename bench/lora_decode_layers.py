@@ -107,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from adapterserve.dtypes import resolve_dtype
-    from adapterserve.engine_plugins.cpu_lora import autotune, punica
+    from adapterserve.engine_plugins.cpu_lora import autotune, measurement, punica
     from adapterserve.engine_plugins.cpu_lora.native import load_kernel
 
     dtype = resolve_dtype(args.dtype)
@@ -120,7 +120,7 @@ def main() -> None:
     layers = []  # every decoder layer's LoRA layers, each with its own slots (and each kernel's arguments)
     for _ in range(config["num_hidden_layers"]):
         for shape in shapes:
-            slots = autotune.synthetic_slots(shape, generator)
+            slots = measurement.synthetic_slots(shape, generator)
             layers.append((shape, slots, {name: punica.kernel_args(k, slots) for name, k in kernels.items()}))
     torch_dtype = getattr(torch, dtype)
     inputs = {s: (torch.randn(TOKENS, s.in_features, generator=generator).to(torch_dtype),

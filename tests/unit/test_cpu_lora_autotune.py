@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adapterserve.engine_plugins.cpu_lora import autotune, punica
+from adapterserve.engine_plugins.cpu_lora import autotune, measurement, punica
 from adapterserve.engine_plugins.cpu_lora.native import load_kernel
 
 # two small layer shapes (q/k/v-like and a single slice), 4 slots, so a measurement is short
@@ -22,8 +22,8 @@ SHAPES = (autotune.Shape(64, (64, 32, 32), 8, 4, "float32"), autotune.Shape(96, 
 @pytest.fixture(autouse=True)
 def short(monkeypatch):
     """Two batch sizes and short repeats: the choice logic is the point here, not the figures."""
-    monkeypatch.setattr(autotune, "TOKENS", (16, 256))
-    monkeypatch.setattr(autotune, "REPEAT_BUDGET_S", 0.005)
+    monkeypatch.setattr(measurement, "TOKENS", (16, 256))
+    monkeypatch.setattr(measurement, "REPEAT_BUDGET_S", 0.005)
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def fresh(monkeypatch, tmp_path):
 
 def test_every_form_is_timed_at_each_size_and_the_fastest_is_chosen():
     tuning = autotune.measure(SHAPES, load_kernel())
-    sizes = {(t, a) for t in autotune.TOKENS for a in autotune.ADAPTERS if a <= 4}
+    sizes = {(t, a) for t in measurement.TOKENS for a in measurement.ADAPTERS if a <= 4}
     assert set(tuning.timings) == sizes
     for (tokens, adapters), ms in tuning.timings.items():
         assert set(ms) == ({"kernel", "dense"} if adapters == 1 else {"kernel", "dense", "grouped"})
@@ -188,3 +188,40 @@ def test_the_setting_reaches_the_engines_processes():
 
     assert engine_environment(Settings(), "generate")[autotune.ENV_SWITCH] == "1"
     assert engine_environment(Settings(cpu_lora_autotune=False), "pooling")[autotune.ENV_SWITCH] == "0"
+
+
+def test_a_size_slower_than_a_larger_one_is_implausible():
+    # the cached measurement that served a one-adapter decode step in the dense form (its
+    # kernel time taken while another engine started beside it)
+    timings = {(16, 1): {"kernel": 29.8862, "dense": 1.7517}, (16, 2): {"kernel": 0.0975, "dense": 1.0864},
+               (64, 1): {"kernel": 0.1, "dense": 0.5579}, (64, 2): {"kernel": 0.1087, "dense": 0.8168}}
+    assert measurement.implausible_sizes(timings) == {(16, 1)}
+    timings[(16, 1)]["kernel"] = 0.0385  # as measured on a quiet machine
+    assert measurement.implausible_sizes(timings) == set()
+    timings[(64, 2)]["dense"] = 0.6  # slower at the smaller sizes, but losing there either way: no matter
+    assert measurement.implausible_sizes(timings) == set()
+    timings[(64, 2)]["dense"] = 0.01  # now it might have won at each smaller size
+    assert measurement.implausible_sizes(timings) == {(16, 1), (16, 2), (64, 1)}
+
+
+def test_an_implausible_size_is_measured_again_and_a_measurement_left_implausible_is_not_kept(fresh, monkeypatch):
+    calls = []
+    real_time = measurement._time_ms
+
+    def disturbed(plan, *args):  # the kernel at the smallest size: slow the first two times
+        kernel_at_smallest = plan.slot_of is not None and plan.tokens == measurement.TOKENS[0] and len(plan.present) == 1
+        if kernel_at_smallest and calls.count("slow") < 2:
+            calls.append("slow")
+            return 1000.0
+        return real_time(plan, *args)
+
+    monkeypatch.setattr(measurement, "_time_ms", disturbed)
+    tuning = autotune.measure(SHAPES, load_kernel())
+    assert calls.count("slow") == 2 and tuning.implausible == ()  # measured again until believable
+    assert tuning.timings[(measurement.TOKENS[0], 1)]["kernel"] < 1000.0
+
+    monkeypatch.setattr(measurement, "RETRIES", 0)
+    calls.clear()
+    tuning = autotune.cached_tuning(SHAPES, load_kernel())
+    assert tuning.implausible == (f"{measurement.TOKENS[0]}x1",) and tuning.as_report()["implausible"]
+    assert not list(fresh.glob("lora-forms-*.json"))  # not kept: the next start measures again

@@ -9,12 +9,14 @@ the CPU has it; the kernel uses AVX512-BF16 or AVX2). So at the first LoRA step 
 engine, this module times every form on the engine's own layer shapes (those `lay_out`
 laid out: in features, slices, rank, dtype, slots), at the batch sizes of a decode step
 and of prefill chunks over 1 to 16 adapters, and the step's plan takes the fastest form
-measured at the nearest size (`Tuning.form`).
+measured at the nearest size (`Tuning.form`). How each form is timed, and how a time
+disturbed by a busy machine is found and measured again: `measurement.py`.
 
 The measurement takes a few seconds and runs while the engine starts (its first forward
 pass is vLLM's warm-up, the machine otherwise quiet); its result is kept in the kernel
 directory per CPU identity, torch version, kernel build, threads and layer shapes (like
-`dtypes.measured_cpu_dtype`), so later starts read it. Off (`ADAPTERSERVE_LORA_AUTOTUNE=0`),
+`dtypes.measured_cpu_dtype`), so later starts read it (not one left implausible: the next
+start measures again). Off (`ADAPTERSERVE_LORA_AUTOTUNE=0`),
 or where the measurement fails, the hand rules serve. The decision and its timings are
 logged and reported by the worker (`/admin/engines`: `lora_forms`).
 """
@@ -29,7 +31,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,22 +41,9 @@ import torch
 log = logging.getLogger("vllm.plugins.adapterserve_grouped_lora")
 
 ENV_SWITCH = "ADAPTERSERVE_LORA_AUTOTUNE"
-VERSION = 1  # of what is measured and how: a new version measures again
-# Batch sizes measured: a decode step at the server's concurrency (16 sequences), a
-# larger decode batch, and prefill chunks; a step takes the nearest (in log scale).
-TOKENS = (16, 64, 256, 1024)
-ADAPTERS = (1, 2, 4, 8, 16)  # adapters in the batch (up to the engine's slots)
-# Each form's time at a size is the median of repeats of applying every layer shape once;
-# at least MIN_REPEATS, and more while within REPEAT_BUDGET_S (small sizes take ~0.1 ms).
-MIN_REPEATS = 5
-REPEAT_BUDGET_S = 0.03
-# A form whose second pass (the first warms it) takes this many times the best median at its size is not
-# repeated: it loses by far (the grouped form over 16 adapters took 30x the kernel's time
-# on the EPYC), and its repeats would take most of the measurement.
-LOSING_FACTOR = 3.0
+VERSION = 2  # of what is measured and how: a new version measures again
 # An engine waits this long for another process's measurement (a few seconds each).
 LOCK_WAIT_S = 60.0
-RANK = 8  # the demo adapters' rank: what the slots hold is measured, not the slots' maximum
 
 
 @dataclass(frozen=True)
@@ -77,6 +65,7 @@ class Tuning:
     source: str  # "measured" (this start) or "cached"
     seconds: float = 0.0  # how long the measurement took
     shapes: tuple[Shape, ...] = ()
+    implausible: tuple[str, ...] = ()  # sizes whose times stayed contradictory: not kept
 
     def form(self, tokens: int, adapters: int, kernel: bool = True) -> str:
         """The fastest form measured at the size nearest `tokens` x `adapters` (the kernel
@@ -101,6 +90,7 @@ class Tuning:
     def as_report(self) -> dict:
         return {
             "source": self.source, "seconds": round(self.seconds, 2), "choices": self.choices(),
+            **({"implausible": list(self.implausible)} if self.implausible else {}),
             "ms": {f"{t}x{a}": ms for (t, a), ms in sorted(self.timings.items())},
             "shapes": [dataclasses.asdict(s) for s in self.shapes],
         }
@@ -204,6 +194,10 @@ def cached_tuning(shapes: tuple[Shape, ...], kernel) -> Tuning:
         if kept is not None:
             return kept
         tuning = measure(shapes, kernel)
+        if tuning.implausible:
+            log.warning("CPU LoRA forms: times at %s stayed implausible (the cores were busy): "
+                        "serving this measurement, not keeping it", ", ".join(tuning.implausible))
+            return tuning
         data = {"key": json.loads(key), "seconds": tuning.seconds,
                 "timings": [[t, a, ms] for (t, a), ms in tuning.timings.items()]}
         with tempfile.NamedTemporaryFile("w", dir=root, delete=False, suffix=".tmp") as handle:
@@ -253,76 +247,10 @@ def _parsed(data: dict, shapes: tuple[Shape, ...], source: str) -> Tuning:
     return Tuning(timings, source, float(data.get("seconds", 0.0)), shapes)
 
 
-def synthetic_slots(shape: Shape, generator: torch.Generator):
-    """The shape's slots in the fused layout (`layout.FusedSlots`), every slot holding
-    random weights of rank `RANK` (the rest of the slots' rank zero, as vLLM pads an
-    adapter). Made directly, not through `lay_out`'s views: the warm-up runs inside the
-    compiled graph's op, where views keep no base to be recognised by."""
-    from .layout import FusedSlots
-
-    dtype = getattr(torch, shape.dtype)
-    rank, slices = min(RANK, shape.rank), len(shape.slices)
-    a = torch.zeros(shape.slots, slices, shape.rank, shape.in_features)
-    a[:, :, :rank] = torch.randn(shape.slots, slices, rank, shape.in_features, generator=generator) / shape.in_features**0.5
-    bs = []
-    for out in shape.slices:
-        b = torch.zeros(shape.slots, shape.rank, out)
-        b[:, :rank] = torch.randn(shape.slots, rank, out, generator=generator) / rank**0.5
-        bs.append(b.view(-1, out).to(dtype))
-    return FusedSlots(a.view(-1, shape.in_features).to(dtype), tuple(bs), (shape.rank,) * slices, shape.rank * slices)
-
-
 def measure(shapes: tuple[Shape, ...], kernel) -> Tuning:
-    """Milliseconds of one pass over every shape in each form, at each size of `TOKENS` x
-    `ADAPTERS` (adapters up to the slots), the tokens spread over the adapters in turn."""
-    from .punica import FORMS, apply_layer, kernel_args, kernel_fits, plan_in_form, slots_in_use
+    """Every form timed on `shapes` at each size (`measurement.measure_timings`)."""
+    from .measurement import measure_timings
 
     began = time.perf_counter()
-    generator = torch.Generator().manual_seed(0)
-    layers = []
-    for shape in shapes:
-        slots = synthetic_slots(shape, generator)
-        layers.append((shape, slots, kernel_args(kernel, slots)))
-    max_adapters = min(s.slots for s in shapes)
-    timings: dict[tuple[int, int], dict[str, float]] = {}
-    for tokens in TOKENS:
-        inputs = [(torch.randn(tokens, s.in_features, generator=generator).to(slots.a.dtype),
-                   torch.zeros(tokens, sum(s.slices), dtype=slots.a.dtype)) for s, slots, _ in layers]
-        for adapters in (a for a in ADAPTERS if a <= max_adapters):
-            indices = torch.arange(tokens) % adapters
-            present = slots_in_use(indices)
-            forms = [f for f in FORMS if f != "kernel" or all(
-                args is not None and kernel_fits(y, x, slots) for (_, slots, args), (x, y) in zip(layers, inputs))]
-            if adapters == 1:
-                forms = [f for f in forms if f != "grouped"]  # one adapter: the same matmuls as dense
-            if not timings:  # the first calls of each form set up threads and primitives: not measured
-                for form in forms:
-                    _time_ms(plan_in_form(form, indices, present), layers, inputs, apply_layer, 0.0)
-            measured: dict[str, float] = {}
-            for form in forms:
-                best = min(measured.values(), default=math.inf)
-                measured[form] = _time_ms(plan_in_form(form, indices, present), layers, inputs, apply_layer, best)
-            timings[(tokens, adapters)] = measured
-    return Tuning(timings, "measured", time.perf_counter() - began, shapes)
-
-
-def _time_ms(plan, layers, inputs, apply_layer, best: float) -> float:
-    """The median milliseconds of one pass over the layers; only the warm pass where that
-    takes over `LOSING_FACTOR` x `best`."""
-    def one_pass() -> None:
-        for (shape, slots, args), (x, y) in zip(layers, inputs):
-            apply_layer(plan, y, x, slots, 1.0, shape.slices, args)
-
-    one_pass()  # warm: first calls allocate, and oneDNN makes a primitive per new shape
-    began = time.perf_counter()
-    one_pass()
-    warm = 1000 * (time.perf_counter() - began)
-    if warm > LOSING_FACTOR * best:
-        return round(warm, 4)
-    times: list[float] = []
-    deadline = time.perf_counter() + REPEAT_BUDGET_S
-    while len(times) < MIN_REPEATS or time.perf_counter() < deadline:
-        began = time.perf_counter()
-        one_pass()
-        times.append(time.perf_counter() - began)
-    return round(1000 * statistics.median(times), 4)
+    timings, implausible = measure_timings(shapes, kernel)
+    return Tuning(timings, "measured", time.perf_counter() - began, shapes, implausible)
