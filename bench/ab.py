@@ -14,7 +14,7 @@ Servers:
 - `adapterserve` (its defaults) and `adapterserve:<variant>[+<variant>...]`, the variants
   in `VARIANTS` (flags and environment: `rank64`, `float32`, `bfloat16`, `loras<N>`,
   `preload`, `allcores`, `reserve1`, `eager`, `kernel1`, `pyop`, `thp`, `reference-ops`,
-  `nokernel`, `handrules`);
+  `nokernel`, `handrules`, `metrics1`, `oneproc`, `workerproc`);
 - `adapterserve@<commit>[:<variant>...]`: the same, with the server's code of another
   commit (`git archive` of it into a temporary folder, its `server/` first on the server's
   PYTHONPATH, in vLLM's processes too), for "is this change faster on this CPU": its
@@ -48,6 +48,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import httpx
+import psutil
 
 from adapterserve.compare.workload import run_workload
 from adapterserve.server_process import ServerProcess
@@ -82,6 +83,9 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "nokernel": (["--no-cpu-lora-kernel"], {}),  # the fused path without the native kernel
     "handrules": (["--no-cpu-lora-autotune"], {}),  # the CPU LoRA forms by the hand rules, not measured
     "metrics1": (["--metrics-refresh-s", "1"], {}),  # the metrics read every second (this tool's setting until s28)
+    # each engine's model in its engine core's process (vLLM's uniprocessing executor), or in a worker of its own
+    "oneproc": (["--no-engine-worker-process"], {}),
+    "workerproc": (["--engine-worker-process"], {}),
 }
 
 
@@ -170,9 +174,22 @@ async def one_run(spec: str, base: Path, store: Path, names: list[str], args, lo
                                         args.max_tokens, scenario)
             rows.append(result.row())
             print(spec, result.row(), flush=True)
-        return {"server": spec, "rows": rows, "engines": _engines(process.url) if spec.startswith("adapterserve") else None}
+        return {"server": spec, "rows": rows, "engines": _engines(process.url) if spec.startswith("adapterserve") else None,
+                "memory": _memory(process)}
     finally:
         process.stop()
+
+
+def _memory(process: ServerProcess) -> dict:
+    """USS (MB) of the server's processes once its runs are done, by process title, and their sum."""
+    by_title: dict[str, float] = defaultdict(float)
+    for member in [psutil.Process(process.process.pid), *process.descendants()]:
+        try:
+            title = " ".join(member.cmdline())[:40]
+            by_title[title] += member.memory_full_info().uss / 1e6
+        except psutil.NoSuchProcess:
+            continue
+    return {"uss_mb": round(sum(by_title.values()), 1), "by_process": {k: round(v, 1) for k, v in by_title.items()}}
 
 
 def _engines(url: str) -> list[dict] | None:
@@ -200,9 +217,9 @@ def pooled_table(runs: list[dict]) -> str:
     for run in runs:
         by_server[run["server"]].append(run)
     mixes = list(dict.fromkeys(r["scenario"] for run in runs for r in run["rows"] if r["scenario"] != BASE))
-    header = ("| server | runs | base tok/s | vs first | base TTFT p50 / p99 ms | "
+    header = ("| server | runs | base tok/s | vs first | base TTFT p50 / p99 ms | USS MB | "
               + " | ".join(f"{m} tok/s (ratio; median)" for m in mixes) + " |")
-    lines = [header, "|---|---|---|---|---|" + "---|" * len(mixes)]
+    lines = [header, "|---|---|---|---|---|---|" + "---|" * len(mixes)]
     first_base = None
     for spec, server_runs in by_server.items():
         bases = [r for run in server_runs for r in run["rows"] if r["scenario"] == BASE]
@@ -220,7 +237,10 @@ def pooled_table(runs: list[dict]) -> str:
             cells.append(f"{statistics.mean(mixed):.1f} ({statistics.mean(mixed) / statistics.mean(around):.2f}; "
                          f"{statistics.median(per_run):.2f})")
         ttft = (f"{statistics.mean(r['ttft_p50_ms'] for r in bases):.0f} / {statistics.mean(r['ttft_p99_ms'] for r in bases):.0f}")
-        lines.append(f"| {spec} | {len(server_runs)} | {base_tps:.1f} | {base_tps / first_base:.2f} | {ttft} | " + " | ".join(cells) + " |")
+        memory = [run["memory"]["uss_mb"] for run in server_runs if run.get("memory")]  # recorded since s29
+        uss = f"{statistics.mean(memory):.0f}" if memory else ""
+        lines.append(f"| {spec} | {len(server_runs)} | {base_tps:.1f} | {base_tps / first_base:.2f} | {ttft} | {uss} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

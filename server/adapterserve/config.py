@@ -306,6 +306,14 @@ class Settings(BaseSettings):
         "(VLLM_CPU_NUM_OF_RESERVED_CPU). Unset: that variable if set, else none on machines with at most 2 CPUs "
         "(measured faster there), vLLM's default of 1 on larger ones.",
     )
+    engine_worker_process: bool | None = Field(
+        None,
+        description="Run each engine's model in a worker process of its own (vLLM's multiprocessing executor, what "
+        "vLLM's CPU platform does: it binds the worker's threads to cores) or in the engine core's process (vLLM's "
+        "uniprocessing executor, VLLM_ENABLE_V1_MULTIPROCESSING=0: one process and its ~400 MB less per engine, "
+        "no scheduler process polling beside the worker). Unset: in the engine core's process on machines with at "
+        "most 2 CPUs (measured faster there), a worker process on larger ones.",
+    )
     enforce_eager: bool = Field(
         False,
         description="Skip graph compilation. Compiled (the default) serves faster (on the CPU with LoRA too: "

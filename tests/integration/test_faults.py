@@ -32,6 +32,9 @@ def faulty(tmp_path_factory, demo_dir):
     process = ServerProcess(
         ["--no-demo-adapters", "--adapter-dirs", str(store), "--max-loras", "1", "--max-cpu-loras", "1",
          "--admin-api-key", ADMIN_KEY, "--engine-restart-backoff-s", "1", "--metrics-refresh-s", "2",
+         # each engine's model in a worker process of its own (the default above 2 CPUs), to kill
+         # it apart from its engine core; the core alone is what a killed engine is otherwise
+         "--engine-worker-process",
          # no store scans: a deleted folder stays registered, served from its snapshot (the
          # scan would unregister it: test_lifecycle covers that)
          "--adapter-scan-interval-s", "0"],

@@ -1,4 +1,5 @@
-"""How many CPUs vLLM keeps free of an engine worker's threads (hosting/cpu_cores.py)."""
+"""How many CPUs vLLM keeps free of an engine worker's threads, and whether the worker is a
+process of its own (hosting/cpu_cores.py)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,15 @@ def test_the_setting_is_a_flag_and_refuses_negative_counts():
     assert Settings(engine_reserved_cpus=1).engine_reserved_cpus == 1
     with pytest.raises(ValidationError):
         Settings(engine_reserved_cpus=-1)
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, False), (2, False), (3, True), (64, True)])
+def test_the_model_runs_in_the_engine_core_on_small_machines_in_a_worker_on_larger(monkeypatch, cpus, expected):
+    monkeypatch.setattr(cpu_cores, "usable_cpus", lambda: cpus)
+    assert cpu_cores.worker_process(None) is expected
+    assert cpu_cores.worker_process(not expected) is (not expected)  # the setting wins
+    # what vLLM reads: its variable, set both ways (an operator's own is not left to chance)
+    environment = engine_environment(Settings(), "generate")
+    assert environment[cpu_cores.ENV_MULTIPROCESSING] == ("1" if expected else "0")
+    environment = engine_environment(Settings(engine_worker_process=not expected), "classify")
+    assert environment[cpu_cores.ENV_MULTIPROCESSING] == ("0" if expected else "1")

@@ -224,4 +224,5 @@ def test_an_implausible_size_is_measured_again_and_a_measurement_left_implausibl
     calls.clear()
     tuning = autotune.cached_tuning(SHAPES, load_kernel())
     assert tuning.implausible == (f"{measurement.TOKENS[0]}x1",) and tuning.as_report()["implausible"]
+    assert tuning.form(measurement.TOKENS[0], 1) == "kernel"  # this start: at most its time at a larger size
     assert not list(fresh.glob("lora-forms-*.json"))  # not kept: the next start measures again

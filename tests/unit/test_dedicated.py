@@ -34,6 +34,7 @@ def models(tmp_path):
 
 
 def host(models, **settings):
+    settings.setdefault("engine_worker_process", True)  # the budgets below count its runtime (~1.35 GiB an engine)
     return DedicatedHost(Settings(demo_adapters=False, **settings), models, engine_factory=FakeEngine)
 
 

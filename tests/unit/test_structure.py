@@ -169,7 +169,7 @@ def test_the_rules_catch_a_forbidden_import(tmp_path):
     # the checker itself must see a lazy import inside a function
     module = PACKAGE / "metrics" / "collector.py"
     assert "adapterserve.hosting.protocol" in imports_of(module)
-    assert "adapterserve.hosting.protocol.ENGINE_RUNTIME_BYTES" in imports_of(module)
+    assert "adapterserve.hosting.protocol.engine_runtime_bytes" in imports_of(module)
 
 
 def test_nothing_imports_the_old_server_name():

@@ -1,4 +1,5 @@
-"""How many CPUs vLLM keeps free of an engine worker's threads.
+"""How an engine's processes share the CPUs: how many CPUs vLLM keeps free of an engine
+worker's threads, and whether the worker is a process of its own.
 
 vLLM's CPU worker binds its OpenMP threads to every usable CPU but one, which it reserves
 for its scheduler process and the API server ("reserve_cpu_num" in vLLM's log). On a
@@ -37,3 +38,23 @@ def reserved_cpus(setting: int | None) -> int | None:
     if ENV_RESERVED in os.environ:
         return None  # the operator's, read by vLLM as is
     return 0 if usable_cpus() <= NONE_RESERVED_UP_TO else None
+
+
+ENV_MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": vLLM's uniprocessing executor on the CPU
+OWN_PROCESS_UP_TO = 2  # usable CPUs: at most this many, the worker runs in the engine core's process
+
+
+def worker_process(setting: bool | None) -> bool:
+    """Whether an engine's model runs in a worker process of its own: the setting if given,
+    else not on a machine of at most `OWN_PROCESS_UP_TO` CPUs.
+
+    vLLM's CPU platform runs the model in a worker process beside the engine core (its
+    scheduler), which polls for the worker's results while the worker computes; with no
+    CPU reserved for it (above) the two share the cores. In one process the scheduler
+    waits for the model's step instead, and the engine's second interpreter (torch, vLLM:
+    ~400 MB) is gone. Measured in bench/RESULTS.md (`bench.ab` variant `oneproc`).
+    Above 2 CPUs vLLM's own arrangement stands: it binds the worker's threads to cores,
+    which only a process of its own can have set before it starts (not measured here)."""
+    if setting is not None:
+        return setting
+    return usable_cpus() > OWN_PROCESS_UP_TO

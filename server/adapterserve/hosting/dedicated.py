@@ -24,7 +24,7 @@ from adapterserve.registry import kinds
 
 from .engine import EngineSpec, VllmEngine, start_together
 from .protocol import (
-    ENGINE_RUNTIME_BYTES, GiB, Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, missing_model,
+    GiB, Endpoint, Engine, HostedTask, HostObserver, ModelCard, Target, check_endpoint, engine_runtime_bytes, missing_model,
     requested_name,
 )
 from .full_models import FullModel, discover_models, folder_bytes, merged_adapter_elements  # noqa: F401 (discover_models: re-exported)
@@ -87,7 +87,7 @@ class DedicatedHost:
     # --- memory budget -----------------------------------------------------------
     def engine_bytes(self, model: FullModel) -> int:
         """What one engine for this model needs, by the measured decomposition above."""
-        return model.weights_bytes + self.settings.kv_cache_memory_bytes + ENGINE_RUNTIME_BYTES
+        return model.weights_bytes + self.settings.kv_cache_memory_bytes + engine_runtime_bytes(self.settings)
 
     def check_budget(self) -> None:
         budget = self.settings.memory_budget_bytes
@@ -100,7 +100,7 @@ class DedicatedHost:
             raise BudgetExceeded(
                 f"{self.max_resident} resident engine(s) need up to {needed / GiB:.2f} GiB "
                 f"(weights + KV cache {self.settings.kv_cache_memory_bytes / GiB:.2f} GiB + runtime "
-                f"{ENGINE_RUNTIME_BYTES / GiB:.2f} GiB each: {per}), over the budget of {budget / GiB:.2f} GiB. "
+                f"{engine_runtime_bytes(self.settings) / GiB:.2f} GiB each: {per}), over the budget of {budget / GiB:.2f} GiB. "
                 "Lower --max-resident-models or the KV cache, or raise --memory-budget-bytes."
             )
 

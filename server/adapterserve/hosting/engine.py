@@ -76,6 +76,9 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         began = time.monotonic()
+        # the settings its processes read (they inherit the environment when spawned); set
+        # before its configuration too, which reads some of them (the executor on the CPU)
+        os.environ.update(self.spec.environment)
         args = parse_vllm_args(self.spec.cli_args())
         engine_args = AsyncEngineArgs.from_cli_args(args)
         self.vllm_config = engine_args.create_engine_config(
@@ -90,8 +93,6 @@ class VllmEngine:
                     "engine %s: the chat template does not render tools; tool_choice 'required' and named functions "
                     "are answered through structured output, and with 'auto' the model answers in text", self.name,
                 )
-        # the settings its processes read (they inherit the environment when spawned)
-        os.environ.update(self.spec.environment)
         self._children_before = spawned_children()
         self._construction = construct_in_thread(
             functools.partial(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from adapterserve.config import Settings
 
-from .cpu_cores import ENV_RESERVED, reserved_cpus
+from .cpu_cores import ENV_MULTIPROCESSING, ENV_RESERVED, reserved_cpus, worker_process
 from .nonfinite import ENV_COUNT_NANS
 
 
@@ -29,6 +29,8 @@ def engine_environment(settings: Settings, runner: str) -> dict[str, str]:
     reserved = reserved_cpus(settings.engine_reserved_cpus)
     if reserved is not None:  # None: vLLM's own default (or the operator's variable, read as is)
         environment[ENV_RESERVED] = str(reserved)
+    # read by vLLM's CPU platform: "0" runs the model in the engine core's process
+    environment[ENV_MULTIPROCESSING] = "1" if worker_process(settings.engine_worker_process) else "0"
     if runner == "generate":
         environment[ENV_COUNT_NANS] = "1"  # the workers count NaN logits per request
     return environment

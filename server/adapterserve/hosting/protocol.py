@@ -28,11 +28,20 @@ if TYPE_CHECKING:
     from adapterserve.registry.store import Registry
 
 GiB = 1024**3
-# What one engine holds beyond its weights and KV cache: the torch runtime, the engine core
-# and worker processes, activations. Measured on this project's 2-core CPU machine with
-# SmolLM2-135M: ~1.6 GiB USS per engine = 0.25 weights + 0.25 KV cache + ~1.1 the rest.
-# The dedicated mode's memory budget and the metrics' estimates both use it.
-ENGINE_RUNTIME_BYTES = int(1.1 * GiB)
+# What one engine holds beyond its weights and KV cache: the torch runtime and vLLM in each
+# of its processes, activations. Measured on this project's 2-core CPU machines with
+# SmolLM2-135M: ~1.6 GiB USS per engine = 0.25 weights + 0.25 KV cache + ~1.1 the rest with
+# a worker process beside the engine core; ~0.75 the rest with the model in the engine
+# core's process (one interpreter fewer; hosting/cpu_cores.py). The dedicated mode's memory
+# budget and the metrics' estimates both use it.
+WORKER_PROCESS_RUNTIME_BYTES = int(1.1 * GiB)
+ONE_PROCESS_RUNTIME_BYTES = int(0.75 * GiB)
+
+
+def engine_runtime_bytes(settings: "Settings") -> int:
+    from .cpu_cores import worker_process
+
+    return WORKER_PROCESS_RUNTIME_BYTES if worker_process(settings.engine_worker_process) else ONE_PROCESS_RUNTIME_BYTES
 
 Endpoint = Literal["chat", "completion", "responses", "classify"]
 ENDPOINT_PATHS = {

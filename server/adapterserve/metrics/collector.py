@@ -11,7 +11,7 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily
 
 from adapterserve.dtypes import dtype_bytes
-from adapterserve.hosting.protocol import ENGINE_RUNTIME_BYTES
+from adapterserve.hosting.protocol import engine_runtime_bytes
 from adapterserve.registry import kinds
 from adapterserve.registry.records import BaseModelInfo
 from adapterserve.registry.safetensors_header import safetensors_elements
@@ -162,7 +162,7 @@ def per_engine_costs(host, memory) -> tuple[dict[str, int], dict[str, int]]:
 
 def estimated_engine_bytes(settings, model_path: Path) -> int:
     """An engine never measured: weights + KV cache + the measured runtime overhead."""
-    return safetensors_elements(model_path) * dtype_bytes(settings.dtype) + settings.kv_cache_memory_bytes + ENGINE_RUNTIME_BYTES
+    return safetensors_elements(model_path) * dtype_bytes(settings.dtype) + settings.kv_cache_memory_bytes + engine_runtime_bytes(settings)
 
 
 @lru_cache(maxsize=8)
