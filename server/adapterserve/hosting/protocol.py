@@ -43,6 +43,7 @@ def engine_runtime_bytes(settings: "Settings") -> int:
 
     return WORKER_PROCESS_RUNTIME_BYTES if worker_process(settings.engine_worker_process) else ONE_PROCESS_RUNTIME_BYTES
 
+
 Endpoint = Literal["chat", "completion", "responses", "classify"]
 ENDPOINT_PATHS = {
     "chat": "/v1/chat/completions",
