@@ -3,6 +3,7 @@ process of its own (hosting/cpu_cores.py)."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -50,3 +51,22 @@ def test_the_model_runs_in_the_engine_core_on_small_machines_in_a_worker_on_larg
     assert environment[cpu_cores.ENV_MULTIPROCESSING] == ("1" if expected else "0")
     environment = engine_environment(Settings(engine_worker_process=not expected), "classify")
     assert environment[cpu_cores.ENV_MULTIPROCESSING] == ("0" if expected else "1")
+
+
+def test_vllms_warning_about_the_launchers_random_state_is_dropped_with_one_process(monkeypatch, caplog):
+    from adapterserve.hosting import engine_environment as environment_module
+
+    monkeypatch.setattr(environment_module.os, "environ", dict(os.environ))  # the test's process keeps its own
+    vllm_log = logging.getLogger("vllm.engine.arg_utils")
+    monkeypatch.setattr(vllm_log, "filters", [])
+    warning = ("The global random seed is set to 0. Since VLLM_ENABLE_V1_MULTIPROCESSING is set to False, this may "
+               "affect the random state of the Python process that launched vLLM.")
+    environment_module.apply({cpu_cores.ENV_MULTIPROCESSING: "1"})
+    assert not vllm_log.filters and environment_module.os.environ[cpu_cores.ENV_MULTIPROCESSING] == "1"
+    environment_module.apply({cpu_cores.ENV_MULTIPROCESSING: "0"})
+    environment_module.apply({cpu_cores.ENV_MULTIPROCESSING: "0"})  # a second engine: one filter
+    assert len(vllm_log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="vllm.engine.arg_utils"):
+        vllm_log.warning(warning)
+        vllm_log.warning("another warning")
+    assert [r.getMessage() for r in caplog.records if r.name == "vllm.engine.arg_utils"] == ["another warning"]

@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import os
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ from starlette.datastructures import State
 from .engine_processes import (
     ABANDONED_CONSTRUCTION_WAIT_S, construct_in_thread, processes_of, reap, shut_down_late_client, spawned_children, stop_trees,
 )
+from .engine_environment import apply as apply_environment
 from .engine_spec import EngineSpec, parse_vllm_args  # noqa: F401 (the engine's spec, re-exported)
 from .nonfinite import watch_nonfinite
 
@@ -76,9 +76,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         began = time.monotonic()
-        # the settings its processes read (they inherit the environment when spawned); set
-        # before its configuration too, which reads some of them (the executor on the CPU)
-        os.environ.update(self.spec.environment)
+        apply_environment(self.spec.environment)  # before its configuration, which reads some of it
         args = parse_vllm_args(self.spec.cli_args())
         engine_args = AsyncEngineArgs.from_cli_args(args)
         self.vllm_config = engine_args.create_engine_config(

@@ -10,6 +10,9 @@ settings), and the engine sets them in the one place it constructs vLLM
 
 from __future__ import annotations
 
+import logging
+import os
+
 from adapterserve.config import Settings
 
 from .cpu_cores import ENV_MULTIPROCESSING, ENV_RESERVED, reserved_cpus, worker_process
@@ -34,3 +37,23 @@ def engine_environment(settings: Settings, runner: str) -> dict[str, str]:
     if runner == "generate":
         environment[ENV_COUNT_NANS] = "1"  # the workers count NaN logits per request
     return environment
+
+
+def apply(environment: dict[str, str]) -> None:
+    """Set an engine's environment in this process, whose children inherit it; before vLLM
+    builds the engine's configuration, which reads some of it (the executor on the CPU)."""
+    os.environ.update(environment)
+    if environment.get(ENV_MULTIPROCESSING) == "0":
+        quiet = logging.getLogger("vllm.engine.arg_utils")
+        if not any(isinstance(f, NotTheLaunchersSeed) for f in quiet.filters):
+            quiet.addFilter(NotTheLaunchersSeed())
+
+
+class NotTheLaunchersSeed(logging.Filter):
+    """Drops vLLM's warning that, without multiprocessing, its seed "may affect the random
+    state of the Python process that launched vLLM": true of its offline `LLM`, whose engine
+    runs in that process; an AsyncLLM's engine core is a process of its own, whichever
+    executor it runs, so this process's random state is untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{ENV_MULTIPROCESSING} is set to False" not in record.getMessage()
