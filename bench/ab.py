@@ -14,7 +14,7 @@ Servers:
 - `adapterserve` (its defaults) and `adapterserve:<variant>[+<variant>...]`, the variants
   in `VARIANTS` (flags and environment: `rank64`, `float32`, `bfloat16`, `loras<N>`,
   `preload`, `allcores`, `reserve1`, `eager`, `kernel1`, `pyop`, `thp`, `reference-ops`,
-  `nokernel`, `handrules`, `metrics1`, `oneproc`, `workerproc`);
+  `nokernel`, `handrules`, `metrics1`, `oneproc`, `workerproc`, `spin10k`, `passive`);
 - `adapterserve@<commit>[:<variant>...]`: the same, with the server's code of another
   commit (`git archive` of it into a temporary folder, its `server/` first on the server's
   PYTHONPATH, in vLLM's processes too), for "is this change faster on this CPU": its
@@ -86,6 +86,9 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     # each engine's model in its engine core's process (vLLM's uniprocessing executor), or in a worker of its own
     "oneproc": (["--no-engine-worker-process"], {}),
     "workerproc": (["--engine-worker-process"], {}),
+    # OpenMP's idle threads: spin ~10x shorter before sleeping (libgomp's default 300,000), or sleep at once
+    "spin10k": ([], {"GOMP_SPINCOUNT": "10000"}),
+    "passive": ([], {"OMP_WAIT_POLICY": "PASSIVE"}),
 }
 
 

@@ -103,7 +103,10 @@ async def profile(args) -> dict:
             await run_workload(url, [base.name], 4, 4, 8, "warm-up")
             for name in names:  # into the engine's slots in this order
                 await run_workload(url, [name], 1, 1, 1, "slot order")
-            worker = next(p for p in process.descendants() if "Worker" in p.name())
+            # the process that runs the model: vLLM's worker, or the engine core itself where the
+            # model runs in it (the default on at most 2 CPUs since the twenty-ninth session)
+            engine = [p for p in process.descendants() if "Worker" in p.name() or "EngineCor" in p.name()]
+            worker = next((p for p in engine if "Worker" in p.name()), engine[0])
             for scenario in args.scenarios:
                 data = Path(tmp) / f"perf-{scenario.replace(':', '-')}.data"
                 recorder = sampler(args.sampler, worker.pid, data)

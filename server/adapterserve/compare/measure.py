@@ -44,7 +44,7 @@ class Snapshot:
         return sum(p["uss_bytes"] for p in self.processes)
 
     def engine_bytes(self) -> dict[str, int]:
-        """USS per engine (its core and worker processes), in the order the engines appear."""
+        """USS per engine (its core, and its worker where it has one), in the order the engines appear."""
         engines: dict[str, int] = {}
         for p in self.processes:
             if p["engine"] not in ("api", "other"):

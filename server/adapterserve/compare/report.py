@@ -2,7 +2,7 @@
 JSON, Markdown and a PNG plot of memory against the number of tasks.
 
 Memory per additional task, from which the plot extrapolates and the budget is divided:
-- dedicated: the mean USS of one engine (its core and worker processes) as measured;
+- dedicated: the mean USS of one engine (its core, and its worker where it has one) as measured;
   the API process is paid once.
 - shared: the bytes the engines hold for each adapter (their CPU-cache tensors, as the
   engines report them), with everything else (the API process, the base engine(s), the
@@ -118,7 +118,7 @@ def build(taskset: TaskSet, base_path: Path, runs: dict, options, training: dict
     report["training"] = training  # compare/training.py: the same data trained both ways (None: not asked for)
     report["notes"] = [
         "Memory: the unique set size (USS) of every process of the server, summed: the API process and each "
-        "engine's core and worker processes, after the workload.",
+        "engine's processes (its core, and its worker where it has one), after the workload.",
         "Per additional task: dedicated, one engine's measured USS; shared, the bytes the engines hold for each "
         "adapter (their CPU-cache tensors, as the engines report them). The growth measured when one more task "
         "was added is shown beside it.",
