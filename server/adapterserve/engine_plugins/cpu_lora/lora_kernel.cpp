@@ -407,16 +407,27 @@ template <typename T>
 void apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k, const T* a, int64_t rank_sum,
            const int64_t* slot_of, int64_t tokens, int64_t slices, const int64_t* sizes, const T* const* b,
            int64_t rank, int64_t live, float scale, int64_t threads) {
+  // The buffers below are each thread's own and kept between calls (cleared, never freed):
+  // allocating and zeroing them in each of a step's ~120 calls took ~15% of what one
+  // adapter adds to the engine's main thread (malloc, memset; perf, bench/RESULTS.md).
   // the tokens with an adapter, by slot (stable), so that tokens of one slot go together
-  std::vector<int64_t> order;
-  order.reserve(tokens);
+  static thread_local std::vector<int64_t> order_of_thread;
+  std::vector<int64_t>& order = order_of_thread;  // a local name: the parallel region below shares this thread's
+  order.clear();
   for (int64_t t = 0; t < tokens; ++t)
     if (slot_of[t] >= 0) order.push_back(t);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return slot_of[p] < slot_of[q]; });
+  const auto by_slot = [&](int64_t p, int64_t q) { return slot_of[p] < slot_of[q]; };
+  if (order.size() <= 64) {  // a decode step: an insertion sort (stable), without stable_sort's buffer
+    for (size_t i = 1; i < order.size(); ++i)
+      for (size_t j = i; j > 0 && by_slot(order[j], order[j - 1]); --j) std::swap(order[j], order[j - 1]);
+  } else {
+    std::stable_sort(order.begin(), order.end(), by_slot);
+  }
   // the units of work: 4 (bf16 form), 2 or 1 tokens of one slot; each writes only its own rows of y
   constexpr int UNIT = max_unit<T>();
-  std::vector<int64_t> unit_start;
-  unit_start.reserve(order.size() + 1);
+  static thread_local std::vector<int64_t> unit_start_of_thread;
+  std::vector<int64_t>& unit_start = unit_start_of_thread;
+  unit_start.clear();
   for (size_t p = 0; p < order.size();) {
     unit_start.push_back(int64_t(p));
     int same = 1;
@@ -440,7 +451,9 @@ void apply(T* y, int64_t y_stride, const T* x, int64_t x_stride, int64_t k, cons
 #endif
 #pragma omp parallel if (units > 1 && team > 1) num_threads(team)
   {
-    std::vector<float> work(work_size);
+    // every value of `work` a unit reads it has written first (apply_tokens*): not zeroed
+    static thread_local std::vector<float> work;
+    if (work.size() < work_size) work.resize(work_size);
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t p = unit_start[u];
