@@ -260,3 +260,26 @@ def test_the_first_head_while_serving_starts_the_classification_engine(client, s
     _head(store, tiny_base, "tone", (3, tiny_base.hidden_size), labels=["a", "b", "c"])
     assert client.post("/admin/adapters/tone/load", headers=ADMIN).status_code == 200  # into the same engine
     assert [e.name for e in host.engines()].count(host.classify.name) == 1
+
+
+def test_a_folder_changed_while_the_start_validates_it_is_reloaded_by_the_next_scan(make_client, registry, store, tiny_base, monkeypatch):
+    """The start's scan validates every folder, which may take minutes over many adapters;
+    a folder changed meanwhile must not have its new version taken for the one validated
+    (it would serve the old weights until the folder changed again)."""
+    import adapterserve.registry.store as store_module
+
+    validate = store_module.validate_from
+
+    def validate_then_change(source, name, *args, **kwargs):
+        record = validate(source, name, *args, **kwargs)
+        if name == "alpha":  # an upload lands right after alpha's validation
+            write_lora(store / "alpha", tiny_base, rank=4, seed=21)
+        return record
+
+    monkeypatch.setattr(store_module, "validate_from", validate_then_change)
+    registry.scan()
+    monkeypatch.setattr(store_module, "validate_from", validate)
+    client = make_client()
+    before = engine_of(client).serving("models").lora_requests["alpha"].lora_int_id
+    assert client.post("/admin/adapters/scan", headers=ADMIN).json()["changed"] == ["alpha"]
+    assert engine_of(client).serving("models").lora_requests["alpha"].lora_int_id != before

@@ -68,7 +68,7 @@ class AdapterCatalog:
         self._loop = asyncio.get_running_loop()
         for name in sorted(self.pinned - set(self.registry.adapters)):
             log.warning("pinned adapter %r is not in the stores (or was refused); nothing to pin", name)
-        self.signatures = await asyncio.to_thread(self.registry.signatures)
+        self.signatures = dict(self.registry.scanned)  # the versions the registry's scan validated
         for name in [n for n in self.unloaded if n in self.registry.adapters]:
             log.info("adapter %r stays unloaded (an admin unloaded it)", name)
             self.registry.remove(name)

@@ -13,7 +13,7 @@ from types import EllipsisType
 
 from .records import AdapterInvalid, AdapterRecord, BaseModelInfo, is_safe_name, printable
 from .snapshots import SnapshotStore
-from .sources import AdapterSource, all_signatures, first_holding, open_source
+from .sources import AdapterSource, Signature, all_signatures, first_holding, open_source
 from .validation import Limits, validate_from
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ class Registry:
     problems: list[Problem] = field(default_factory=list)
     listed: dict[str, AdapterSource] = field(default_factory=dict)  # in a source, not validated yet
     holders: dict[str, AdapterSource] = field(default_factory=dict)  # name -> its source, at the last `signatures`
+    # Every name's signature as the last `scan` found it before validating: the versions it
+    # validated, or newer ones (which the next comparison then reloads), never older.
+    scanned: dict[str, Signature | None] = field(default_factory=dict)
 
     @property
     def stores(self) -> list[str]:
@@ -76,6 +79,10 @@ class Registry:
         self.adapters.clear()
         self.problems.clear()
         self.listed.clear()
+        # Listed before validating: a folder changed while the scan validates it (which may
+        # take minutes over many adapters) then differs from what the next scan lists, and
+        # is reloaded; listed after, the changed version would be taken for the one served.
+        self.scanned = self.signatures()
         budget = Budget(self.validated_at_start, self.validation_budget_s)
         for source in self.sources:
             try:
