@@ -148,6 +148,19 @@ def test_chat_and_completion_answer_as_the_single_machine_server(ray_client, cli
     assert usage is not None and usage.completion_tokens == single.usage.completion_tokens
 
 
+@pytest.mark.parametrize("model", ["base", "pirate"])
+def test_the_responses_api_answers_as_the_single_machine_server(ray_client, client, base_name, model):
+    """The Responses API through the ingress and a replica: the same text, plain and streamed."""
+    model = base_name if model == "base" else model
+    ask = dict(model=model, input=QUESTION, temperature=0, max_output_tokens=24)
+    through_ray, single = ray_client.responses.create(**ask), client.responses.create(**ask)
+    assert through_ray.output_text == single.output_text and through_ray.status == "completed"
+    assert through_ray.model == model and through_ray.usage.output_tokens == single.usage.output_tokens
+    events = list(ray_client.responses.create(**ask, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == single.output_text
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == single.output_text
+
+
 def test_classify_answers_as_the_single_machine_server(ray_server, server):
     body = {"model": "sentiment", "input": ["I loved every minute of it.", "A dull, tedious mess."]}
     through_ray = httpx.post(f"{ray_server.url}/v1/classify", json=body, headers=ray_server.auth, timeout=120)
