@@ -304,7 +304,8 @@ class Settings(BaseSettings):
         None, ge=0,
         description="CPUs vLLM keeps free of an engine worker's threads for its scheduler and the API server "
         "(VLLM_CPU_NUM_OF_RESERVED_CPU). Unset: that variable if set, else none on machines with at most 2 CPUs "
-        "(measured faster there), vLLM's default of 1 on larger ones.",
+        "(measured faster there), vLLM's default of 1 on larger ones. Applies to an engine whose model runs in a "
+        "worker process of its own (--engine-worker-process, the default above 2 CPUs).",
     )
     engine_worker_process: bool | None = Field(
         None,
@@ -455,6 +456,13 @@ class Settings(BaseSettings):
         if self.require_signed_adapters and not self.trusted_adapter_keys:
             raise ValueError("require_signed_adapters needs trusted_adapter_keys (public keys, PEM)")
         return self  # the keys' files are read where the registry is opened (registry/store.limits_from)
+
+    @model_validator(mode="after")
+    def _reserved_cpus_need_a_worker(self) -> "Settings":
+        if self.engine_reserved_cpus is not None and self.engine_worker_process is False:
+            raise ValueError("engine_reserved_cpus applies to an engine's worker process (vLLM binds its threads); "
+                             "with engine_worker_process false the model runs in the engine core's process: unset one")
+        return self
 
     @field_validator("served_model_name")
     @classmethod

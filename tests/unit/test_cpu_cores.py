@@ -41,6 +41,21 @@ def test_the_setting_is_a_flag_and_refuses_negative_counts():
         Settings(engine_reserved_cpus=-1)
 
 
+def test_cpus_reserved_without_a_worker_process_are_refused_or_said_to_do_nothing(monkeypatch, caplog):
+    """vLLM binds threads (and reserves CPUs from them) in a worker process only."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="engine_reserved_cpus applies to an engine's worker process"):
+        Settings(engine_reserved_cpus=1, engine_worker_process=False)
+    monkeypatch.setattr(cpu_cores, "usable_cpus", lambda: 2)  # one process, unless asked
+    with caplog.at_level(logging.WARNING, logger="adapterserve.hosting.engine_environment"):
+        engine_environment(Settings(engine_reserved_cpus=1, engine_worker_process=True), "generate")
+        engine_environment(Settings(), "generate")
+        assert not caplog.records
+        engine_environment(Settings(engine_reserved_cpus=1), "generate")
+    assert ["--engine-reserved-cpus has no effect" in r.getMessage() for r in caplog.records] == [True]
+
+
 @pytest.mark.parametrize("cpus, expected", [(1, False), (2, False), (3, True), (64, True)])
 def test_the_model_runs_in_the_engine_core_on_small_machines_in_a_worker_on_larger(monkeypatch, cpus, expected):
     monkeypatch.setattr(cpu_cores, "usable_cpus", lambda: cpus)

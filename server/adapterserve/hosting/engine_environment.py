@@ -18,6 +18,8 @@ from adapterserve.config import Settings
 from .cpu_cores import ENV_MULTIPROCESSING, ENV_RESERVED, reserved_cpus, worker_process
 from .nonfinite import ENV_COUNT_NANS
 
+log = logging.getLogger(__name__)
+
 
 def engine_environment(settings: Settings, runner: str) -> dict[str, str]:
     from adapterserve.engine_plugins.cpu_lora import autotune, native
@@ -32,8 +34,12 @@ def engine_environment(settings: Settings, runner: str) -> dict[str, str]:
     reserved = reserved_cpus(settings.engine_reserved_cpus)
     if reserved is not None:  # None: vLLM's own default (or the operator's variable, read as is)
         environment[ENV_RESERVED] = str(reserved)
+    own_process = worker_process(settings.engine_worker_process)
+    if settings.engine_reserved_cpus is not None and not own_process:  # the machine chose (both set: the settings refuse)
+        log.warning("--engine-reserved-cpus has no effect: on this machine (at most 2 CPUs) each engine's model runs "
+                    "in its engine core's process, where vLLM binds no threads; add --engine-worker-process to use it")
     # read by vLLM's CPU platform: "0" runs the model in the engine core's process
-    environment[ENV_MULTIPROCESSING] = "1" if worker_process(settings.engine_worker_process) else "0"
+    environment[ENV_MULTIPROCESSING] = "1" if own_process else "0"
     if runner == "generate":
         environment[ENV_COUNT_NANS] = "1"  # the workers count NaN logits per request
     return environment
