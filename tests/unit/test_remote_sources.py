@@ -146,8 +146,37 @@ def test_a_hub_repo_is_served_from_the_local_cache_offline(tmp_path, tiny_base, 
     record = registry.adapters["support-bot"]
     assert not registry.problems and record.source == "hf://acme/support-bot"
     assert registry.sources[0].signature("support-bot") == (commit,)
+    assert registry.scanned == {"support-bot": (commit,)}  # what the first periodic scan compares with
     missing = served("hf://acme/not-cached", tiny_base, tmp_path)
     assert not missing.adapters and "not in the local Hugging Face cache" in missing.problems[0].reason
+
+
+def test_an_adapter_unreadable_before_its_first_fetch_is_recorded_as_fetched(tmp_path, tiny_base):
+    """The start's scan reads the signatures before it validates; a Hub repo not cached yet
+    has none until its fetch. Recorded as None, the first periodic scan would take it for
+    changed and load it again."""
+    from adapterserve.registry.sources.local import LocalFolderSource
+
+    class ReadableOnceFetched(LocalFolderSource):  # as a Hub repo: in the local cache once fetched
+        fetched = False
+
+        def signature(self, name):
+            return super().signature(name) if self.fetched else None
+
+        def signatures(self):
+            return {name: self.signature(name) for name in super().signatures()}
+
+        def fetch(self, name, snapshots, file_limits):
+            self.fetched = True
+            return super().fetch(name, snapshots, file_limits)
+
+    write_lora(tmp_path / "store" / "support-bot", tiny_base, rank=4, seed=3)
+    source = ReadableOnceFetched(tmp_path / "store")
+    registry = Registry(base=tiny_base, sources=[source], limits=Limits(max_lora_rank=16),
+                        snapshots=SnapshotStore(tmp_path / "snapshots"))
+    registry.scan()
+    assert "support-bot" in registry.adapters
+    assert registry.scanned == {"support-bot": source.signature("support-bot")} and registry.scanned["support-bot"]
 
 
 def test_credentials_in_an_archive_url_are_never_shown(web, tmp_path, tiny_base):

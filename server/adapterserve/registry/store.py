@@ -65,8 +65,8 @@ class Registry:
     problems: list[Problem] = field(default_factory=list)
     listed: dict[str, AdapterSource] = field(default_factory=dict)  # in a source, not validated yet
     holders: dict[str, AdapterSource] = field(default_factory=dict)  # name -> its source, at the last `signatures`
-    # Every name's signature as the last `scan` found it before validating: the versions it
-    # validated, or newer ones (which the next comparison then reloads), never older.
+    # Every name's signature as the last `scan` found it before validating: the version it
+    # validated, or an older one (which the next comparison then reloads), never a newer one.
     scanned: dict[str, Signature | None] = field(default_factory=dict)
 
     @property
@@ -95,6 +95,9 @@ class Registry:
                     self._admit(name, source)
                 else:
                     self.list_only(name, source)
+        for name in self.adapters:  # unreadable before its first fetch (a Hub repo not cached yet): read now
+            if self.scanned.get(name) is None and name in self.holders:
+                self.scanned[name] = self.holders[name].signature(name)
         if self.listed:
             log.info("%d adapters listed, to be validated on their first request", len(self.listed))
         for problem in self.problems:
