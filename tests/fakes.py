@@ -157,6 +157,9 @@ class FakeEngine:
     def process_ids(self):
         return []
 
+    def unfinished_requests(self):
+        return 0
+
     def serving(self, kind):
         return {"models": self._models, "chat": self._chat, "completion": self._chat}.get(kind)
 

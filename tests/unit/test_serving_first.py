@@ -53,9 +53,9 @@ def test_paused_while_busy_resumed_after_the_quiet_time_and_left_running_at_the_
 
 def test_engines_are_busy_while_one_has_an_unfinished_request():
     def engine(unfinished):
-        return SimpleNamespace(client=SimpleNamespace(output_processor=SimpleNamespace(get_num_unfinished_requests=lambda: unfinished)))
+        return SimpleNamespace(unfinished_requests=lambda: unfinished)
 
-    assert not engines_busy(SimpleNamespace(engines=lambda: [engine(0), SimpleNamespace(client=None)]))
+    assert not engines_busy(SimpleNamespace(engines=lambda: [engine(0), engine(0)]))
     assert engines_busy(SimpleNamespace(engines=lambda: [engine(0), engine(2)]))
 
 

@@ -22,11 +22,7 @@ QUIET_S = 0.5  # how long the engines must be idle before the trainer continues
 
 def engines_busy(host) -> bool:
     """Whether any engine of the host has a request it has not finished."""
-    for engine in host.engines():
-        processor = getattr(getattr(engine, "client", None), "output_processor", None)
-        if processor is not None and processor.get_num_unfinished_requests():
-            return True
-    return False
+    return any(engine.unfinished_requests() for engine in host.engines())
 
 
 async def pause_while_serving(training, busy: Callable[[], bool], poll_s: float = POLL_S, quiet_s: float = QUIET_S) -> None:

@@ -157,8 +157,7 @@ class DedicatedHost:
     async def _drain(engine: Engine, timeout: float = 30.0) -> None:
         """Let the engine's running requests finish before it is stopped (bounded)."""
         deadline = time.monotonic() + timeout
-        processor = getattr(engine.client, "output_processor", None)
-        while processor is not None and processor.get_num_unfinished_requests() and time.monotonic() < deadline:
+        while engine.unfinished_requests() and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
 
     async def _engine_for(self, model: FullModel, wait_s: float | None = -1) -> Engine:

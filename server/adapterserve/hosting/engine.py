@@ -216,6 +216,10 @@ class VllmEngine:
             return f"health check failed: {exc}"
         return None
 
+    def unfinished_requests(self) -> int:
+        processor = getattr(self.client, "output_processor", None)  # vLLM's, in this process
+        return processor.get_num_unfinished_requests() if processor is not None else 0
+
     def process_ids(self) -> list[int]:
         """The engine's own processes (engine core and its workers), for memory accounting.
 

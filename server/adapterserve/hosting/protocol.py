@@ -79,6 +79,10 @@ class Engine(Protocol):
 
     def process_ids(self) -> list[int]: ...
 
+    def unfinished_requests(self) -> int:
+        """Requests the engine has taken and not finished yet (0 when it is not started)."""
+        ...
+
     def serving(self, kind: str) -> Any:
         """vLLM's serving object of that kind ("chat", "completion", "responses", "classify", "models")."""
         ...

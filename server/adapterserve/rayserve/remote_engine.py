@@ -68,6 +68,9 @@ class ReplicaSetEngine:
     def process_ids(self) -> list[int]:
         return []
 
+    def unfinished_requests(self) -> int:
+        return 0  # the replicas' requests: Ray Serve's own queues (its autoscaling reads them)
+
     def serving(self, kind: str) -> Any:
         if kind == "classify":
             return self.host.classify
